@@ -1,0 +1,18 @@
+"""graddoctor: find, explain and fix vanishing and exploding gradients in PyTorch training.
+
+The verbs, one module each:
+- watch (`_watch`): on-device gradient statistics, written to a run store (`_store`, read with `_run`);
+- diagnose, treat, check, lab: built on what watch records.
+"""
+from ._config import WatchConfig
+from ._errors import ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, RunNotFoundError
+from ._run import History, Run, open_run
+from ._stats import TensorStats, l2_norms, tensor_stats
+from ._watch import Watch, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "watch", "Watch", "WatchConfig", "open_run", "Run", "History", "TensorStats", "tensor_stats", "l2_norms",
+    "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
+]

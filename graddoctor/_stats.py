@@ -1,0 +1,201 @@
+"""Fused per-tensor statistics: one pass per statistic over all tensors, kept on the device.
+
+This is the hot path of `watch`. Everything here runs inside a training step,
+so nothing here copies a value to the host: results are device tensors that
+the watcher buffers until its next flush.
+
+How the pass is fused (the pattern of `torch.nn.utils.clip_grad_norm_`):
+- tensors are grouped by (device, dtype) and each group gets one
+  `torch._foreach_norm` call for the L2 norms;
+- max-abs uses the fused `_foreach_norm(ord=inf)` on CUDA; on the CPU that
+  kernel is a slow fallback (measured 13x slower), so a per-tensor
+  `amax/amin` pair is used there instead;
+- the count of non-finite entries is `count_nonzero(t * 0)`: 0*x is 0 for
+  every finite x and NaN for NaN and +-Inf;
+- results are stacked into one vector per statistic, in the order of the
+  tensor list, on one "stats device".
+
+Sharded tensors (DTensor, as produced by FSDP2) are measured on their local
+shard and then combined across the ranks that hold the other shards: squared
+norms and counts are summed, maxima are maxed, as `clip_grad_norm_` does for
+DTensor. That is one collective per statistic, on the device, no host sync.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:  # DTensor moved to a public module in torch 2.4+
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DTensor = ()  # type: ignore[assignment]
+    Replicate = None  # type: ignore[assignment]
+
+_MISSING_COUNT = -1  # nonfinite count recorded for a tensor that had no gradient this step
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Per-tensor statistics of one list of tensors, as device tensors.
+
+    Attributes:
+      norm: float32 [P], L2 norm of each tensor (NaN where the tensor was None).
+      maxabs: float32 [P], largest absolute entry (NaN where the tensor has a NaN or was None).
+      nonfinite: int64 [P], count of NaN/+-Inf entries (-1 where the tensor was None).
+      total_norm: float32 0-d, L2 norm over all present tensors, exactly as
+        `torch.nn.utils.get_total_norm` forms it (norm of the stacked norms).
+      present: host-side tuple, True where the tensor was not None.
+    """
+
+    norm: Tensor
+    maxabs: Tensor
+    nonfinite: Tensor
+    total_norm: Tensor
+    present: tuple[bool, ...]
+
+
+def _local_and_reduce_groups(t: Tensor) -> tuple[Tensor, tuple]:
+    """The local shard of `t` and the process groups its shards are spread over."""
+    if DTensor and isinstance(t, DTensor):
+        if any(p.is_partial() for p in t.placements):
+            # Unreduced partial sums cannot be combined as norms: reduce them first (a collective).
+            t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+        mesh = t.device_mesh
+        groups = tuple(mesh.get_group(i) for i, p in enumerate(t.placements) if p.is_shard())
+        return t.to_local(), groups
+    return t, ()
+
+
+def _group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _maxabs(ts: list[Tensor], device: torch.device) -> list[Tensor]:
+    if device.type == "cuda":
+        return list(torch._foreach_norm(ts, math.inf))
+    # CPU (and other devices): the fused inf-norm has no fast kernel there.
+    return [torch.maximum(t.amax(), t.amin().neg()) if t.numel() else t.new_zeros(()) for t in ts]
+
+
+def _measure_local(tensors: list[Tensor], stats_device: torch.device):
+    """Norm, max-abs and non-finite count of each tensor, in the order given."""
+    n = len(tensors)
+    norm: list[Optional[Tensor]] = [None] * n
+    maxabs: list[Optional[Tensor]] = [None] * n
+    count: list[Optional[Tensor]] = [None] * n
+    for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
+        ts = [tensors[i] for i in idx]
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+        maxes = _maxabs(ts, device)
+        counts = [torch.count_nonzero(t * 0) for t in ts]
+        for j, i in enumerate(idx):
+            norm[i] = norms[j].to(stats_device, non_blocking=True)
+            maxabs[i] = maxes[j].to(stats_device, torch.float32, non_blocking=True)
+            count[i] = counts[j].to(stats_device, non_blocking=True)
+    return torch.stack(norm), torch.stack(maxabs), torch.stack(count)
+
+
+def _reduce_shards(norm: Tensor, maxabs: Tensor, count: Tensor, reduce_groups: list[tuple]) -> tuple:
+    """Combine per-shard statistics across ranks (sum of squares, max, sum of counts)."""
+    import torch.distributed as dist
+
+    for pgs in sorted(set(g for g in reduce_groups if g), key=id):
+        mask = torch.tensor([g == pgs for g in reduce_groups], device=norm.device)
+        for pg in pgs:
+            sq = torch.where(mask, norm.square(), 0.0)
+            mx = torch.where(mask, maxabs, 0.0)
+            ct = torch.where(mask, count, 0)
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pg)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
+            dist.all_reduce(ct, op=dist.ReduceOp.SUM, group=pg)
+            norm = torch.where(mask, sq.sqrt(), norm)
+            maxabs = torch.where(mask, mx, maxabs)
+            count = torch.where(mask, ct, count)
+    return norm, maxabs, count
+
+
+def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device) -> TensorStats:
+    """Measure a list of tensors (None entries allowed) in one fused pass.
+
+    No host sync, unless a tensor is a DTensor with a Partial placement, which
+    is redistributed first.
+
+    Args:
+      tensors: gradients, weights or update deltas; None marks a missing tensor.
+      stats_device: where the result vectors live.
+    Returns:
+      A `TensorStats` whose vectors have one entry per input, None entries included.
+    """
+    present = tuple(t is not None for t in tensors)
+    locals_, groups = [], []
+    for t in tensors:
+        if t is not None:
+            local, pgs = _local_and_reduce_groups(t.detach())
+            locals_.append(local)
+            groups.append(pgs)
+    if locals_:
+        norm, maxabs, count = _measure_local(locals_, stats_device)
+        if any(groups):
+            norm, maxabs, count = _reduce_shards(norm, maxabs, count, groups)
+        # Max reductions do not always propagate NaN; the L2 norm does, so make
+        # max-abs NaN exactly where the tensor holds a NaN.
+        maxabs = torch.where(norm.isnan(), norm, maxabs)
+        total = torch.linalg.vector_norm(norm, 2)
+    else:
+        empty = torch.zeros(0, device=stats_device)
+        norm, maxabs, count = empty, empty, empty.long()
+        total = torch.zeros((), device=stats_device)
+    if all(present):
+        return TensorStats(norm, maxabs, count, total, present)
+    return TensorStats(*_scatter_missing(norm, maxabs, count, present), total, present)
+
+
+def _scatter_missing(norm: Tensor, maxabs: Tensor, count: Tensor, present: tuple[bool, ...]):
+    """Expand vectors over present tensors to vectors over all tensors (NaN / -1 where missing)."""
+    nan = norm.new_full((1,), math.nan)
+    missing = count.new_full((1,), _MISSING_COUNT)
+    order, k, n_present = [], 0, len(norm)
+    for p in present:
+        order.append(k if p else n_present)  # index n_present is the filler appended below
+        k += p
+    index = _cached_index(tuple(order), norm.device)
+    return (torch.cat([norm, nan])[index], torch.cat([maxabs, nan])[index], torch.cat([count, missing])[index])
+
+
+_INDEX_CACHE: dict[tuple, Tensor] = {}
+
+
+def _cached_index(order: tuple, device: torch.device) -> Tensor:
+    # One host-to-device copy per distinct pattern of missing gradients, then reused.
+    key = (order, device)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = torch.tensor(order, dtype=torch.long, device=device)
+    return _INDEX_CACHE[key]
+
+
+def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
+    """float32 [P] L2 norm of each tensor (sharded tensors combined across ranks). No host sync.
+
+    The cheap companion of `tensor_stats` for weights and updates, where max-abs
+    and non-finite counts are not needed.
+    """
+    locals_, groups = zip(*(_local_and_reduce_groups(t.detach()) for t in tensors)) if tensors else ((), ())
+    out: list[Optional[Tensor]] = [None] * len(locals_)
+    for _key, idx in _group_by_device_dtype(locals_).items():
+        norms = torch._foreach_norm([locals_[i] for i in idx], 2, dtype=torch.float32)
+        for j, i in enumerate(idx):
+            out[i] = norms[j].to(stats_device, non_blocking=True)
+    if not out:
+        return torch.zeros(0, device=stats_device)
+    norm = torch.stack(out)
+    if any(groups):
+        zeros = torch.zeros_like(norm)
+        norm, _, _ = _reduce_shards(norm, zeros, zeros.long(), list(groups))
+    return norm

@@ -1,0 +1,67 @@
+"""`graddoctor runs summary`: a readable table of one run. format_* returns text; the CLI prints it."""
+from __future__ import annotations
+
+import numpy as np
+
+from ._run import Run
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "nan"
+    if np.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.3g}" if x != 0 else "0"
+
+
+def _finite_range(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return "no finite value"
+    return f"{_fmt(float(finite.min()))} .. {_fmt(float(finite.max()))}"
+
+
+def nonfinite_steps(run: Run) -> np.ndarray:
+    """Steps on which any gradient entry, the loss or the global norm was NaN/Inf."""
+    steps, count = run.series("grad_nonfinite")
+    if count is None:
+        return np.zeros(0, dtype=np.int64)
+    _, loss = run.loss()
+    bad = (count > 0).any(axis=1) | ~np.isfinite(loss)
+    return steps[bad]
+
+
+def format_steps(steps: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(s)) for s in steps[:limit])
+    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+
+
+def format_summary(run: Run) -> str:
+    """The summary table of a run as text."""
+    steps, loss = run.loss()
+    _, gnorm = run.global_norm()
+    lines = [f"run: {run.run_dir}",
+             f"steps: {len(steps)}   tensors: {len(run.tensors)}   layers: {len(run.layers)}   "
+             f"activation modules: {len(run.activation_modules)}",
+             f"last loss: {_fmt(float(loss[-1])) if len(loss) else 'none recorded'}",
+             f"global gradient norm range: {_finite_range(gnorm)}"]
+    bad = nonfinite_steps(run)
+    lines.append("non-finite steps: " + (format_steps(bad) if len(bad) else "none"))
+    if not len(steps):
+        return "\n".join(lines)
+    header = ("layer", "first", "median", "last", "non-finite steps")
+    rows = []
+    for layer in run.layers:
+        h = run.layer_history(layer)
+        g = h.grad_norm
+        present = g[~np.isnan(g) | (h.grad_nonfinite > 0)]
+        first = _fmt(float(present[0])) if len(present) else "-"
+        last = _fmt(float(present[-1])) if len(present) else "-"
+        med = _fmt(float(np.nanmedian(g))) if np.isfinite(g).any() else "-"
+        rows.append((layer or "(root)", first, med, last, str(int((h.grad_nonfinite > 0).sum()))))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines.append("")
+    lines.append("gradient L2 norm per layer (input side first):")
+    for r in [header] + rows:
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)

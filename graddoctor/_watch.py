@@ -1,0 +1,343 @@
+"""watch: record every step's gradient health on the device, write it to the run store at each flush.
+
+    w = gd.watch(model, run_dir="runs/exp1")
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(); loss.backward()
+        w.step(loss)        # after backward (all of it, if you accumulate), before optimizer.step()
+        optimizer.step()
+    w.close()
+
+Sync points (the only places values reach the host):
+- `flush()`, every `config.flush_every` steps, in `close()`, and when called by hand.
+Nothing else in `step()` or in the hooks syncs: statistics are device tensors
+appended to per-series buffers.
+
+Distributed: every rank may create a watcher. Only rank 0 records and writes;
+the others do no monitoring work, so they never wait for rank 0, unless
+gradients are sharded (DTensor/FSDP2), where every rank takes part in the
+statistics' all-reduce, as every rank does in `clip_grad_norm_`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
+from ._config import WatchConfig
+from ._errors import ConfigError, NoGradientsError
+from ._stats import DTensor, TensorStats, l2_norms, tensor_stats
+from ._store import RunWriter
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / torch.compile wrappers, so names match an unwrapped run."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
+    """Copy device tensors to numpy with one transfer per (device, dtype).
+
+    note: this is a CPU-GPU sync point; `Watch.flush` is its only caller in the step path.
+    """
+    out: list[Optional[np.ndarray]] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).cpu().numpy()
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].reshape(tensors[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]
+
+
+class Watch:
+    """Records gradient health for one model. Create it with `graddoctor.watch(...)`.
+
+    Attributes:
+      step_index: the number of `step()` calls so far (the step the next call records).
+      latest: `TensorStats` of the last recorded step (device tensors), for remedies to reuse.
+      names: names of the watched parameter tensors, in the order of every per-tensor vector.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None):
+        self.config = config or WatchConfig()
+        self.config.validate()
+        self.model = _unwrap(model)
+        self.optimizer = optimizer
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise NoGradientsError(f"{type(self.model).__name__} has no parameter with requires_grad=True; nothing to watch")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.stats_device = self.params[0].to_local().device if isinstance(self.params[0], DTensor) else self.params[0].device
+        self.rank = _rank()
+        self._sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.recording = self.rank == 0 and run_dir is not None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        compiled = model is not self.model and hasattr(model, "_orig_mod")
+        self._act_modules = [] if compiled else [(n, m, k) for n, m in self.model.named_modules()
+                                                   if (k := activation_kind(m)) is not None]
+        self.step_index = 0
+        self.latest: Optional[TensorStats] = None
+        self._flush_listeners: list[Callable[["Watch", int, int], None]] = []
+        self._reset_buffers()
+        self._act_handles: list = []
+        self._act_rows: dict[int, list[Tensor]] = {}
+        self._input_acc: Optional[Tensor] = None
+        self._snapshot: Optional[tuple[int, list[Tensor]]] = None
+        self._input_handle = None
+        self._writer: Optional[RunWriter] = None
+        if self.recording:
+            self._writer = self._open_writer(model)
+            if self.config.input_stats:
+                self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
+            self._maybe_install_activation_hooks()
+        self.closed = False
+
+    # ----------------------------------------------------------------- setup
+    def _open_writer(self, model: nn.Module) -> RunWriter:
+        modules = dict(self.model.named_modules())
+        tensors = [dict(idx=i, name=n, module=n.rpartition(".")[0], shape=json_shape(p),
+                        numel=p.numel(), dtype=str(p.dtype).replace("torch.", ""))
+                   for i, (n, p) in enumerate(zip(self.names, self.params))]
+        acts = [dict(idx=i, name=n, kind=k.kind, lo=k.bounds[0] if k.bounds else None,
+                     hi=k.bounds[1] if k.bounds else None, relu_family=int(k.relu_family))
+                for i, (n, _, k) in enumerate(self._act_modules)]
+        meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=_world_size(),
+                    model_class=type(self.model).__name__, compiled=model is not self.model and hasattr(model, "_orig_mod"),
+                    modules={n: type(m).__name__ for n, m in modules.items() if n},
+                    act_fields=list(ACT_FIELDS), input_fields=list(INPUT_FIELDS),
+                    optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
+                    lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
+        writer = RunWriter(self.run_dir, meta, tensors, acts)  # type: ignore[arg-type]
+        if writer.has_steps() and not self.config.overwrite:
+            writer.close()
+            raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a recorded run; "
+                              "choose a new run_dir or pass WatchConfig(overwrite=True)")
+        if self.config.overwrite:
+            with writer._con:
+                writer._con.execute("DELETE FROM chunks")
+                writer._con.execute("DELETE FROM events")
+        return writer
+
+    def _reset_buffers(self) -> None:
+        # series name -> (list of steps, list of device tensors); emptied at each flush
+        self._buf: dict[str, tuple[list[int], list[Tensor]]] = {}
+        self._events: list[tuple[int, str, dict]] = []
+
+    def _push(self, series: str, step: int, value: Tensor) -> None:
+        steps, values = self._buf.setdefault(series, ([], []))
+        steps.append(step)
+        values.append(value)
+
+    # ----------------------------------------------------------------- hooks
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Only training forwards count: evaluation under no_grad is not a training batch.
+        x = first_tensor(args, kwargs)
+        if x is None or not torch.is_grad_enabled():
+            return
+        row = input_row(x).to(self.stats_device, non_blocking=True)
+        if self._input_acc is None:
+            self._input_acc = row
+        else:  # gradient accumulation: max of max-abs, sum of non-finite counts, last mean/std
+            acc = self._input_acc
+            self._input_acc = torch.stack([torch.maximum(acc[0], row[0]), acc[1] + row[1], row[2], row[3]])
+
+    def _is_activation_step(self, step: int) -> bool:
+        every = self.config.activation_every
+        return bool(every) and step % every == 0
+
+    def _maybe_install_activation_hooks(self) -> None:
+        """Install the activation hooks for the coming step's forward, if it is a sampled step."""
+        if not self._act_modules or not self._is_activation_step(self.step_index):
+            return
+        margin = self.config.saturation_margin
+        for i, (_, module, kind) in enumerate(self._act_modules):
+            def hook(_m, _inp, out, i=i, kind=kind):
+                out = out[0] if isinstance(out, tuple) else out
+                if isinstance(out, Tensor) and torch.is_grad_enabled():
+                    self._act_rows.setdefault(i, []).append(activation_row(out, kind, margin).to(self.stats_device))
+            self._act_handles.append(module.register_forward_hook(hook))
+
+    def _remove_activation_hooks(self) -> None:
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles = []
+
+    def add_flush_listener(self, fn: Callable[["Watch", int, int], None]) -> None:
+        """Call `fn(watch, first_step, last_step)` after each flush has been written."""
+        self._flush_listeners.append(fn)
+
+    # ------------------------------------------------------------------ step
+    def step(self, loss: Optional[Tensor | float] = None) -> Optional[TensorStats]:
+        """Record the current gradients (and the loss) as one step. No host sync (but see `flush`).
+
+        Call it once per optimizer step, after the last backward and before `optimizer.step()`.
+
+        Args:
+          loss: the step's loss, a tensor (kept on its device) or a float; None records NaN.
+        Returns:
+          The step's `TensorStats` (device tensors), or None on a rank that does not record.
+        """
+        if self.closed:
+            raise RuntimeError("Watch.step() called after close(); create a new watch for a new run")
+        s = self.step_index
+        stats = None
+        if self.recording or self._sharded:
+            stats = tensor_stats([p.grad for p in self.params], self.stats_device)
+            self.latest = stats
+        if self.recording:
+            self._record(s, stats, loss)
+        self.step_index += 1
+        if self.recording:
+            self._maybe_install_activation_hooks()
+            if self.step_index % self.config.flush_every == 0:
+                self.flush()
+        return stats
+
+    def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float]) -> None:
+        self._push("loss", s, _loss_tensor(loss, self.stats_device))
+        self._push("grad_total_norm", s, stats.total_norm.reshape(1))
+        self._push("grad_norm", s, stats.norm)
+        self._push("grad_maxabs", s, stats.maxabs)
+        self._push("grad_nonfinite", s, stats.nonfinite)
+        self._record_update()
+        if s % self.config.sample_every == 0:
+            weights = [p.detach() for p in self.params]
+            self._push("weight_norm", s, l2_norms(weights, self.stats_device))
+            self._snapshot = (s, [w.clone() for w in weights])
+        if self._act_handles:
+            self._push("act", s, self._activation_matrix())
+            self._remove_activation_hooks()
+        if self._input_acc is not None:
+            self._push("input", s, self._input_acc)
+            self._input_acc = None
+
+    def _record_update(self) -> None:
+        """Norm of the update the optimizer applied after the last sampled step (weights now minus snapshot)."""
+        if self._snapshot is None:
+            return
+        s, snap = self._snapshot
+        deltas = torch._foreach_sub([p.detach() for p in self.params], snap)
+        self._push("update_norm", s, l2_norms(deltas, self.stats_device))
+        self._snapshot = None
+
+    def _activation_matrix(self) -> Tensor:
+        nan_row = torch.full((len(ACT_FIELDS),), math.nan, device=self.stats_device)
+        rows = []
+        for i in range(len(self._act_modules)):
+            calls = self._act_rows.get(i)
+            if not calls:
+                rows.append(nan_row)
+            elif len(calls) == 1:
+                rows.append(calls[0])
+            else:  # a module called several times in one step: average the fractions, sum the counts
+                r = torch.stack(calls)
+                rows.append(torch.cat([r[:, :-1].mean(0), r[:, -1:].sum(0)]))
+        self._act_rows = {}
+        return torch.cat(rows)
+
+    def record_event(self, kind: str, data: dict[str, Any], step: Optional[int] = None) -> None:
+        """Record an event (an intervention, a note) for this step; tensor values are read at flush."""
+        if self.recording:
+            self._events.append((self.step_index - 1 if step is None else step, kind, data))
+
+    # ----------------------------------------------------------------- flush
+    def flush(self) -> None:
+        """Copy the buffered statistics to the host and write them to the store, as one transaction.
+
+        note: this is the CPU-GPU sync point of graddoctor (one device-to-host copy per device and dtype).
+        """
+        if not self.recording or (not self._buf and not self._events):
+            return
+        series = list(self._buf.items())
+        tensors = [torch.stack(values) for _, (_, values) in series]
+        event_tensors = [(j, k, v) for j, (_, _, d) in enumerate(self._events) for k, v in d.items() if isinstance(v, Tensor)]
+        host = to_host(tensors + [v for _, _, v in event_tensors])
+        chunks = [(name, np.asarray(steps, dtype=np.int64), host[i]) for i, (name, (steps, _)) in enumerate(series)]
+        events = [(s, k, dict(d)) for s, k, d in self._events]
+        for (j, key, _), value in zip(event_tensors, host[len(tensors):]):
+            events[j][2][key] = value.tolist()
+        first = min(int(c[1][0]) for c in chunks) if chunks else min(e[0] for e in events)
+        last = max(int(c[1][-1]) for c in chunks) if chunks else max(e[0] for e in events)
+        self._reset_buffers()
+        self._writer.write(chunks, events)  # type: ignore[union-attr]
+        for fn in self._flush_listeners:
+            fn(self, first, last)
+
+    def close(self) -> None:
+        """Flush what is buffered, remove every hook and close the store. Safe to call twice."""
+        if self.closed:
+            return
+        if self.recording:
+            self._record_update()
+            self._remove_activation_hooks()
+            self.flush()
+        if self._input_handle is not None:
+            self._input_handle.remove()
+        if self._writer is not None:
+            self._writer.close()
+        self.closed = True
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def json_shape(p: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in p.shape) + "]"
+
+
+def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor:
+    if loss is None:
+        return torch.full((1,), math.nan, dtype=torch.float64, device=device)
+    if isinstance(loss, Tensor):
+        return loss.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64, non_blocking=True)
+    return torch.tensor([float(loss)], dtype=torch.float64, device=device)
+
+
+def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, **options: Any) -> Watch:
+    """Start recording a model's gradient health into `run_dir`.
+
+    Args:
+      model: the module being trained (DDP- or torch.compile-wrapped is fine).
+      optimizer: the optimizer (optional; recorded in the run's metadata, used by remedies).
+      run_dir: directory of the run store; None computes statistics without recording them.
+      config: a `WatchConfig`; or give its fields as keyword options, e.g. `flush_every=100`.
+    Returns:
+      A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
+      (or use it as a context manager).
+    """
+    if config is not None and options:
+        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
+    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options))
