@@ -77,6 +77,12 @@ def _group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _foreach_l2(ts: list[Tensor]) -> list[Tensor]:
+    # Half-precision tensors accumulate in float32; float64 keeps its own precision.
+    wide = ts[0].dtype in (torch.float16, torch.bfloat16)
+    return list(torch._foreach_norm(ts, 2, dtype=torch.float32 if wide else None))
+
+
 def _maxabs(ts: list[Tensor], device: torch.device) -> list[Tensor]:
     if device.type == "cuda":
         return list(torch._foreach_norm(ts, math.inf))
@@ -92,11 +98,11 @@ def _measure_local(tensors: list[Tensor], stats_device: torch.device):
     count: list[Optional[Tensor]] = [None] * n
     for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
         ts = [tensors[i] for i in idx]
-        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+        norms = _foreach_l2(ts)
         maxes = _maxabs(ts, device)
         counts = [torch.count_nonzero(t * 0) for t in ts]
         for j, i in enumerate(idx):
-            norm[i] = norms[j].to(stats_device, non_blocking=True)
+            norm[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
             maxabs[i] = maxes[j].to(stats_device, torch.float32, non_blocking=True)
             count[i] = counts[j].to(stats_device, non_blocking=True)
     return torch.stack(norm), torch.stack(maxabs), torch.stack(count)
@@ -189,9 +195,9 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
     locals_, groups = zip(*(_local_and_reduce_groups(t.detach()) for t in tensors)) if tensors else ((), ())
     out: list[Optional[Tensor]] = [None] * len(locals_)
     for _key, idx in _group_by_device_dtype(locals_).items():
-        norms = torch._foreach_norm([locals_[i] for i in idx], 2, dtype=torch.float32)
+        norms = _foreach_l2([locals_[i] for i in idx])
         for j, i in enumerate(idx):
-            out[i] = norms[j].to(stats_device, non_blocking=True)
+            out[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
     if not out:
         return torch.zeros(0, device=stats_device)
     norm = torch.stack(out)

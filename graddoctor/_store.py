@@ -145,10 +145,10 @@ def open_store(run_dir: str | Path) -> sqlite3.Connection:
     try:
         con = _connect(path, readonly=True)
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        version = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        missing = {"meta", "tensors", "act_modules", "chunks", "events"} - tables
+        version = None if missing else con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
         raise CorruptStoreError(f"{str(path)!r} is not a readable graddoctor store ({e})") from e
-    missing = {"meta", "tensors", "act_modules", "chunks", "events"} - tables
     if missing or version is None:
         raise CorruptStoreError(f"{str(path)!r} is not a graddoctor store: missing tables {sorted(missing)}")
     if json.loads(version[0]) != SCHEMA_VERSION:

@@ -1,0 +1,54 @@
+"""The console script, run as a subprocess like a user would."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = shutil.which("graddoctor", path=str(Path(sys.executable).parent)) or "graddoctor"
+
+
+def run(*args, check=False):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300, check=check)
+
+
+def test_help_for_every_command():
+    for args in ([], ["runs"], ["runs", "summary"], ["demo"]):
+        out = run(*args, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "usage: graddoctor" in out.stdout
+
+
+def test_demo_shows_the_sigmoid_net_vanishing(tmp_path):
+    out = run("demo", "--out", str(tmp_path), "--steps", "8", check=True).stdout
+    ratios = {line.split("(")[1].split(",")[0]: float(line.rsplit(":", 1)[1])
+              for line in out.splitlines() if line.startswith("first/last layer gradient-norm ratio")}
+    assert ratios["sigmoid"] < 1e-4 < 0.1 < ratios["relu_he"] < 10
+
+
+def test_summary_of_a_run(tmp_path):
+    run("demo", "--out", str(tmp_path), "--steps", "5", check=True)
+    out = run("runs", "summary", str(tmp_path / "sigmoid"))
+    assert out.returncode == 0
+    assert "steps: 5" in out.stdout and "non-finite steps: none" in out.stdout
+    assert "gradient L2 norm per layer" in out.stdout and "18" in out.stdout
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "no run store"),
+    (lambda d: (d.mkdir(), (d / "graddoctor.sqlite").write_text("garbage" * 200)), "not a readable graddoctor store"),
+])
+def test_bad_run_dir_exits_non_zero_with_a_message(tmp_path, setup, message):
+    d = tmp_path / "run"
+    setup(d)
+    out = run("runs", "summary", str(d))
+    assert out.returncode == 2
+    assert message in out.stderr and str(d) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_command_is_refused():
+    out = run("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr

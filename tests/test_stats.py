@@ -1,0 +1,96 @@
+"""Fused statistics against a naive per-parameter loop (the oracle)."""
+import math
+
+import pytest
+import torch
+
+from graddoctor import tensor_stats, l2_norms
+
+
+def naive(tensors):
+    """One tensor at a time, in float64, the obvious way."""
+    norm, maxabs, count = [], [], []
+    for t in tensors:
+        if t is None:
+            norm.append(math.nan); maxabs.append(math.nan); count.append(-1)
+            continue
+        d = t.detach().double()
+        finite = torch.isfinite(d)
+        count.append(int((~finite).sum()))
+        norm.append(float(torch.sqrt((d * d).sum())))
+        maxabs.append(math.nan if torch.isnan(d).any() else float(d.abs().max()) if d.numel() else 0.0)
+    present = [n for n, t in zip(norm, tensors) if t is not None]
+    total = math.sqrt(sum(n * n for n in present)) if present else 0.0
+    return norm, maxabs, count, total
+
+
+def make(shapes, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
+
+
+SHAPES = [(7, 3), (5,), (4, 4, 2), (1,), (33, 17), (0,)]
+
+
+def check(tensors, rtol):
+    got = tensor_stats(tensors, torch.device("cpu"))
+    norm, maxabs, count, total = naive(tensors)
+    torch.testing.assert_close(got.norm.double(), torch.tensor(norm, dtype=torch.float64), rtol=rtol, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got.maxabs.double(), torch.tensor(maxabs, dtype=torch.float64), rtol=rtol, atol=0, equal_nan=True)
+    assert got.nonfinite.tolist() == count
+    torch.testing.assert_close(got.total_norm.double(), torch.tensor(total, dtype=torch.float64), rtol=rtol, atol=1e-6, equal_nan=True)
+    assert got.present == tuple(t is not None for t in tensors)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-6), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
+def test_finite_tensors_match_naive_loop(dtype, rtol):
+    # The oracle runs on the same low-precision values (cast up exactly), so only accumulation differs.
+    check(make(SHAPES, dtype), rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_none_gradients_are_marked_missing(dtype):
+    ts = make(SHAPES, dtype)
+    ts[1] = None
+    ts[4] = None
+    check(ts, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_are_counted_and_propagated(dtype):
+    ts = make(SHAPES, dtype)
+    ts[0][1, 1] = float("nan")
+    ts[0][2, 2] = float("inf")
+    ts[2][0, 0, 0] = float("-inf")
+    ts[4][3] = float("nan")  # a whole row
+    got = tensor_stats(ts, torch.device("cpu"))
+    _, _, count, _ = naive(ts)
+    assert got.nonfinite.tolist() == count == [2, 0, 1, 0, 17, 0]
+    assert math.isnan(got.norm[0]) and math.isnan(got.maxabs[0])
+    assert math.isinf(got.norm[2]) and math.isinf(got.maxabs[2])
+    assert math.isnan(got.total_norm)
+    check(ts, 1e-5)
+
+
+def test_mixed_dtypes_are_grouped_and_kept_in_order():
+    ts = make(SHAPES[:3], torch.float32) + make(SHAPES[3:], torch.bfloat16, seed=1)
+    ts = [ts[0], ts[4], ts[1], ts[3], ts[2], ts[5]]  # interleave the groups
+    check(ts, 1e-5)
+
+
+def test_total_norm_equals_torch_get_total_norm():
+    ts = make(SHAPES, torch.float32, scale=3.0)
+    expected = torch.nn.utils.get_total_norm(ts, 2.0)
+    assert tensor_stats(ts, torch.device("cpu")).total_norm == expected
+
+
+def test_l2_norms_match_vector_norm():
+    ts = make(SHAPES, torch.float32)
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts]).float()
+    torch.testing.assert_close(l2_norms(ts, torch.device("cpu")), expected)
+
+
+def test_all_missing_gives_empty_but_valid_stats():
+    got = tensor_stats([None, None], torch.device("cpu"))
+    assert got.nonfinite.tolist() == [-1, -1]
+    assert got.norm.isnan().all() and float(got.total_norm) == 0.0

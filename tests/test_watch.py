@@ -1,0 +1,166 @@
+"""watch in the situations real training loops put it in."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graddoctor as gd
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def test_no_host_sync_inside_a_step(tmp_path):
+    # On the meta device every read of a value raises, so a step that completes did not sync.
+    model = mlp().to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gd.watch(model, opt, tmp_path, flush_every=1000, activation_every=2, sample_every=2)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 6, device="meta")).pow(2).mean()
+        loss.backward()
+        w.step(loss)
+        opt.step()
+    assert w.step_index == 5
+    with pytest.raises(Exception):
+        w.flush()  # the one sync point does read values, and so fails on meta
+
+
+def test_frozen_and_unused_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": mlp(), "extra": nn.Linear(3, 3)})
+    model["body"][0].requires_grad_(False)  # frozen: not watched at all
+    body, extra = model["body"], model["extra"]  # extra is unused on odd steps: grad None there
+    with gd.watch(model, run_dir=tmp_path, activation_every=0) as w:
+        for step in range(4):
+            model.zero_grad(set_to_none=True)
+            out = body(torch.randn(5, 6))
+            if step % 2 == 0:
+                out = extra(out)
+            out.pow(2).mean().backward()
+            w.step()
+    run = gd.open_run(tmp_path)
+    assert "body.0.weight" not in run.tensors and "body.2.weight" in run.tensors
+    h = run.tensor_history("extra.weight")
+    assert h.grad_nonfinite.tolist() == [0, -1, 0, -1]
+    assert np.isnan(h.grad_norm[1]) and h.grad_norm[0] > 0
+    _, total = run.global_norm()
+    assert np.isfinite(total).all()  # a missing gradient is not a non-finite one
+
+
+def test_no_trainable_parameter_is_a_clear_error():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(gd.NoGradientsError, match="Sequential has no parameter with requires_grad=True"):
+        gd.watch(model)
+
+
+def test_unknown_option_and_bad_value_are_clear_errors():
+    with pytest.raises(gd.ConfigError, match=r"unknown watch option\(s\) \['flush_evry'\]; allowed"):
+        gd.watch(mlp(), flush_evry=3)
+    with pytest.raises(gd.ConfigError, match="flush_every=0 is not allowed"):
+        gd.watch(mlp(), flush_every=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = mlp().to(dtype)
+    with gd.watch(model, run_dir=tmp_path) as w:
+        model(torch.randn(5, 6, dtype=dtype)).float().pow(2).mean().backward()
+        w.step()
+        expected = [float(torch.linalg.vector_norm(p.grad.float())) for p in model.parameters()]
+    run = gd.open_run(tmp_path)
+    got = [run.tensor_history(n).grad_norm[0] for n in run.tensors]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert run.meta["modules"]["0"] == "Linear"
+
+
+def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    with gd.watch(model, run_dir=tmp_path) as w:
+        for x in xs:  # three micro-batches, one optimizer step
+            model(x).pow(2).mean().backward()
+        w.step()
+        expected = float(torch.linalg.vector_norm(model[0].weight.grad))
+    run = gd.open_run(tmp_path)
+    assert run.tensor_history("0.weight").grad_norm[0] == pytest.approx(expected, rel=1e-6)
+    _, inputs = run.inputs()
+    assert inputs[0, 0] == pytest.approx(max(float(x.abs().max()) for x in xs))  # max over micro-batches
+
+
+def test_update_and_weight_norms_with_param_groups(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 0.01}])
+    updates, weights = [], []
+    with gd.watch(model, opt, tmp_path, sample_every=2) as w:
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(5, 6)).pow(2).mean().backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            w.step()
+            opt.step()
+            if step % 2 == 0:
+                weights.append([float(torch.linalg.vector_norm(b)) for b in before])
+                updates.append([float(torch.linalg.vector_norm(p.detach() - b)) for p, b in zip(model.parameters(), before)])
+    run = gd.open_run(tmp_path)
+    assert run.meta["lr"] == [0.1, 0.01]
+    for i, name in enumerate(run.tensors):
+        h = run.tensor_history(name)
+        assert h.sample_steps.tolist() == [0, 2] and h.update_steps.tolist() == [0, 2]
+        np.testing.assert_allclose(h.weight_norm, [u[i] for u in weights], rtol=1e-5)
+        np.testing.assert_allclose(h.update_norm, [u[i] for u in updates], rtol=1e-4)
+
+
+def test_evaluation_forwards_are_not_training_batches(tmp_path):
+    model = mlp()
+    with gd.watch(model, run_dir=tmp_path) as w:
+        model(torch.ones(2, 6)).sum().backward()
+        with torch.no_grad():
+            model(torch.full((2, 6), 1e6))
+        w.step()
+    _, inputs = gd.open_run(tmp_path).inputs()
+    assert inputs[0, 0] == 1.0
+
+
+def test_torch_compile_is_not_broken(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gd.watch(compiled, opt, tmp_path) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = compiled(torch.randn(5, 6)).pow(2).mean()
+            loss.backward()
+            w.step(loss)
+            opt.step()
+    run = gd.open_run(tmp_path)
+    assert run.tensors[0] == "0.weight"  # names of the module inside the wrapper
+    assert run.meta["compiled"] is True and run.activation_modules == []
+    assert np.isfinite(run.loss()[1]).all() and len(run.loss()[0]) == 3
+
+
+def test_step_after_close_is_refused(tmp_path):
+    w = gd.watch(mlp(), run_dir=tmp_path)
+    w.close()
+    w.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="after close"):
+        w.step()
+
+
+def test_nan_loss_is_kept(tmp_path):
+    model = mlp()
+    with gd.watch(model, run_dir=tmp_path) as w:
+        model(torch.randn(2, 6)).sum().backward()
+        w.step(torch.tensor(float("nan")))
+        w.step(float("inf"))
+        w.step()
+    loss = gd.open_run(tmp_path).loss()[1]
+    assert math.isnan(loss[0]) and loss[1] == math.inf and math.isnan(loss[2])
