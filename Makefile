@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 venv: $(STAMP)
 
 lab: venv
-	$(BIN)/graddoctor demo --out runs/demo
+	$(BIN)/graddoctor lab --preset default --out runs/lab
 
 test: venv
 	$(BIN)/python -m pytest -q

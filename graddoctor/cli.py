@@ -49,6 +49,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # Each verb registers its own sub-command here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_runs, _add_demo]
 
+from .lab._cli import register_lab, register_report  # noqa: E402  (lab and report verbs)
+COMMANDS += [register_lab, register_report]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graddoctor", description="Find, explain and fix vanishing and exploding gradients in PyTorch training.")

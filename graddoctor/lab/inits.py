@@ -1,0 +1,96 @@
+"""Initialization on a 30-layer ReLU MLP: small, Xavier, He, large and LSUV.
+
+He et al. (2015, fig. 3): with Xavier's sqrt(1/n) a 30-layer ReLU net does not
+train (each ReLU halves the variance, so signal and gradient shrink by 2^-15),
+while sqrt(2/n) trains. Small weights vanish faster still; large ones explode
+at the first step. LSUV rescales orthogonal weights so each layer's output has
+unit variance on a batch, and trains like He.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..report import _plots as P
+from ..report._views import heatmap_figure
+from ._train import digits, layer_profile, losses, mlp, sampler, seed_all, tail_mean, train
+from ._types import Context, Figure, experiment, result
+
+NAME = "init"
+SCHEMES = ["small", "xavier", "he", "large", "lsuv"]
+DEPTH, WIDTH = 30, 64
+
+
+def lsuv(model: nn.Sequential, x: torch.Tensor, tol: float = 0.05, max_iter: int = 10) -> None:
+    """LSUV: orthogonal weights, then each Linear's output scaled to unit variance on the batch `x`.
+
+    References:
+      Mishkin & Matas 2016, "All you need is a good init", https://arxiv.org/abs/1511.06422
+    """
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    for lin in lins:
+        nn.init.orthogonal_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        for lin in lins[:-1]:
+            out = {}
+            handle = lin.register_forward_hook(lambda _m, _i, o: out.__setitem__("y", o))
+            for _ in range(max_iter):
+                model(x)
+                std = float(out["y"].std())
+                if abs(std - 1.0) < tol or std == 0.0:
+                    break
+                lin.weight /= std
+            handle.remove()
+
+
+def _model(scheme: str, x: torch.Tensor) -> nn.Sequential:
+    model = mlp([64] + [WIDTH] * (DEPTH - 1) + [10], "relu", "default" if scheme == "lsuv" else scheme)
+    if scheme == "lsuv":
+        lsuv(model, x[:256])
+    return model
+
+
+@experiment(NAME, "Initialization of a 30-layer ReLU MLP",
+            "At 30 layers, Xavier's sqrt(1/n) stalls (the loss stays at ln 10) while He's sqrt(2/n) trains; too "
+            "small weights vanish, too large explode; LSUV trains like He.",
+            "He et al. 2015, fig. 3, https://arxiv.org/abs/1502.01852; Mishkin & Matas 2016",
+            runs=lambda preset: len(SCHEMES), order=20)
+def run(ctx: Context):
+    steps = ctx.pick(150, 300, 600)
+    x, y = digits()
+    final, start, runs = {}, {}, {}
+    for scheme in SCHEMES:
+        gen = seed_all(ctx.seed)
+        model = _model(scheme, x)
+        run_dir = ctx.run_dir(NAME, scheme)
+        train(model, run_dir, steps, sampler(x, y, 128, gen), nn.functional.cross_entropy,
+              torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9))
+        loss = losses(run_dir)[1]
+        start[scheme], final[scheme], runs[scheme] = float(loss[0]), tail_mean(loss), run_dir
+        ctx.tick(f"{NAME}/{scheme}")
+    ln10 = float(np.log(10))
+    m = {"initial_loss": start, "final_loss": final, "chance_loss_ln10": ln10, "steps": steps}
+    ok = (final["xavier"] > 0.95 * ln10 and final["he"] < 0.75 * ln10 and final["lsuv"] < 0.75 * ln10
+          and final["small"] > 0.95 * ln10 and not final["large"] < 0.95 * ln10)
+    measured = ("mean loss over the last 10% of steps: " + ", ".join(f"{s} {final[s]:.3g}" for s in SCHEMES) +
+                f" (chance ln 10 = {ln10:.3f}).")
+    return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
+                  notes=f"{DEPTH} Linear layers of width {WIDTH}, SGD lr 0.003 momentum 0.9, batch 128, digits. "
+                        "'large' is 3x He's standard deviation.")
+
+
+def _figures(runs: dict) -> list[Figure]:
+    fig, axes = P.figure(2)
+    P.loss_curve(axes[0], {s: losses(r) for s, r in runs.items()}, "training loss by initialization",
+                 ylabel="cross-entropy (nats)", baseline=(float(np.log(10)), "chance (ln 10)"), log=True)
+    rows = {}
+    for s, r in runs.items():
+        _, _, g = layer_profile(r)
+        rows[s] = g[0]
+    P.profiles(axes[1], [str(i) for i in range(DEPTH)], rows, "per-layer gradient norm at step 0")
+    return [Figure("Loss and step-0 gradient profile per initialization", P.to_uri(fig),
+                   "Red triangles mark steps where the loss was NaN/Inf (the 'large' run explodes)."),
+            heatmap_figure(runs["xavier"], "gradient flow, Xavier sqrt(1/n), 30 ReLU layers"),
+            heatmap_figure(runs["he"], "gradient flow, He sqrt(2/n), 30 ReLU layers")]

@@ -1,0 +1,49 @@
+"""HTML reports: self-contained pages (no network, no script), plots drawn with matplotlib's Agg backend.
+
+    from graddoctor.report import write_run_report
+    write_run_report(["runs/exp1"], "exp1.html")
+
+`graddoctor report RUN_DIR -o FILE` does the same from the command line; the
+lab writes its own report with `write_lab_report`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ._figure import Figure
+from ._findings import findings_for
+
+
+def write_run_report(run_dirs: Sequence[str | Path], out_file: str | Path, title: Optional[str] = None) -> Path:
+    """Render the per-run views (gradient-flow heat map, layer profiles, loss, activations, findings) of runs.
+
+    Args:
+      run_dirs: run directories recorded with `graddoctor.watch`.
+      out_file: the HTML file to write (its folder is created).
+    Returns:
+      The path written.
+    Raises:
+      RunNotFoundError / CorruptStoreError for a directory that holds no readable run.
+    """
+    from .._run import open_run
+    from ._pages import run_page
+    for rd in run_dirs:  # fail early, with the library's error naming the path
+        open_run(rd).close()
+    return _write(run_page(list(run_dirs), title), out_file)
+
+
+def write_lab_report(results: Sequence[Any], info: dict[str, Any], out_file: str | Path) -> Path:
+    """Render the lab's report (summary table first, then one section per experiment)."""
+    from ._pages import lab_page
+    return _write(lab_page(results, info), out_file)
+
+
+def _write(text: str, out_file: str | Path) -> Path:
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+__all__ = ["write_run_report", "write_lab_report", "findings_for", "Figure"]

@@ -1,0 +1,181 @@
+"""Plot primitives for the HTML report: matplotlib (Agg backend) figures as inline PNG data URIs.
+
+Every primitive survives NaN and Inf, the very values this tool is about:
+non-finite points are left out of lines and drawn as red markers at the edge
+of the axes, so a diverged run shows where it diverged instead of crashing
+the plot. Log scales use only positive finite values.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+
+_MPL = None
+NONFINITE_COLOR = "#d62728"
+
+
+def plt():
+    """matplotlib.pyplot with the Agg backend (no display needed); imported lazily with an install hint."""
+    global _MPL
+    if _MPL is None:
+        try:
+            import matplotlib
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the report needs matplotlib: pip install 'graddoctor[lab]'") from e
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as pyplot
+        pyplot.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
+                                "figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
+        _MPL = pyplot
+    return _MPL
+
+
+def figure(ncols: int = 1, width: float = 4.6, height: float = 3.0):
+    """A new figure with `ncols` axes side by side; returns (fig, list of axes)."""
+    fig, axes = plt().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def to_uri(fig) -> str:
+    """Render and close a figure; return a `data:image/png;base64,...` URI."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def as_float(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def mark_nonfinite(ax, x: np.ndarray, y: np.ndarray, label: Optional[str] = "NaN/Inf") -> int:
+    """Draw a red marker at the top of `ax` at each x where y is NaN/Inf; return how many."""
+    bad = ~np.isfinite(y)
+    if bad.any():
+        ax.plot(x[bad], np.ones(bad.sum()), linestyle="none", marker="v", color=NONFINITE_COLOR,
+                transform=ax.get_xaxis_transform(), clip_on=False, label=label, markersize=5)
+    return int(bad.sum())
+
+
+def line(ax, x, y, label: Optional[str] = None, log: bool = False, **kw) -> None:
+    """A line of finite points (positive ones on a log axis); non-finite points marked, not drawn."""
+    x, y = as_float(x), as_float(y)
+    ok = np.isfinite(y) & ((y > 0) if log else True)
+    if ok.sum() <= 3 and "marker" not in kw:  # a line of one point is invisible
+        kw["marker"] = "o"
+    ax.plot(x[ok], y[ok], label=label, **kw)
+    mark_nonfinite(ax, x, y, label=None)
+    if log and ok.any():
+        ax.set_yscale("log")
+
+
+def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, title: str,
+            cbar_label: str = "gradient L2 norm (log scale)") -> None:
+    """Layer x step heat map on a log colour scale; NaN/Inf cells drawn in red, zero/missing in grey.
+
+    Args:
+      values: [T, L] (steps x layers).
+    """
+    from matplotlib.colors import LogNorm, ListedColormap
+    v = np.asarray(values, dtype=np.float64).T  # layers on the y axis, input layer at the top
+    pos = v[np.isfinite(v) & (v > 0)]
+    lo, hi = (pos.min(), pos.max()) if pos.size else (1e-8, 1.0)
+    if hi <= lo:
+        hi = lo * 10
+    cmap = plt().get_cmap("viridis").with_extremes(bad="#bbbbbb")
+    masked = np.ma.masked_where(~(np.isfinite(v) & (v > 0)), v)
+    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5) if len(steps) else None
+    im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(lo, hi), extent=extent)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        red = np.ma.masked_where(~bad, np.ones_like(v))
+        ax.imshow(red, aspect="auto", interpolation="nearest", cmap=ListedColormap([NONFINITE_COLOR]), extent=extent)
+    ax.figure.colorbar(im, ax=ax, label=cbar_label)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([_short(n) for n in layers] if len(layers) <= 24 else
+                       [_short(n) if i % max(1, len(layers) // 12) == 0 else "" for i, n in enumerate(layers)])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("layer: module name (input at top)")
+    ax.set_title(title + ("  [red: NaN/Inf]" if bad.any() else ""))
+    ax.grid(False)
+
+
+def profiles(ax, layers: Sequence[str], rows: dict[str, np.ndarray], title: str,
+             ylabel: str = "gradient L2 norm (log)") -> None:
+    """Per-layer gradient-norm profiles: one line per label (e.g. a step or a model) over layer index."""
+    idx = np.arange(len(layers))
+    for label, values in rows.items():
+        v = as_float(values)
+        line(ax, idx[: len(v)], v, label=label, log=True, marker="o", markersize=3)
+    ax.set_xlabel("layer index (0 = input side)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if rows:
+        ax.legend(loc="best")
+
+
+def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, log: bool = False,
+               spikes: Optional[dict[str, Sequence[int]]] = None, events: Optional[dict[str, Sequence[int]]] = None,
+               ylabel: str = "training loss", baseline: Optional[tuple[float, str]] = None) -> None:
+    """Loss curves; spikes as orange dots, interventions (e.g. clipping) as ticks at the bottom, NaN/Inf in red."""
+    for i, (label, (steps, loss)) in enumerate(curves.items()):
+        steps, loss = as_float(steps), as_float(loss)
+        color = f"C{i % 10}"
+        line(ax, steps, loss, label=label, log=log, color=color, linewidth=1)
+        for s in (spikes or {}).get(label, []):
+            j = np.searchsorted(steps, s)
+            if j < len(steps) and np.isfinite(loss[j]):
+                ax.plot(steps[j], loss[j], "o", color="orange", markersize=4, markeredgecolor=color)
+        ev = np.asarray((events or {}).get(label, []), dtype=np.float64)
+        if ev.size:
+            ax.plot(ev, np.full(ev.size, 0.02 + 0.03 * i), "|", color=color, transform=ax.get_xaxis_transform(),
+                    markersize=6)
+    if baseline is not None:
+        ax.axhline(baseline[0], color="black", linestyle="--", linewidth=0.8, label=baseline[1])
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.set_title(title)
+    ax.legend(loc="best")
+
+
+def histogram(ax, values: dict[str, np.ndarray], bins: np.ndarray, title: str, xlabel: str) -> None:
+    """Overlaid step histograms of finite values; the count of non-finite values goes in the legend."""
+    for label, v in values.items():
+        v = as_float(v)
+        bad = int((~np.isfinite(v)).sum())
+        ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", label=label + (f" ({bad} NaN/Inf)" if bad else ""),
+                density=True, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(loc="best")
+
+
+def bars(ax, labels: Sequence[str], values: dict[str, Sequence[float]], title: str, ylabel: str,
+         log: bool = False) -> None:
+    """Grouped bars; non-finite values drawn as red hatched bars at the axis top."""
+    n = max(1, len(values))
+    width = 0.8 / n
+    x = np.arange(len(labels))
+    for i, (name, vals) in enumerate(values.items()):
+        v = as_float(vals)
+        ok = np.isfinite(v) & ((v > 0) if log else True)
+        ax.bar(x[ok] + i * width - 0.4 + width / 2, v[ok], width, label=name)
+        mark_nonfinite(ax, x + i * width - 0.4 + width / 2, v)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=20 if max((len(s) for s in labels), default=0) > 6 else 0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(values) > 1:
+        ax.legend(loc="best")
+
+
+def _short(name: str, width: int = 14) -> str:
+    name = name or "(root)"
+    return name if len(name) <= width else "…" + name[-(width - 1):]
