@@ -81,7 +81,7 @@ def mlp(sizes: list[int], activation: str, init: str = "default", batch_norm: bo
 def train(model: nn.Module, run_dir: Path, steps: int, batch: Callable[[int], tuple[Tensor, Tensor]],
           loss_fn: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
           before_step: Optional[Callable] = None, activation_every: int = 10, sample_every: int = 5,
-          stop_on_nonfinite: bool = True) -> None:
+          stop_on_nonfinite: bool = True, guard=None) -> None:
     """Train `model` for `steps` steps, every step recorded with `graddoctor.watch` into `run_dir`.
 
     Args:
@@ -90,9 +90,11 @@ def train(model: nn.Module, run_dir: Path, steps: int, batch: Callable[[int], tu
         `optimizer.step()`; a remedy (clipping) goes here and may record an event. If it returns
         False the optimizer step is skipped.
       stop_on_nonfinite: end the run at the first NaN/Inf loss (one more step records nothing new).
+      guard: a `graddoctor.treat` gradient transform, run by watch on every step (clipping, skipping).
     """
+    extra = {"guard": guard} if guard is not None else {}
     with watch(model, optimizer, run_dir, overwrite=True, flush_every=50,
-               activation_every=activation_every, sample_every=sample_every) as w:
+               activation_every=activation_every, sample_every=sample_every, **extra) as w:
         for step in range(steps):
             x, y = batch(step)
             loss = loss_fn(model(x), y)
