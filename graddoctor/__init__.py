@@ -9,10 +9,12 @@ from ._errors import ConfigError, CorruptStoreError, GradDoctorError, NoGradient
 from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
 from ._watch import Watch, watch
+from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "watch", "Watch", "WatchConfig", "open_run", "Run", "History", "TensorStats", "tensor_stats", "l2_norms",
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
+    "diagnose", "Finding", "DiagnoseConfig",
 ]

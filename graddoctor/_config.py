@@ -25,6 +25,9 @@ class WatchConfig:
     saturation_margin: float = 0.01
     # Replace a run already recorded in run_dir instead of refusing.
     overwrite: bool = False
+    # Run the diagnosis rules at each flush (host data only, no extra sync) and report
+    # each new finding once: logging, warnings, watch(on_finding=...), store event "finding".
+    live_diagnosis: bool = True
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the bad value and what is allowed."""

@@ -16,6 +16,8 @@ Schema (version 1):
   events(id INTEGER PRIMARY KEY, step INTEGER, kind TEXT, data TEXT)
       interventions and notes (clipping, skipped steps, rollbacks, findings); `data`
       is JSON with non-finite floats spelled "NaN"/"Infinity" (see _nonfinite_json).
+      Live diagnosis writes kind "finding" with data = `Finding.to_dict()` (code, severity,
+      first_step, last_step, layers, evidence, cause, message, remedies) at step = last_step.
 
 Series written by `watch` (width in brackets, P tensors, M activation modules):
   loss [1] f64, grad_total_norm [1] f32, grad_norm [P] f32, grad_maxabs [P] f32,

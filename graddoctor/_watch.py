@@ -86,7 +86,8 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None):
+                 run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None,
+                 on_finding: Optional[Callable] = None):
         self.config = config or WatchConfig()
         self.config.validate()
         self.model = _unwrap(model)
@@ -119,6 +120,10 @@ class Watch:
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
             self._maybe_install_activation_hooks()
+        self.live = None  # live diagnosis (graddoctor.diagnose._live): rules run on host data at each flush
+        if self.recording and self.config.live_diagnosis:
+            from .diagnose._live import attach
+            self.live = attach(self, on_finding)
         self.closed = False
 
     # ----------------------------------------------------------------- setup
@@ -326,7 +331,8 @@ def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor
 
 
 def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, **options: Any) -> Watch:
+          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None,
+          on_finding: Optional[Callable] = None, **options: Any) -> Watch:
     """Start recording a model's gradient health into `run_dir`.
 
     Args:
@@ -334,10 +340,12 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
       optimizer: the optimizer (optional; recorded in the run's metadata, used by remedies).
       run_dir: directory of the run store; None computes statistics without recording them.
       config: a `WatchConfig`; or give its fields as keyword options, e.g. `flush_every=100`.
+      on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
+        that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
     Returns:
       A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
       (or use it as a context manager).
     """
     if config is not None and options:
         raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
-    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options))
+    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), on_finding=on_finding)

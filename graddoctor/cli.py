@@ -52,6 +52,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_runs, _add_
 from .lab._cli import register_lab, register_report  # noqa: E402  (lab and report verbs)
 COMMANDS += [register_lab, register_report]
 
+from .diagnose._cli import register as register_diagnose  # noqa: E402  (diagnose verb)
+COMMANDS += [register_diagnose]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graddoctor", description="Find, explain and fix vanishing and exploding gradients in PyTorch training.")

@@ -1,0 +1,36 @@
+"""`graddoctor diagnose RUN_DIR [--json] [--fail-on {warning,critical}]`: a thin layer over `diagnose`."""
+from __future__ import annotations
+
+import argparse
+
+from ._findings import SEVERITIES
+
+# Exit status when --fail-on is met (0: below the bar; 2 is taken by library errors).
+EXIT_FINDINGS = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="find vanishing/exploding gradients and their causes in a recorded run",
+                       description="Turn a recorded run into findings with evidence, a cause and ranked remedies.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by graddoctor.watch")
+    p.add_argument("--json", action="store_true", help="print the findings as a JSON document (schema in the README)")
+    p.add_argument("--fail-on", choices=("warning", "critical"), default=None,
+                   help=f"exit with status {EXIT_FINDINGS} if any finding is at least this severe (for CI)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._run import open_run
+    from ._data import RunData
+    from ._diagnose import diagnose
+    from ._format import format_findings, format_json
+    with open_run(args.run_dir) as r:
+        data = RunData.from_run(r)
+    findings = diagnose(data)
+    fmt = format_json if args.json else format_findings
+    print(fmt(findings, run_dir=str(args.run_dir), steps=data.T))
+    if args.fail_on is not None:
+        bar = SEVERITIES.index(args.fail_on)
+        if any(f.rank >= bar for f in findings):
+            return EXIT_FINDINGS
+    return 0

@@ -1,0 +1,203 @@
+"""RunData: a run's recorded history as host numpy arrays, plus the derived views every rule uses.
+
+Rules never touch SQLite or torch: they read a `RunData`. `RunData.from_run` loads one from a
+stored run; the live path builds one from the same store after each flush; tests build them
+directly. Arrays may hold NaN/Inf anywhere and may be empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .._run import Run
+from ._robust import safe_log10
+
+RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase"}
+NORM = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "GroupNorm", "RMSNorm",
+        "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm"}
+EMBEDDING = {"Embedding", "EmbeddingBag"}
+BOUNDED_KINDS = {"sigmoid", "tanh", "hardsigmoid", "softsign", "relu6", "hardtanh", "rnn", "lstm", "gru"}
+EXACT_ZERO_KINDS = {"relu", "relu6", "rnn_relu"}  # units that are off are exactly zero
+ACT_MEAN, ACT_STD, ACT_SAT, ACT_ZERO, ACT_DEAD, ACT_NONFINITE = range(6)
+
+
+def _f32(a, shape) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float32) if a is None else np.asarray(a, dtype=np.float32)
+
+
+@dataclass
+class RunData:
+    """Host arrays of one run. T steps, P tensors, S weight samples, U update samples, A activation samples, M modules."""
+
+    steps: np.ndarray                 # int64[T]
+    loss: np.ndarray                  # float64[T]
+    global_norm: np.ndarray           # float32[T]
+    grad_norm: np.ndarray             # float32[T, P]
+    grad_nonfinite: np.ndarray        # int64[T, P], -1 where the tensor had no gradient
+    sample_steps: np.ndarray          # int64[S]
+    weight_norm: np.ndarray           # float32[S, P]
+    update_steps: np.ndarray          # int64[U]
+    update_norm: np.ndarray           # float32[U, P]
+    tensors: list[str]                # P names from named_parameters()
+    tensor_module: list[str]          # P owning module names
+    tensor_shape: list[tuple]         # P shapes
+    modules: dict[str, str] = field(default_factory=dict)   # module name -> class name
+    act_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    act: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 6), dtype=np.float32))  # [A, M, 6]
+    act_modules: list[str] = field(default_factory=list)
+    act_kinds: list[str] = field(default_factory=list)
+    input_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    inputs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))  # maxabs, nonfinite, mean, std
+    meta: dict[str, Any] = field(default_factory=dict)
+    zero_init_rms: float = 1e-6       # see DiagnoseConfig.zero_init_rms
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_run(cls, run: Run) -> "RunData":
+        """Load every series of a stored run (one read per series)."""
+        P = len(run.tensors)
+        steps, loss = run.loss()
+        _, gnorm = run.global_norm()
+        _, gn = run.series("grad_norm")
+        _, nf = run.series("grad_nonfinite")
+        s_steps, wn = run.series("weight_norm")
+        u_steps, un = run.series("update_norm")
+        a_steps, act = run.activations()
+        i_steps, inp = run.inputs()
+        T = len(steps)
+        return cls(
+            steps=steps.astype(np.int64), loss=loss.astype(np.float64), global_norm=_f32(gnorm, (T,)),
+            grad_norm=_f32(gn, (T, P)), grad_nonfinite=np.zeros((T, P), np.int64) if nf is None else nf.astype(np.int64),
+            sample_steps=s_steps.astype(np.int64), weight_norm=_f32(wn, (len(s_steps), P)),
+            update_steps=u_steps.astype(np.int64), update_norm=_f32(un, (len(u_steps), P)),
+            tensors=list(run.tensors), tensor_module=[run.tensor_module[t] for t in run.tensors],
+            tensor_shape=[tuple(run.tensor_shape[t]) for t in run.tensors], modules=dict(run.meta.get("modules") or {}),
+            act_steps=a_steps.astype(np.int64), act=np.asarray(act, dtype=np.float32),
+            act_modules=list(run.activation_modules), act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
+            input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def T(self) -> int:
+        return len(self.steps)
+
+    @property
+    def P(self) -> int:
+        return len(self.tensors)
+
+    def module_class(self, module: str) -> str:
+        return self.modules.get(module, "")
+
+    @cached_property
+    def recurrent_modules(self) -> list[str]:
+        return [m for m, c in self.modules.items() if c in RECURRENT]
+
+    def is_recurrent_tensor(self, i: int) -> bool:
+        return self.module_class(self.tensor_module[i]) in RECURRENT
+
+    @cached_property
+    def initial_weight_rms(self) -> np.ndarray:
+        """RMS of each tensor at its first finite weight sample (NaN if never sampled finite)."""
+        out = np.full(self.P, np.nan)
+        if len(self.weight_norm) == 0 or self.P == 0:
+            return out
+        w = self.weight_norm.astype(np.float64)
+        finite = np.isfinite(w)
+        first = np.argmax(finite, axis=0)
+        has = finite.any(axis=0)
+        numel = np.array([max(1, int(np.prod(s))) if len(s) else 1 for s in self.tensor_shape], dtype=np.float64)
+        out[has] = w[first[has], np.flatnonzero(has)] / np.sqrt(numel[has])
+        return out
+
+    @cached_property
+    def eligible(self) -> np.ndarray:
+        """Indices of the weight matrices the ratio rules judge, input side first.
+
+        Left out on purpose: biases and other 1-D/0-D tensors (ReZero scales, norm gains),
+        normalization and embedding layers (their gradients scale differently by design), and
+        tensors initialised to zero (residual-branch ends: their ratios are undefined at first).
+        """
+        rms = self.initial_weight_rms
+        zero_tol = self.zero_init_rms
+        keep = [i for i in range(self.P)
+                if len(self.tensor_shape[i]) >= 2 and int(np.prod(self.tensor_shape[i])) > 1
+                and self.module_class(self.tensor_module[i]) not in NORM | EMBEDDING
+                and np.isfinite(rms[i]) and rms[i] > zero_tol]
+        return np.asarray(keep, dtype=np.int64)
+
+    def names(self, idx) -> list[str]:
+        return [self.tensors[int(i)] for i in idx]
+
+    # ------------------------------------------------------------------ aligned ratios
+    def weight_at(self, steps: np.ndarray) -> np.ndarray:
+        """Weight norms [len(steps), P] from the latest sample at or before each step (the first sample before it)."""
+        if len(self.sample_steps) == 0:
+            return np.full((len(steps), self.P), np.nan, dtype=np.float32)
+        idx = np.clip(np.searchsorted(self.sample_steps, steps, side="right") - 1, 0, len(self.sample_steps) - 1)
+        return self.weight_norm[idx]
+
+    @cached_property
+    def log_grad_ratio(self) -> np.ndarray:
+        """log10(grad norm / weight norm) [T, E] for the eligible tensors; NaN where either is missing/non-finite."""
+        e = self.eligible
+        if len(e) == 0 or self.T == 0:
+            return np.zeros((self.T, 0))
+        g = self.grad_norm[:, e].astype(np.float64)
+        w = self.weight_at(self.steps)[:, e].astype(np.float64)
+        missing = self.grad_nonfinite[:, e] < 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            r = safe_log10(g) - safe_log10(w)
+        return np.where(missing | ~np.isfinite(r), np.nan, r)
+
+    @cached_property
+    def log_update_ratio(self) -> np.ndarray:
+        """log10(update norm / weight norm) [U, E] at the update samples; +inf where the update was non-finite."""
+        e = self.eligible
+        if len(e) == 0 or len(self.update_steps) == 0:
+            return np.zeros((len(self.update_steps), 0))
+        u = self.update_norm[:, e].astype(np.float64)
+        w = self.weight_at(self.update_steps)[:, e].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            r = safe_log10(u) - safe_log10(w)
+        return np.where(~np.isfinite(u), np.inf, np.where(np.isfinite(r), r, np.nan))
+
+    # ------------------------------------------------------------------ per-step flags
+    @cached_property
+    def grad_bad(self) -> np.ndarray:
+        """Steps whose gradients (any tensor, or the global norm) held NaN/Inf."""
+        if self.T == 0:
+            return np.zeros(0, dtype=bool)
+        any_tensor = (self.grad_nonfinite > 0).any(axis=1) if self.P else np.zeros(self.T, dtype=bool)
+        return any_tensor | ~np.isfinite(self.global_norm)
+
+    @cached_property
+    def loss_recorded(self) -> bool:
+        """False when no finite loss was ever recorded (watch.step() without a loss records NaN)."""
+        return bool(np.isfinite(self.loss).any())
+
+    @cached_property
+    def loss_bad(self) -> np.ndarray:
+        if not self.loss_recorded:
+            return np.zeros(self.T, dtype=bool)
+        return ~np.isfinite(self.loss)
+
+    @cached_property
+    def input_bad_steps(self) -> np.ndarray:
+        """Steps whose input batch held NaN/Inf."""
+        if len(self.input_steps) == 0:
+            return np.zeros(0, dtype=np.int64)
+        x = self.inputs
+        bad = (np.nan_to_num(x[:, 1], nan=1.0) > 0) | ~np.isfinite(x[:, 0])
+        return self.input_steps[bad]
+
+    def step_range(self, mask: np.ndarray, steps: np.ndarray | None = None) -> tuple[int, int]:
+        s = (self.steps if steps is None else steps)[np.asarray(mask, dtype=bool)]
+        return (int(s[0]), int(s[-1])) if len(s) else (0, 0)
+
+    def initial_loss_level(self, n: int = 10) -> float:
+        """Median of the first n finite losses (NaN if none)."""
+        finite = self.loss[np.isfinite(self.loss)]
+        return float(np.median(finite[:n])) if len(finite) else float("nan")

@@ -1,0 +1,177 @@
+"""Evidence the rules share and the causes are chosen from: the start-of-training profile,
+input outliers, large updates. Each helper returns numbers plus plain-words reasons.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._config import DiagnoseConfig
+from ._data import ACT_DEAD, ACT_SAT, ACT_STD, BOUNDED_KINDS, EXACT_ZERO_KINDS, RunData
+from ._robust import robust_z, running_median_mad, safe_log10
+
+
+def _r(x: float, digits: int = 3) -> float:
+    """A float rounded to `digits` significant digits for evidence (NaN/Inf kept)."""
+    x = float(x)
+    if not math.isfinite(x) or x == 0:
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def feedforward_acts(d: RunData) -> list[int]:
+    """Activation modules outside recurrent layers, in forward order."""
+    rec = d.recurrent_modules
+    return [j for j, m in enumerate(d.act_modules)
+            if d.act_kinds[j] not in ("rnn", "lstm", "gru", "rnn_relu")
+            and not any(m == r or m.startswith(r + ".") for r in rec)]
+
+
+def activation_family(d: RunData) -> str:
+    """'relu' (ReLU family), 'bounded' (sigmoid/tanh-like), 'mixed' or 'none' among feed-forward activations."""
+    kinds = {d.act_kinds[j] for j in feedforward_acts(d)}
+    if not kinds:
+        return "none"
+    bounded = {k for k in kinds if k in BOUNDED_KINDS and k != "relu6"}
+    if bounded and bounded == kinds:
+        return "bounded"
+    return "mixed" if bounded else "relu"
+
+
+def fitting_init(d: RunData) -> str:
+    """The init that fits the activations found: He for the ReLU family, Xavier for tanh/sigmoid, orthogonal for linear."""
+    return {"relu": "he_init", "bounded": "xavier_init", "mixed": "lsuv_init", "none": "orthogonal_init"}[activation_family(d)]
+
+
+def weight_scales(d: RunData) -> dict[str, float]:
+    """Initial weight RMS * sqrt(fan_in) per eligible non-recurrent matrix (1 = LeCun, 1.41 = He, 0.58 = torch default)."""
+    out = {}
+    for i in d.eligible:
+        if d.is_recurrent_tensor(int(i)):
+            continue
+        shape = d.tensor_shape[int(i)]
+        fan_in = int(np.prod(shape[1:]))
+        out[d.tensors[int(i)]] = _r(d.initial_weight_rms[int(i)] * math.sqrt(fan_in))
+    return out
+
+
+@dataclass
+class InitProfile:
+    """What the first steps say about the initialization."""
+
+    step: int = 0
+    poor: bool = False
+    std_orders: float = float("nan")       # log10(std of last activation / std of first) at the first sample
+    saturated: float = float("nan")        # mean fraction saturated over bounded activations
+    dead: float = float("nan")             # mean fraction of dead units over exact-zero ReLU-family activations
+    gain_orders: float = float("nan")      # log10 of the product of weight scales (no activation statistics only)
+    reasons: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+
+    def evidence(self) -> dict:
+        return {"init_sample_step": self.step, "activation_std_change_orders": _r(self.std_orders),
+                "init_saturated_fraction": _r(self.saturated), "init_dead_unit_fraction": _r(self.dead),
+                "predicted_gain_orders": _r(self.gain_orders)}
+
+
+def init_profile(d: RunData, cfg: DiagnoseConfig) -> InitProfile:
+    """Judge the initialization from the first activation sample, or from weight scales when there is none."""
+    prof = InitProfile()
+    acts = feedforward_acts(d)
+    first = _first_finite_sample(d, acts)
+    if first is not None and d.act_steps[first] <= cfg.init_max_step:
+        prof.step = int(d.act_steps[first])
+        row = d.act[first]
+        std = row[acts, ACT_STD].astype(np.float64)
+        ok = np.flatnonzero(np.isfinite(std) & (std > 0))
+        if len(ok) >= 2:
+            prof.std_orders = float(safe_log10(std[ok[-1]]) - safe_log10(std[ok[0]]))
+            if abs(prof.std_orders) >= cfg.init_std_orders:
+                way = "shrinks" if prof.std_orders < 0 else "grows"
+                prof.reasons.append(f"activation std {way} {10 ** abs(prof.std_orders):.3g}x from "
+                                    f"{d.act_modules[acts[ok[0]]]} to {d.act_modules[acts[ok[-1]]]} at step {prof.step}")
+                prof.layers = [d.act_modules[acts[ok[0]]], d.act_modules[acts[ok[-1]]]]
+        bounded = [j for j in acts if d.act_kinds[j] in BOUNDED_KINDS and np.isfinite(d.act[first, j, ACT_SAT])]
+        if bounded:
+            prof.saturated = float(np.mean(d.act[first, bounded, ACT_SAT]))
+            if prof.saturated > cfg.saturated_fraction:
+                prof.reasons.append(f"{prof.saturated:.0%} of bounded activations saturated at step {prof.step}")
+                prof.layers = prof.layers or [d.act_modules[j] for j in bounded]
+        zeroing = [j for j in acts if d.act_kinds[j] in EXACT_ZERO_KINDS and np.isfinite(d.act[first, j, ACT_DEAD])]
+        if zeroing:
+            prof.dead = float(np.mean(d.act[first, zeroing, ACT_DEAD]))
+            if prof.dead > cfg.dead_fraction:
+                prof.reasons.append(f"{prof.dead:.0%} of ReLU units dead over the whole batch at step {prof.step}")
+                prof.layers = prof.layers or [d.act_modules[j] for j in zeroing]
+    elif not acts:
+        _weight_profile(d, cfg, prof)
+    prof.poor = bool(prof.reasons)
+    return prof
+
+
+def _weight_profile(d: RunData, cfg: DiagnoseConfig, prof: InitProfile) -> None:
+    """No activation statistics: weights far from any standard scale AND a gradient depth profile
+    that is already orders of magnitude off in the first steps. (Weight scales alone mislead in
+    residual nets, where the skip path, not the product of layers, carries the signal.)"""
+    scales = weight_scales(d)
+    lr = d.log_grad_ratio
+    if len(scales) < cfg.min_depth or lr.shape[1] < cfg.min_depth:
+        return
+    s = np.array(list(scales.values()), dtype=np.float64)
+    prof.gain_orders = float(np.sum(safe_log10(s)))
+    k = max(1, lr.shape[1] // 4)
+    early = slice(0, max(1, min(10, len(lr))))
+    drop = np.nanmedian(lr[early, :k]) - np.nanmedian(lr[early, -k:]) if np.isfinite(lr[early]).any() else np.nan
+    med = float(np.median(s))
+    off_scale = med < 0.25 or med > 4.0
+    if off_scale and np.isfinite(drop) and abs(drop) >= cfg.init_gain_orders:
+        way = "shrink" if med < 1 else "grow"
+        prof.reasons.append(f"weights are {med:.3g}x the LeCun scale (RMS*sqrt(fan_in); He: 1.41) and {way} "
+                            f"signals by 10^{prof.gain_orders:.1f} over {len(s)} layers; input-side gradients are "
+                            f"10^{drop:.1f} of the output side's in the first steps")
+        prof.layers = list(scales)
+
+
+def _first_finite_sample(d: RunData, acts: list[int]):
+    if not acts or len(d.act_steps) == 0 or d.act.ndim != 3 or d.act.shape[1] != len(d.act_modules):
+        return None
+    finite = np.isfinite(d.act[:, acts, ACT_STD]).any(axis=1)
+    idx = np.flatnonzero(finite)
+    return int(idx[0]) if len(idx) else None
+
+
+def input_flags(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(outlier mask, non-finite mask, orders above the running median) over the input samples."""
+    x = d.inputs
+    n = len(d.input_steps)
+    if n == 0 or x.ndim != 2 or x.shape[1] < 2:
+        z = np.zeros(n, dtype=bool)
+        return z, z, np.zeros(n)
+    nonfinite = (np.nan_to_num(x[:, 1], nan=1.0) > 0) | ~np.isfinite(x[:, 0])
+    lg = safe_log10(np.where(nonfinite, np.nan, x[:, 0]))
+    med, mad = running_median_mad(lg, cfg.baseline_window, cfg.baseline_min)
+    above = lg - med
+    z = robust_z(lg, med, mad, floor=0.02)
+    with np.errstate(invalid="ignore"):
+        outlier = (above >= cfg.input_orders) & (z >= cfg.input_z)
+    return np.nan_to_num(outlier, nan=0).astype(bool), nonfinite, above
+
+
+def bad_input_steps(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
+    """Steps whose input batch was an outlier or held NaN/Inf."""
+    outlier, nonfinite, _ = input_flags(d, cfg)
+    return d.input_steps[outlier | nonfinite]
+
+
+def large_update_mask(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
+    """Update samples whose median update/weight ratio over layers exceeds the threshold (non-finite counts as large)."""
+    ur = d.log_update_ratio
+    if ur.shape[1] == 0:
+        return np.zeros(len(d.update_steps), dtype=bool)
+    thr = math.log10(cfg.large_update_ratio)
+    # Non-finite updates are the non-finite rule's business; only finite ratios count here.
+    srt = np.sort(np.where(np.isfinite(ur), ur, -np.inf), axis=1)
+    med = srt[:, (ur.shape[1] - 1) // 2]
+    return med >= thr

@@ -1,0 +1,167 @@
+"""Live diagnosis: after each flush, run the rules on the run's recent history and report new findings.
+
+`watch` attaches a `LiveDiagnosis` as a flush listener (WatchConfig.live_diagnosis, on by default).
+It reads only what the flush just wrote to the SQLite store (host data), so it adds no host sync:
+the flush already was the sync point. Each new finding is reported once: a `FindingWarning` through `warnings`,
+a `logging` warning on the "graddoctor" logger (when logging is configured), the optional `on_finding`
+callback, and an event of kind "finding" in the run store (its data is `Finding.to_dict()`).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Callable, Optional
+
+import numpy as np
+
+from .. import _store
+from .._run import Run
+from ._config import DiagnoseConfig
+from ._data import RunData
+from ._diagnose import diagnose_data
+from ._findings import Finding
+
+if TYPE_CHECKING:
+    from .._watch import Watch
+
+log = logging.getLogger("graddoctor")
+
+# Codes that describe events (a spike, a bad batch, a big step) rather than a state of the run:
+# a later episode, well past the last one reported, is reported again.
+EPISODIC = {"loss_spike", "input_outlier", "large_weight_update"}
+
+
+class FindingWarning(UserWarning):
+    """A diagnosis finding raised while training (see `graddoctor.watch(on_finding=...)`)."""
+
+
+class LiveDiagnosis:
+    """Flush listener: keeps the recent history on the host and reports each new finding once.
+
+    Args:
+      run_dir: the run directory the watch writes.
+      on_finding: optional callback `fn(finding)` called once per new finding.
+      config: thresholds (default `DiagnoseConfig()`).
+      window: steps of history the rules see at each flush (older steps are dropped, so the
+        cost per flush stays bounded on long runs).
+    """
+
+    def __init__(self, run_dir, on_finding: Optional[Callable[[Finding], None]] = None,
+                 config: Optional[DiagnoseConfig] = None, window: int = 5000):
+        self.run_dir = run_dir
+        self.on_finding = on_finding
+        self.config = config or DiagnoseConfig()
+        self.window = window
+        self.reported: dict[str, Finding] = {}
+        self.findings: list[Finding] = []  # every finding reported so far, in order
+        self._series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._template: Optional[RunData] = None
+        self.failed = False
+
+    def __call__(self, watch: "Watch", first: int, last: int) -> None:
+        if self.failed:
+            return
+        try:
+            self._read_new_chunks(first, last)
+            new = self.new_findings(diagnose_data(self._data(), self.config))
+        except Exception:  # a diagnosis bug must never stop a training run
+            self.failed = True
+            log.exception("graddoctor: live diagnosis failed and is turned off for this run")
+            return
+        for f in new:
+            self._report(watch, f)
+
+    def new_findings(self, findings: list[Finding]) -> list[Finding]:
+        """The findings not reported before (by code; episodic codes again after a quiet stretch)."""
+        out = []
+        for f in findings:
+            old = self.reported.get(f.code)
+            if old is None or (f.code in EPISODIC and f.last_step > old.last_step + self.config.baseline_window):
+                out.append(f)
+                self.reported[f.code] = f
+        return out
+
+    # ----------------------------------------------------------------- reading
+    def _read_new_chunks(self, first: int, last: int) -> None:
+        if self._template is None:  # first flush: metadata and everything stored so far
+            with Run(self.run_dir) as run:
+                self._template = RunData.from_run(run)
+                self._seen = {(r[0], r[1]) for r in run._con.execute("SELECT series, first_step FROM chunks")}
+            self._series = _series_of(self._template)
+            return
+        con = _store.open_store(self.run_dir)
+        try:
+            rows = con.execute("SELECT series, first_step, steps, dtype, width, codec, data FROM chunks "
+                               "WHERE first_step >= ? ORDER BY first_step", (first,)).fetchall()
+        finally:
+            con.close()
+        for series, f0, steps_blob, dtype, width, codec, blob in rows:
+            if (series, f0) in self._seen:
+                continue
+            self._seen.add((series, f0))
+            steps = np.frombuffer(steps_blob, dtype="<i8")
+            self._append(series, steps, _store.decode_array(dtype, codec, width, blob), last)
+
+    def _append(self, series: str, steps: np.ndarray, data: np.ndarray, last: int) -> None:
+        old = self._series.get(series)
+        if old is not None and len(old[0]):
+            steps, data = np.concatenate([old[0], steps]), np.concatenate([old[1], data.astype(old[1].dtype, copy=False)])
+        keep = steps > last - self.window
+        self._series[series] = (steps[keep], data[keep])
+
+    def _data(self) -> RunData:
+        t = self._template
+        s = self._series
+        P, M = len(t.tensors), len(t.act_modules)
+
+        def get(name, width, dtype):
+            steps, data = s.get(name, (np.zeros(0, np.int64), np.zeros((0, width), dtype)))
+            return steps.astype(np.int64), data.reshape(len(steps), width).astype(dtype, copy=False)
+
+        steps, loss = get("loss", 1, np.float64)
+        _, gnorm = get("grad_total_norm", 1, np.float32)
+        _, gn = get("grad_norm", P, np.float32)
+        _, nf = get("grad_nonfinite", P, np.int64)
+        ss, wn = get("weight_norm", P, np.float32)
+        us, un = get("update_norm", P, np.float32)
+        a_s, act = get("act", M * 6, np.float32)
+        i_s, inp = get("input", 4, np.float32)
+        T = min(len(steps), len(gnorm), len(gn), len(nf))  # series of one flush are written together
+        return RunData(steps=steps[:T], loss=loss[:T, 0], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
+                       grad_nonfinite=nf[:T], sample_steps=ss, weight_norm=wn, update_steps=us, update_norm=un,
+                       tensors=t.tensors, tensor_module=t.tensor_module, tensor_shape=t.tensor_shape,
+                       modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, 6), act_modules=t.act_modules,
+                       act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=t.meta,
+                       zero_init_rms=self.config.zero_init_rms)
+
+    # ----------------------------------------------------------------- reporting
+    def _report(self, watch: "Watch", f: Finding) -> None:
+        self.findings.append(f)
+        text = f"graddoctor: {f.severity} {f.code} at steps {f.first_step}-{f.last_step} (cause: {f.cause}): {f.message}"
+        if f.remedies:
+            text += f" Try: {', '.join(r.id for r in f.remedies[:3])}."
+        if log.hasHandlers():  # without handlers, logging's last resort would print the warning a second time
+            log.warning(text)
+        warnings.warn(text, FindingWarning, stacklevel=2)
+        writer = getattr(watch, "_writer", None)
+        if writer is not None:  # written now, not at the next flush: this may be the last one
+            writer.write([], [(f.last_step, "finding", f.to_dict())])
+        if self.on_finding is not None:
+            self.on_finding(f)
+
+
+def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The per-series arrays of a RunData, keyed by store series name."""
+    M = len(d.act_modules)
+    return {"loss": (d.steps, d.loss.reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
+            "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
+            "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
+            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * 6)), "input": (d.input_steps, d.inputs)}
+
+
+def attach(watch: "Watch", on_finding: Optional[Callable[[Finding], None]] = None) -> LiveDiagnosis:
+    """Attach live diagnosis to a recording watch; returns the listener (its `.findings` grows as it reports)."""
+    live = LiveDiagnosis(watch.run_dir, on_finding)
+    watch.add_flush_listener(live)
+    return live

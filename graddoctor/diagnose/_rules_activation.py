@@ -1,0 +1,105 @@
+"""Activation and initialization rules: saturated_activation, dead_relu, poor_initialization.
+
+They read the sampled activation statistics (`watch(activation_every=k)`): the fraction of
+outputs near a bound for bounded activations, the fraction of units that are zero over the
+whole batch for the ReLU family, and the std per layer for the start-of-training profile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ._config import DiagnoseConfig
+from ._data import ACT_DEAD, ACT_SAT, BOUNDED_KINDS, EXACT_ZERO_KINDS, RunData
+from ._evidence import _r, fitting_init, init_profile, large_update_mask, weight_scales
+from ._findings import Finding
+
+
+def _persistent(d: RunData, kinds: set, col: int, threshold: float, min_fraction: float):
+    """Modules of the given kinds whose statistic exceeds `threshold` on >= min_fraction of finite samples."""
+    if len(d.act_steps) == 0 or d.act.ndim != 3 or d.act.shape[1] != len(d.act_modules):
+        return [], None
+    cols = [j for j, k in enumerate(d.act_kinds) if k in kinds]
+    if not cols:
+        return [], None
+    x = d.act[:, cols, col].astype(np.float64)
+    finite = np.isfinite(x)
+    over = finite & (x > threshold)
+    n = finite.sum(axis=0)
+    frac = np.where(n > 0, over.sum(axis=0) / np.maximum(n, 1), 0.0)
+    hit = [(cols[i], frac[i]) for i in np.flatnonzero(frac >= min_fraction)]
+    return hit, (x, over)
+
+
+def saturated_activation(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    hit, arrays = _persistent(d, BOUNDED_KINDS, ACT_SAT, cfg.saturated_fraction, cfg.min_fraction)
+    if not hit:
+        return None
+    x, over = arrays
+    cols = [j for j, k in enumerate(d.act_kinds) if k in BOUNDED_KINDS]
+    mods = [d.act_modules[j] for j, _ in hit]
+    sel = [cols.index(j) for j, _ in hit]
+    rows = over[:, sel].any(axis=1)
+    first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
+    mean_sat = {d.act_modules[j]: _r(np.nanmean(x[:, cols.index(j)])) for j, _ in hit}
+    prof = init_profile(d, cfg)
+    scales = weight_scales(d)
+    big_w = {n: s for n, s in scales.items() if s > 2.0}
+    if first <= cfg.init_max_step and (prof.poor or big_w):
+        cause = "initialization"
+        why = (f"saturated from the first sample (step {first}); weight scale RMS*sqrt(fan_in) "
+               f"{'up to %.3g' % max(big_w.values()) if big_w else 'normal'} (Xavier: ~1) drives pre-activations into the flat tails")
+    elif large_update_mask(d, cfg).any():
+        cause, why = "learning_rate", "saturation set in after large weight updates pushed pre-activations out"
+    else:
+        cause, why = "activation", "bounded activations sit in their flat tails, where the derivative is ~0"
+    ev = {"mean_saturated_fraction": mean_sat, "samples": int(len(d.act_steps)), "weight_scales": scales,
+          "reasoning": why}
+    worst = max(mean_sat, key=lambda m: mean_sat[m])
+    msg = (f"{len(mods)} bounded activation layer(s) saturated (worst {worst}: {mean_sat[worst]:.0%} of outputs near a "
+           "bound); their derivative is ~0 there, so gradients vanish through them.")
+    sev = "critical" if max(mean_sat.values()) > 0.9 else "warning"
+    return Finding("saturated_activation", sev, first, last, tuple(mods), ev, cause, msg)
+
+
+def dead_relu(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    hit, arrays = _persistent(d, EXACT_ZERO_KINDS, ACT_DEAD, cfg.dead_fraction, cfg.min_fraction)
+    if not hit:
+        return None
+    x, over = arrays
+    cols = [j for j, k in enumerate(d.act_kinds) if k in EXACT_ZERO_KINDS]
+    sel = [cols.index(j) for j, _ in hit]
+    rows = over[:, sel].any(axis=1)
+    first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
+    dead = {d.act_modules[j]: _r(np.nanmean(x[:, cols.index(j)])) for j, _ in hit}
+    big = large_update_mask(d, cfg)
+    at_start = bool(over[0, sel].any()) and int(d.act_steps[0]) <= cfg.init_max_step
+    if at_start:
+        cause, why = "initialization", (f"units were dead from the first sample (step {int(d.act_steps[0])}): "
+                                        "weights/biases put pre-activations below zero for every input")
+    elif big.any() and (d.update_steps[big] <= last).any():
+        cause, why = "learning_rate", "units died after large weight updates pushed their biases negative"
+    else:
+        cause, why = "activation", "ReLU units that go negative for every input get no gradient and never recover"
+    ev = {"mean_dead_unit_fraction": dead, "samples": int(len(d.act_steps)), "reasoning": why}
+    worst = max(dead, key=lambda m: dead[m])
+    msg = (f"{len(dead)} ReLU layer(s) have mostly dead units (worst {worst}: {dead[worst]:.0%} of units zero "
+           "for the whole batch); dead units pass no gradient.")
+    return Finding("dead_relu", "critical" if max(dead.values()) > 0.9 else "warning", first, last,
+                   tuple(dead), ev, cause, msg)
+
+
+def poor_initialization(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """The first steps' activation-variance profile (or weight scales without activations) across depth."""
+    prof = init_profile(d, cfg)
+    if not prof.poor:
+        return None
+    init = fitting_init(d)
+    ev = prof.evidence()
+    ev["weight_scales"] = weight_scales(d)
+    ev["suggested_init"] = init
+    ev["reasoning"] = "; ".join(prof.reasons) + f"; {init.replace('_init', '')} init fits the activations found"
+    msg = f"The initialization does not fit the network: {prof.reasons[0]}. Use {init.replace('_', ' ')}."
+    return Finding("poor_initialization", "warning", prof.step, prof.step, tuple(prof.layers), ev,
+                   "initialization", msg)

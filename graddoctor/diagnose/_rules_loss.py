@@ -1,0 +1,146 @@
+"""Loss and update rules: loss_spike, loss_not_decreasing, large_weight_update, input_outlier.
+
+Pure functions (RunData, DiagnoseConfig) -> Finding | None. Running baselines are the
+median/MAD of the previous `baseline_window` steps (Hampel 1974), so minibatch noise
+raises the bar and a single bad batch does not move it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ._config import DiagnoseConfig
+from ._data import RunData
+from ._evidence import _r, input_flags, large_update_mask
+from ._findings import Finding
+from ._robust import block_medians, robust_z, row_median, running_median_mad, trend_test
+
+
+def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
+    return [int(s) for s in steps[:limit]]
+
+
+def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """Finite losses far above their running median, robustly (z on median/MAD) and by a factor."""
+    if not d.loss_recorded or d.T < cfg.baseline_min + 1:
+        return None
+    loss = d.loss
+    med, mad = running_median_mad(loss, cfg.baseline_window, cfg.baseline_min)
+    scale = np.abs(med)
+    z = robust_z(loss, med, mad, floor=1e-12)
+    with np.errstate(invalid="ignore"):
+        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (loss - med >= (cfg.spike_factor - 1) * scale)
+    spike = np.nan_to_num(spike, nan=0).astype(bool)
+    if not spike.any():
+        return None
+    steps = d.steps[spike]
+    worst = int(np.argmax(np.where(spike, loss / np.maximum(scale, 1e-12), -np.inf)))
+    outlier, nonfinite, _ = input_flags(d, cfg)
+    bad_in = set(d.input_steps[outlier | nonfinite].tolist())
+    with_input = [int(s) for s in steps if int(s) in bad_in]
+    big = d.update_steps[large_update_mask(d, cfg)]
+    if with_input:
+        cause, why = "data", f"spike step(s) {with_input[:5]} coincide with outlier input batches"
+    elif len(big) and (big <= steps[0] + 1).any():
+        cause, why = "learning_rate", f"large updates (update/weight above {cfg.large_update_ratio}) came before the spike"
+    else:
+        cause, why = "unknown", "no outlier input and no large update recorded at the spike steps"
+    ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d.steps[worst]),
+          "worst_loss": _r(loss[worst]), "running_median_at_worst": _r(med[worst]), "robust_z_at_worst": _r(z[worst]),
+          "reasoning": why}
+    msg = (f"The loss spiked {int(spike.sum())} time(s); worst at step {int(d.steps[worst])}: "
+           f"{loss[worst]:.3g} against a running median of {med[worst]:.3g}.")
+    return Finding("loss_spike", "warning", int(steps[0]), int(steps[-1]), (), ev, cause, msg)
+
+
+def loss_not_decreasing(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """Rank trend test: the recent half shows no significant decrease, and the run made little progress
+    overall (no significant decrease over the whole run) or the loss is now significantly rising."""
+    ok = np.isfinite(d.loss)
+    if not d.loss_recorded or ok.sum() < cfg.trend_min_steps:
+        return None
+    steps, loss = d.steps[ok].astype(np.float64), d.loss[ok]
+    t_all, y_all = _reduce(steps, loss, cfg.trend_max_points)
+    half = len(steps) // 2
+    t_rec, y_rec = _reduce(steps[half:], loss[half:], cfg.trend_max_points)
+    rho_all, p_dec_all, _ = trend_test(t_all, y_all)
+    rho_rec, p_dec_rec, p_inc_rec = trend_test(t_rec, y_rec)
+    if p_dec_rec < cfg.trend_p:
+        return None
+    rising = p_inc_rec < cfg.trend_p
+    if p_dec_all < cfg.trend_p and not rising:
+        return None
+    start, end = float(np.median(loss[:10])), float(np.median(loss[-max(10, len(loss) // 10):]))
+    ev = {"window_steps": [int(steps[half]), int(steps[-1])], "spearman_rho_recent": _r(rho_rec),
+          "p_decreasing_recent": _r(p_dec_rec), "p_increasing_recent": _r(p_inc_rec),
+          "spearman_rho_whole_run": _r(rho_all), "p_decreasing_whole_run": _r(p_dec_all),
+          "start_loss_median": _r(start), "recent_loss_median": _r(end)}
+    if rising:
+        cause, why = "learning_rate", "the loss rises significantly over the recent window: steps overshoot"
+    else:
+        cause, why = "unknown", "no significant downward trend; see the other findings for what stops learning"
+    ev["reasoning"] = why
+    msg = (f"The loss is {'rising' if rising else 'not decreasing'} (rank trend over steps {int(steps[half])}-"
+           f"{int(steps[-1])}: rho={rho_rec:.2f}, p={p_dec_rec:.2g} for a decrease); median {start:.3g} -> {end:.3g}.")
+    return Finding("loss_not_decreasing", "warning", int(steps[half]), int(steps[-1]), (), ev, cause, msg)
+
+
+def _reduce(t: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    idx, med = block_medians(y, max_points)
+    if len(med) == len(y):
+        return t, y
+    return np.interp(idx, np.arange(len(t)), t), med
+
+
+def large_weight_update(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """Sampled updates whose median update/weight ratio over layers is above `large_update_ratio`."""
+    big = large_update_mask(d, cfg)
+    if not big.any():
+        return None
+    ur = d.log_update_ratio
+    rows = np.flatnonzero(big)
+    peak = np.max(np.where(np.isnan(ur[rows]), -np.inf, ur[rows]), axis=0)
+    order = np.argsort(-peak)
+    layers = [d.tensors[int(d.eligible[i])] for i in order[:5]]
+    med = row_median(np.where(np.isinf(ur), np.nan, ur))
+    steps = d.update_steps[big]
+    outlier, nonfinite, _ = input_flags(d, cfg)
+    bad_in = set(d.input_steps[outlier | nonfinite].tolist())
+    if any(int(s) in bad_in for s in steps):
+        cause, why = "data", "the large updates were taken on outlier input batches"
+    else:
+        cause, why = "learning_rate", ("the update is a large fraction of the weight itself (Karpathy's rule of thumb "
+                                       "is ~1e-3): the step size is too large for these weights")
+    finite = np.isfinite(med[big])
+    ev = {"update_steps": _steps_list(steps), "samples": int(big.sum()), "samples_total": len(d.update_steps),
+          "max_median_update_weight_ratio": _r(10 ** float(np.max(med[big][finite]))) if finite.any() else float("inf"),
+          "peak_update_weight_ratio_per_layer": {layers[i]: _r(10 ** peak[order[i]]) for i in range(len(layers))},
+          "lr": d.meta.get("lr"), "reasoning": why}
+    msg = (f"Weights change a lot per step: the median update/weight ratio exceeded {cfg.large_update_ratio} at "
+           f"{int(big.sum())} of {len(d.update_steps)} sampled steps (first at step {int(steps[0])}).")
+    return Finding("large_weight_update", "warning", int(steps[0]), int(steps[-1]), tuple(layers), ev, cause, msg)
+
+
+def input_outlier(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """Input batches with NaN/Inf, or with max-abs orders of magnitude above the running median."""
+    outlier, nonfinite, above = input_flags(d, cfg)
+    flagged = outlier | nonfinite
+    if not flagged.any():
+        return None
+    steps = d.input_steps[flagged]
+    ev = {"outlier_steps": _steps_list(d.input_steps[outlier]), "nonfinite_steps": _steps_list(d.input_steps[nonfinite]),
+          "max_orders_above_median": _r(float(np.nanmax(np.where(outlier, above, np.nan)))) if outlier.any() else None,
+          "reasoning": "input statistics are recorded before the model sees the batch, so the data is the source"}
+    if outlier.any():
+        i = int(np.flatnonzero(outlier)[0])
+        ev["first_outlier_maxabs"] = _r(d.inputs[i, 0])
+        ev["running_median_maxabs"] = _r(d.inputs[i, 0] / 10 ** above[i])
+    parts = []
+    if nonfinite.any():
+        parts.append(f"{int(nonfinite.sum())} input batch(es) held NaN/Inf (first at step {int(d.input_steps[nonfinite][0])})")
+    if outlier.any():
+        parts.append(f"{int(outlier.sum())} batch(es) had max |x| 10^{ev['max_orders_above_median']:.1f} times the usual")
+    return Finding("input_outlier", "critical" if nonfinite.any() else "warning", int(steps[0]), int(steps[-1]), (),
+                   ev, "data", "; ".join(parts) + ".")

@@ -1,0 +1,268 @@
+"""The labelled table of small real training runs that diagnose is judged on.
+
+Each `Scenario` trains a tiny model on the CPU (a second or two) under
+`graddoctor.watch` and says which finding codes it must get (`expect`), which
+it may get (`allow`: true of the run but not the point of it) and, by
+omission, which it must not get. Shared by tests/test_diagnose_runs.py and
+benchmarks/diagnose_compare.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import graddoctor as gd
+
+ALL_CODES = ("vanishing_gradient", "exploding_gradient", "nonfinite_gradient", "loss_spike", "loss_not_decreasing",
+             "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    build: Callable[[], tuple[nn.Module, torch.optim.Optimizer, Callable[[int], tuple], Callable]]
+    expect: frozenset = frozenset()
+    allow: frozenset = frozenset()
+    causes: dict = field(default_factory=dict)  # code -> expected cause
+    steps: int = 150
+
+    @property
+    def healthy(self) -> bool:
+        return not self.expect
+
+    @property
+    def forbid(self) -> frozenset:
+        return frozenset(ALL_CODES) - self.expect - self.allow
+
+
+# ------------------------------------------------------------------ data
+def _teacher_task(n_in=16, n_out=4, seed=0, n=1024):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    y = (x @ torch.randn(n_in, n_out, generator=g)).argmax(1)
+    return x, y
+
+
+def _batches(x, y, batch=64, seed=1, tamper=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def get(step):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        xb, yb = x[idx].clone(), y[idx]
+        if tamper is not None:
+            xb = tamper(step, xb)
+        return (xb,), yb
+    return get
+
+
+def _ce(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def _mlp(depth, width, act, n_in=16, n_out=4, weight_init=None, bias_init=None):
+    sizes = [n_in] + [width] * (depth - 1) + [n_out]
+    layers = []
+    for i in range(depth):
+        lin = nn.Linear(sizes[i], sizes[i + 1])
+        if weight_init is not None:
+            weight_init(lin.weight)
+        if bias_init is not None:
+            bias_init(lin.bias)
+        layers.append(lin)
+        if i < depth - 1 and act is not None:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _mlp_run(depth, width, act, lr, opt="sgd", tamper=None, **init):
+    def build():
+        model = _mlp(depth, width, act, **init)
+        x, y = _teacher_task()
+        o = torch.optim.SGD(model.parameters(), lr=lr) if opt == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
+        return model, o, _batches(x, y, tamper=tamper), _ce
+    return build
+
+
+# ------------------------------------------------------------- pathologies
+def _normal(std):
+    return lambda w: nn.init.normal_(w, 0.0, std)
+
+
+def _outlier(step, xb):
+    if step == 90:
+        xb = xb * 1000.0
+    return xb
+
+
+def _nan(step, xb):
+    if step == 90:
+        xb[3, 5] = math.nan
+    return xb
+
+
+class _Seq(nn.Module):
+    def __init__(self, kind, hidden, identity_scale=None):
+        super().__init__()
+        self.rnn = nn.RNN(4, hidden, batch_first=True, nonlinearity="relu") if kind == "rnn_relu" else \
+            nn.LSTM(4, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+        if identity_scale is not None:  # IRNN (Le et al. 2015): recurrent weight = identity
+            with torch.no_grad():
+                self.rnn.weight_hh_l0.copy_(torch.eye(hidden) * identity_scale)
+                self.rnn.bias_hh_l0.zero_()
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def _rnn_run(kind, hidden, seq, identity_scale, lr):
+    def build():
+        model = _Seq(kind, hidden, identity_scale)
+        g = torch.Generator().manual_seed(3)
+        x = torch.rand(512, seq, 4, generator=g) if kind == "rnn_relu" else torch.randn(512, seq, 4, generator=g)
+        y = x[:, :, 0].mean(1, keepdim=True) + 0.5 * x[:, -1, 1:2]
+        o = torch.optim.Adam(model.parameters(), lr=lr) if kind == "lstm" else torch.optim.SGD(model.parameters(), lr=lr)
+        return model, o, _batches(x, y, batch=32), nn.functional.mse_loss
+    return build
+
+
+def _warmup_run(base_lr, growth):
+    """A He-init ReLU MLP whose learning rate grows every step (a warmup that never stops)."""
+    def build():
+        model = _mlp(4, 32, nn.ReLU, weight_init=_he, bias_init=nn.init.zeros_)
+        x, y = _teacher_task()
+        opt = torch.optim.SGD(model.parameters(), lr=base_lr)
+
+        def schedule(step):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * growth ** step
+        return model, opt, _batches(x, y), _ce, schedule
+    return build
+
+
+# ------------------------------------------------------------- healthy nets
+class _ResBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(width)
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+        nn.init.zeros_(self.fc2.weight)  # zero-initialised branch end (Goyal et al. 2017; Fixup)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def _resmlp():
+    model = nn.Sequential(nn.Linear(16, 32), *[_ResBlock(32) for _ in range(8)], nn.BatchNorm1d(32), nn.Linear(32, 4))
+    x, y = _teacher_task()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), _batches(x, y), _ce
+
+
+class _TinyTransformer(nn.Module):
+    """Predicts the most frequent token of a sequence (needs attention over the whole sequence)."""
+
+    def __init__(self, vocab=8, d=16, seq=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))  # zero-initialised position table
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tok):
+        return self.head(self.enc(self.emb(tok) + self.pos).mean(1))
+
+
+def _transformer():
+    model = _TinyTransformer()
+    g = torch.Generator().manual_seed(4)
+    tok = torch.randint(0, 8, (1024, 8), generator=g)
+    y = torch.mode(tok, dim=1).values
+    return model, torch.optim.Adam(model.parameters(), lr=3e-3), _batches(tok, y), _ce
+
+
+def _cnn():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return model, torch.optim.Adam(model.parameters(), lr=3e-3), _batches(x, y), _ce
+
+
+def _he(w):
+    nn.init.kaiming_normal_(w, nonlinearity="relu")
+
+
+S = Scenario
+fs = frozenset
+SCENARIOS: list[Scenario] = [
+    S("deep_sigmoid", _mlp_run(10, 32, nn.Sigmoid, lr=0.1), fs({"vanishing_gradient"}),
+      fs({"loss_not_decreasing"}), {"vanishing_gradient": "activation"}),
+    S("large_init_tanh", _mlp_run(6, 32, nn.Tanh, lr=0.01, weight_init=_normal(1.0)),
+      fs({"saturated_activation", "poor_initialization"}), fs({"exploding_gradient", "loss_not_decreasing", "loss_spike"}),
+      {"saturated_activation": "initialization", "poor_initialization": "initialization"}),
+    S("large_init_relu", _mlp_run(6, 32, nn.ReLU, lr=0.01, weight_init=_normal(1.0)),
+      fs({"exploding_gradient", "poor_initialization"}),
+      fs({"nonfinite_gradient", "large_weight_update", "loss_spike", "loss_not_decreasing"}),
+      {"exploding_gradient": "initialization", "poor_initialization": "initialization"}),
+    S("xavier_relu_30", _mlp_run(30, 32, nn.ReLU, lr=0.05, weight_init=nn.init.xavier_normal_, bias_init=nn.init.zeros_),
+      fs({"vanishing_gradient", "poor_initialization"}), fs({"loss_not_decreasing", "dead_relu"}),
+      {"vanishing_gradient": "initialization", "poor_initialization": "initialization"}),
+    S("small_init_deep_linear", _mlp_run(12, 32, None, lr=0.05, weight_init=_normal(0.02)),
+      fs({"vanishing_gradient", "poor_initialization"}), fs({"loss_not_decreasing"}),
+      {"vanishing_gradient": "initialization"}),
+    S("dead_relu_bias", _mlp_run(5, 32, nn.ReLU, lr=0.05, weight_init=_he, bias_init=lambda b: nn.init.constant_(b, -4.0)),
+      fs({"dead_relu"}), fs({"poor_initialization", "loss_not_decreasing", "vanishing_gradient"}),
+      {"dead_relu": "initialization"}),
+    S("exploding_relu_rnn", _rnn_run("rnn_relu", 32, 50, 1.0, lr=0.01), fs({"exploding_gradient", "nonfinite_gradient"}),
+      fs({"loss_spike", "large_weight_update", "loss_not_decreasing", "poor_initialization"}),
+      {"exploding_gradient": "recurrence"}),
+    S("lr_too_high", _warmup_run(0.02, 1.04),
+      fs({"exploding_gradient", "large_weight_update"}),
+      fs({"nonfinite_gradient", "loss_spike", "loss_not_decreasing", "dead_relu"}),
+      {"exploding_gradient": "learning_rate", "large_weight_update": "learning_rate"}),
+    S("outlier_batch", _mlp_run(3, 32, nn.ReLU, lr=3e-3, opt="adam", tamper=_outlier),
+      fs({"input_outlier", "loss_spike"}), fs(), {"input_outlier": "data", "loss_spike": "data"}),
+    S("nan_batch", _mlp_run(3, 32, nn.ReLU, lr=3e-3, opt="adam", tamper=_nan),
+      fs({"nonfinite_gradient", "input_outlier"}), fs({"loss_not_decreasing"}), {"nonfinite_gradient": "data"}),
+    S("healthy_resmlp_bn", _resmlp),
+    S("healthy_transformer", _transformer),
+    S("healthy_lstm", _rnn_run("lstm", 32, 20, None, lr=3e-3)),
+    S("healthy_cnn", _cnn),
+    S("healthy_slow_sgd", _mlp_run(3, 32, nn.Tanh, lr=0.01)),
+    S("healthy_deep_relu_he", _mlp_run(12, 32, nn.ReLU, lr=0.02, weight_init=_he, bias_init=nn.init.zeros_)),
+]
+del S, fs
+
+
+def train(scenario: Scenario, run_dir: str | Path, seed: int = 0, **watch_options) -> Path:
+    """Train one scenario under watch into run_dir; returns run_dir. NaN/Inf losses are recorded, never raised."""
+    torch.manual_seed(seed)
+    model, opt, batches, loss_fn, *schedule = scenario.build()
+    with gd.watch(model, opt, run_dir, **watch_options) as w:
+        for step in range(scenario.steps):
+            if schedule:
+                schedule[0](step)
+            inputs, target = batches(step)
+            loss = loss_fn(model(*inputs), target)
+            opt.zero_grad()
+            loss.backward()
+            w.step(loss)
+            opt.step()
+    return Path(run_dir)
+
+
+def by_name(name: str) -> Scenario:
+    return next(s for s in SCENARIOS if s.name == name)
