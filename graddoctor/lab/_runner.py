@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -89,7 +90,10 @@ def run_lab(preset: str = "default", only: Optional[Sequence[str]] = None, seed:
     try:
         for e in exps:
             t = time.perf_counter()
-            r = e.run(Context(out=out, preset=preset, seed=seed, tick=bar.tick))
+            with warnings.catch_warnings():
+                # watch's live diagnosis warns as it trains; the lab shows every finding in the report instead.
+                warnings.filterwarnings("ignore", message="graddoctor: ")
+                r = e.run(Context(out=out, preset=preset, seed=seed, tick=bar.tick))
             r.seconds = time.perf_counter() - t
             r.findings = _diagnose(out, r.runs)
             results.append(r)

@@ -71,12 +71,36 @@ def loss_spikes(loss: np.ndarray, window: int = 20, k: float = 6.0) -> np.ndarra
     return np.asarray(out, dtype=np.int64)
 
 
+# Event kinds that record an observation, not an action on the training.
+NOT_INTERVENTIONS = {"finding", "note"}
+
+
+def acted(event: dict) -> bool:
+    """Whether a recorded event changed something: a guard event counts only if it clipped (coef < 1 or a
+    clipped fraction > 0); findings and notes never count; any other kind (skipped step, rollback) does."""
+    if event.get("kind") in NOT_INTERVENTIONS:
+        return False
+    if event.get("kind") != "guard":
+        return True
+    for key, value in (event.get("data") or {}).items():
+        if not isinstance(value, (int, float)) or not np.isfinite(value):
+            continue
+        if (key.endswith(".coef") and value < 1.0) or (key.endswith(".clipped") and value > 0.0):
+            return True
+    return False
+
+
+def intervention_steps(run: Run) -> list[int]:
+    """Steps on which a recorded intervention acted (see `acted`)."""
+    return sorted({int(e["step"]) for e in run.events() if acted(e)})
+
+
 def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm") -> Figure:
     """Loss and global gradient norm over steps; spikes (orange), interventions (ticks) and NaN/Inf (red) marked."""
     with open_run(run_dir) as run:
         steps, loss = run.loss()
         gsteps, gnorm = run.global_norm()
-        events = run.events()
+        events = [e for e in run.events() if acted(e)]
     fig, axes = P.figure(2)
     spikes = steps[loss_spikes(loss)].tolist()
     interventions = sorted({e["step"] for e in events})
@@ -85,8 +109,8 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
                  spikes={"loss": spikes}, events={"loss": interventions})
     P.line(axes[1], gsteps, gnorm, log=True, color="C1")
     axes[1].set(xlabel="training step", ylabel="global gradient L2 norm (log)", title="global gradient norm")
-    caption = f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) with recorded events " \
-              f"({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as ticks at the bottom."
+    caption = f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) where a recorded " \
+              f"intervention acted ({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as ticks at the bottom."
     return Figure(title, P.to_uri(fig), caption)
 
 
