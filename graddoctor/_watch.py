@@ -86,7 +86,7 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None,
+                 run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None, guard: Any = None,
                  on_finding: Optional[Callable] = None):
         self.config = config or WatchConfig()
         self.config.validate()
@@ -101,6 +101,9 @@ class Watch:
         self.rank = _rank()
         self._sharded = any(isinstance(p, DTensor) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
+        from .treat._guard import as_guard  # treat builds on watch; imported late to keep watch importable alone
+        # guard: a gradient transform run on the stats of every step (see graddoctor.treat.Guard)
+        self.guard = as_guard(guard, self.params, self.names)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         compiled = model is not self.model and hasattr(model, "_orig_mod")
         self._act_modules = [] if compiled else [(n, m, k) for n, m in self.model.named_modules()
@@ -215,11 +218,14 @@ class Watch:
             raise RuntimeError("Watch.step() called after close(); create a new watch for a new run")
         s = self.step_index
         stats = None
-        if self.recording or self._sharded:
+        # With a guard every rank computes the stats: each DDP rank must apply the same clipping.
+        if self.recording or self._sharded or self.guard is not None:
             stats = tensor_stats([p.grad for p in self.params], self.stats_device)
             self.latest = stats
         if self.recording:
             self._record(s, stats, loss)
+        if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
+            self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
         self.step_index += 1
         if self.recording:
             self._maybe_install_activation_hooks()
@@ -331,7 +337,7 @@ def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor
 
 
 def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None,
+          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, guard: Any = None,
           on_finding: Optional[Callable] = None, **options: Any) -> Watch:
     """Start recording a model's gradient health into `run_dir`.
 
@@ -340,6 +346,9 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
       optimizer: the optimizer (optional; recorded in the run's metadata, used by remedies).
       run_dir: directory of the run store; None computes statistics without recording them.
       config: a `WatchConfig`; or give its fields as keyword options, e.g. `flush_every=100`.
+      guard: a gradient transform (e.g. `gd.chain(gd.skip_nonfinite(), gd.zclip())`) or a
+        `graddoctor.treat.Guard`, applied in `step()` to the gradients, reusing the step's
+        statistics; each intervention is recorded as an event (see `graddoctor.treat`).
       on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
         that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
     Returns:
@@ -348,4 +357,5 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
     """
     if config is not None and options:
         raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
-    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), on_finding=on_finding)
+    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), guard=guard,
+                 on_finding=on_finding)

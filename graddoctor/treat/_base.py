@@ -1,0 +1,205 @@
+"""Gradient transforms, optax-style: a pair of functions and a small typed state.
+
+A transform is a `GradientTransform(name, init, update, report)`:
+
+- `init(params, names=None) -> state`: the state, a small dataclass (see `TransformState`);
+- `update(grads, state, stats, params=None) -> (grads, state)`: `grads` is the list of
+  gradients (None where a parameter has no gradient), in the order of `stats`, the
+  `TensorStats` that `watch` already computed for them. Transforms change the gradients
+  in place (as `clip_grad_norm_` does) and return the list. A transform returns
+  `None` instead of a list to say "skip this optimizer step" (see `skip_nonfinite`);
+- `report(state) -> dict`: what the last update did (clip coefficient, ...), as device
+  tensors or plain values, recorded by the guard without a host sync.
+
+`chain(*transforms)` runs transforms in order, each on the output of the one before.
+Statistics are not recomputed between them: a later transform sees the statistics of
+the gradients as they came from backward, so `chain(clip_norm(1.0), clip_norm(0.5))`
+clips with both coefficients computed from the original norm (use one clip per chain,
+or put the clip you want measured against raw gradients first).
+
+References:
+  optax, `optax/transforms/_combining.py` (chain) and `_clipping.py`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._errors import GradDoctorError
+from .._stats import TensorStats
+
+Grads = list[Optional[Tensor]]
+
+
+class TransformStateError(GradDoctorError, ValueError):
+    """A state_dict does not fit the transform state it is loaded into."""
+
+
+class TransformState:
+    """Base of every transform state: `state_dict` / `load_state_dict` over the dataclass fields.
+
+    Tensors are cloned on save and copied (to the device of the current value) on load,
+    as `torch.optim.Optimizer.state_dict` does.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: _clone(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        if set(state) != names:
+            raise TransformStateError(f"{type(self).__name__}.load_state_dict got keys {sorted(state)}; "
+                                      f"expected exactly {sorted(names)}")
+        for name in names:
+            setattr(self, name, _load(getattr(self, name), state[name]))
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, TransformState):
+        return value.state_dict()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _load(current: Any, saved: Any) -> Any:
+    if isinstance(current, Tensor):
+        return torch.as_tensor(saved).to(device=current.device, dtype=current.dtype).clone()
+    if isinstance(current, TransformState):
+        current.load_state_dict(saved)
+        return current
+    if isinstance(current, (list, tuple)) and isinstance(saved, (list, tuple)) and len(current) == len(saved):
+        return type(current)(_load(c, s) for c, s in zip(current, saved))
+    return copy.deepcopy(saved)
+
+
+@dataclass
+class EmptyState(TransformState):
+    """State of a transform that keeps nothing between steps."""
+
+
+@dataclass(frozen=True)
+class GradientTransform:
+    """A gradient transform: `init`, `update` and `report` (see the module docstring).
+
+    Attributes:
+      name: short name, used as the key prefix of recorded interventions.
+      init: `(params, names=None) -> state`.
+      update: `(grads, state, stats, params=None) -> (grads or None, state)`.
+      report: `state -> dict` of what the last update did (device tensors allowed).
+      host_syncs: host syncs per step that `update` needs (0 for every clipping transform).
+    """
+
+    name: str
+    init: Callable[..., TransformState]
+    update: Callable[..., tuple[Optional[Grads], TransformState]]
+    report: Callable[[TransformState], dict[str, Any]] = lambda state: {}
+    host_syncs: int = 0
+
+
+@dataclass
+class ChainState(TransformState):
+    """The states of a chain's transforms, in order."""
+
+    inner: tuple
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": [s.state_dict() for s in self.inner]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("inner") if isinstance(state, dict) else None
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.inner):
+            raise TransformStateError(f"ChainState.load_state_dict expected {{'inner': [{len(self.inner)} states]}}, "
+                                      f"got {type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else '-'}")
+        for s, d in zip(self.inner, saved):
+            s.load_state_dict(d)
+
+
+def chain(*transforms: GradientTransform) -> GradientTransform:
+    """Compose transforms: each `update` gets the gradients the previous one returned.
+
+    If a transform returns None (skip the step), the rest are not called and keep
+    their state, so a skipped non-finite step does not feed NaN into an EMA.
+
+    Args:
+      *transforms: the transforms to run, in order.
+    Returns:
+      A `GradientTransform` whose state is a `ChainState`; its host syncs are the sum.
+    """
+    if not transforms or not all(isinstance(t, GradientTransform) for t in transforms):
+        raise GradDoctorError(f"chain() takes one or more GradientTransform, got {[type(t).__name__ for t in transforms]}")
+    keys = _unique_names([t.name for t in transforms])
+
+    def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> ChainState:
+        return ChainState(tuple(t.init(params, names) for t in transforms))
+
+    def update(grads: Grads, state: ChainState, stats: TensorStats, params=None):
+        new = list(state.inner)
+        for i, t in enumerate(transforms):
+            grads, new[i] = t.update(grads, new[i], stats, params)
+            if grads is None:
+                break
+        return grads, ChainState(tuple(new))
+
+    def report(state: ChainState) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, t, s in zip(keys, transforms, state.inner):
+            out.update({f"{key}.{k}": v for k, v in t.report(s).items()})
+        return out
+
+    return GradientTransform("chain", init, update, report, sum(t.host_syncs for t in transforms))
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}{seen[n]}")
+    return out
+
+
+def group_present(grads: Grads) -> dict[tuple, list[int]]:
+    """Indices of the present gradients, grouped by (device, dtype), in list order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None:
+            groups.setdefault((g.device, g.dtype), []).append(i)
+    return groups
+
+
+def scale_(grads: Grads, coef: Tensor) -> None:
+    """Multiply every present gradient by the 0-d tensor `coef`, one `_foreach_mul_` per group. No sync.
+
+    This is the multiplication of `torch.nn.utils.clip_grads_with_norm_`, so the results agree bit for bit.
+    """
+    for (device, _), idx in group_present(grads).items():
+        torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
+
+
+def scale_each_(grads: Grads, coefs: Tensor) -> None:
+    """Multiply gradient i by `coefs[i]` (a [P] tensor), one `_foreach_mul_` per group. No sync."""
+    for (device, _), idx in group_present(grads).items():
+        local = coefs.to(device)
+        torch._foreach_mul_([grads[i] for i in idx], [local[i] for i in idx])
+
+
+def clip_coefficient(max_norm: Tensor | float, norm: Tensor) -> Tensor:
+    """`clamp(max_norm / (norm + 1e-6), max=1)`: PyTorch's clip coefficient, no branch, no sync."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    """Return `value` as a float, or raise `ConfigError` naming it and what is allowed."""
+    from .._errors import ConfigError
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok or value != value or value == float("inf"):
+        raise ConfigError(f"{name}={value!r} is not allowed: use a finite number {'>= 0' if allow_zero else '> 0'}")
+    return float(value)

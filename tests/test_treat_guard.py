@@ -1,0 +1,127 @@
+"""Guard: skip_nonfinite leaves a NaN step without a trace; watch(guard=...) clips and records."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import graddoctor as gd
+from graddoctor import treat
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batch(step, n=32):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def opt_state_copy(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_opt_state(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, v in a["state"][k].items():
+            w = b["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop])
+def test_nan_step_leaves_params_and_optimizer_state_bit_identical(opt_cls):
+    model = small_model()
+    kw = {"momentum": 0.9, "weight_decay": 1e-3} if opt_cls is torch.optim.SGD else {"weight_decay": 1e-3}
+    opt = opt_cls(model.parameters(), lr=1e-2, **kw)
+    with gd.watch(model, opt, guard=gd.skip_nonfinite()) as w:
+        for step in range(5):  # build optimizer state first
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+        params_before = [p.detach().clone() for p in model.parameters()]
+        state_before = opt_state_copy(opt)
+        x, y = batch(99)
+        x[3, 2] = float("nan")
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+        assert w.guard.skipped
+        assert all(torch.equal(a, p) for a, p in zip(params_before, model.parameters()))
+        assert_same_opt_state(state_before, opt.state_dict())
+        x, y = batch(6)  # and training goes on
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+        assert not w.guard.skipped
+        assert not all(torch.equal(a, p) for a, p in zip(params_before, model.parameters()))
+
+
+def test_too_many_nonfinite_steps_raise_naming_layers():
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = treat.Guard(gd.skip_nonfinite(max_consecutive=2), model.named_parameters()).attach(opt)
+    for step in range(2):
+        model.zero_grad()
+        model(torch.full((4, 6), float("inf"))).sum().backward()
+        opt.step()
+    assert guard.skipped_total == 2
+    model.zero_grad()
+    model(torch.full((4, 6), float("inf"))).sum().backward()
+    with pytest.raises(treat.NonFiniteGradientError, match=r"3 optimizer steps in a row.*0\.weight"):
+        opt.step()
+
+
+def test_guard_attached_to_optimizer_equals_clip_grad_norm_training():
+    """A pre-hook guard with clip_norm trains exactly as clip_grad_norm_ before each step does."""
+    a, b = small_model(1), small_model(1)
+    opt_a, opt_b = torch.optim.Adam(a.parameters(), 1e-2), torch.optim.Adam(b.parameters(), 1e-2)
+    treat.Guard(gd.clip_norm(0.3), a.named_parameters()).attach(opt_a)
+    for step in range(10):
+        x, y = batch(step)
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            if m is b:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3)
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_watch_guard_records_interventions_and_raw_stats(tmp_path):
+    model, ref = small_model(2), small_model(2)
+    opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    guard = gd.chain(gd.skip_nonfinite(), gd.clip_norm(0.05))
+    raw_norms = []
+    with gd.watch(model, opt, tmp_path / "run", guard=guard, flush_every=4) as w:
+        for step in range(10):
+            x, y = batch(step)
+            if step == 6:
+                x[0, 0] = float("inf")
+            for m, o in ((model, opt), (ref, opt_ref)):
+                o.zero_grad()
+                nn.functional.cross_entropy(m(x), y).backward()
+            if step != 6:
+                raw_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05).item())
+                opt_ref.step()
+            w.step()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    run = gd.open_run(tmp_path / "run")
+    steps, norms = run.global_norm()
+    finite = [float(n) for s, n in zip(steps, norms) if s != 6]
+    assert finite == pytest.approx(raw_norms, rel=1e-6)  # the store keeps the gradients as backward made them
+    guard_events = run.events("guard")
+    assert [e["step"] for e in guard_events] == [s for s in range(10) if s != 6]
+    for e, n in zip(guard_events, raw_norms):
+        assert e["data"]["clip_norm.coef"] == pytest.approx(min(1.0, 0.05 / (n + 1e-6)), rel=1e-6)
+    skipped = run.events("skipped_step")
+    assert [e["step"] for e in skipped] == [6] and skipped[0]["data"]["bad"][0] == "0.weight"
+
+
+def test_watch_rejects_a_guard_that_is_not_a_transform():
+    with pytest.raises(gd.GradDoctorError, match="GradientTransform"):
+        gd.watch(small_model(), guard=torch.nn.utils.clip_grad_norm_)
