@@ -1,0 +1,206 @@
+"""Each lab experiment's phenomenon, asserted on the numbers the quick preset measured.
+
+The quick preset runs once per session (see test_lab_cli.quick_lab). Thresholds come from the
+papers and seeds, not from earlier runs; where an independent oracle exists (closed forms,
+autograd, the run store read directly) the test recomputes the number instead of trusting the
+experiment's own summary.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from graddoctor import open_run
+from test_lab_cli import quick_lab, quick_results
+
+LN10, BASELINE = math.log(10), 1.0 / 6.0
+
+
+@pytest.fixture(scope="module")
+def res():
+    return quick_results()
+
+
+@pytest.fixture(scope="module")
+def out():
+    return quick_lab()[0]
+
+
+def _ratio_from_store(run_dir) -> float:
+    """First/last Linear gradient-norm ratio, recomputed from the store with plain numpy."""
+    with open_run(run_dir) as run:
+        first, last = run.layer_history(run.layers[0]).grad_norm, run.layer_history(run.layers[-1]).grad_norm
+    return float(np.median(first / last))
+
+
+def test_every_experiment_reproduced(res):
+    assert {k: v["reproduced"] for k, v in res.items()} == {k: True for k in res}
+
+
+def test_chain_analytic_product_matches_autograd_and_watch(res, out):
+    from graddoctor.lab.chain import analytic_bias_grads
+    m = res["chain"]["metrics"]
+    assert m["max_rel_err_autograd"] < 1e-9 and m["max_rel_err_watch"] < 1e-5
+    assert m["small_b1_over_b4"] < 1 < m["large_b1_over_b4"]  # shrinks toward the input / grows
+    # oracle: the naive product against autograd for random weights, independent of the lab's run
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        w, b, x0 = rng.normal(0, 3, 4), rng.normal(0, 1, 4), float(rng.normal())
+        wt, bt = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+        a = torch.tensor(x0, dtype=torch.float64)
+        for i in range(4):
+            a = torch.sigmoid(wt[i] * a + bt[i])
+        (0.5 * (a - 0.3) ** 2).backward()
+        np.testing.assert_allclose(analytic_bias_grads(w, b, x0, 0.3), bt.grad.numpy(), rtol=1e-10, atol=1e-300)
+    # the store holds what the summary says: |dC/db1| at step 0 of the small-weight run
+    with open_run(out / "runs/chain/small") as run:
+        recorded = [run.tensor_history(f"{2 * i}.bias").grad_norm[0] for i in range(4)]
+    np.testing.assert_allclose(recorded, m["small_abs_grad_b1_to_b4_step0"], rtol=1e-5)
+
+
+def test_deep_sigmoid_vanishes_while_relu_he_keeps_gradient(res, out):
+    m = res["activations"]["metrics"]
+    deep = m["deepest"]
+    assert deep >= 10
+    sig = _ratio_from_store(out / f"runs/activations/sigmoid_d{deep}")
+    assert sig < 1e-3
+    assert math.isclose(sig, m["first_over_last_grad_ratio"][f"sigmoid/{deep}"], rel_tol=1e-4)
+    for act in ("relu", "leaky_relu", "elu"):
+        assert 0.1 < _ratio_from_store(out / f"runs/activations/{act}_d{deep}") < 10, act
+    assert m["first_over_last_grad_ratio"][f"sigmoid/{m['depths'][0]}"] > 100 * sig  # vanishing grows with depth
+
+
+def test_xavier_stalls_he_and_lsuv_train_at_30_layers(res, out):
+    m = res["init"]["metrics"]
+    with open_run(out / "runs/init/xavier") as run:
+        xavier = run.loss()[1]
+    with open_run(out / "runs/init/he") as run:
+        he = run.loss()[1]
+    assert abs(np.mean(xavier[-10:]) - LN10) < 0.05  # stuck at chance
+    assert np.mean(he[-10:]) < 0.75 * LN10 and np.mean(he[-10:]) < np.mean(he[:10]) - 0.5
+    assert m["final_loss"]["lsuv"] < 0.75 * LN10
+    assert abs(m["final_loss"]["small"] - LN10) < 0.05
+    with open_run(out / "runs/init/large") as run:
+        assert not np.isfinite(run.loss()[1]).all()  # too large: explodes
+
+
+def test_lsuv_gives_unit_variance_layer_outputs():
+    from graddoctor.lab._train import mlp
+    from graddoctor.lab.inits import lsuv
+    torch.manual_seed(0)
+    model = mlp([16] + [32] * 8 + [4], "relu")
+    x = torch.randn(512, 16)
+    lsuv(model, x)
+    h, stds = x, []
+    with torch.no_grad():
+        for layer in list(model)[:-1]:
+            h = layer(h)
+            if isinstance(layer, torch.nn.Linear):
+                stds.append(float(h.std()))
+    assert all(abs(s - 1) < 0.06 for s in stds), stds
+
+
+def test_batchnorm_trains_faster_and_keeps_sigmoid_inputs_stable(res):
+    m = res["batchnorm"]["metrics"]
+    assert m["batchnorm_final_loss"] < 0.8 * m["plain_final_loss"]
+    assert m["batchnorm_percentile_drift"] < m["plain_percentile_drift"]
+
+
+def test_plain_net_degrades_with_depth_and_residual_fixes_it(res, out):
+    m = res["residual"]["metrics"]
+    lo, hi = m["depths"][0], m["depths"][-1]
+    tail = {}
+    for kind in ("plain", "residual"):
+        for d in (lo, hi):
+            with open_run(out / f"runs/residual/{kind}_{d}") as run:
+                loss = run.loss()[1]
+            tail[kind, d] = float(np.mean(loss[-len(loss) // 5:]))
+    assert tail["plain", hi] > tail["plain", lo]
+    assert tail["residual", hi] < 0.5 * tail["plain", hi]
+
+
+def test_rnn_fails_adding_problem_lstm_solves_it(res, out):
+    m = res["recurrent"]["metrics"]
+    assert m["adding_mse"]["rnn"] > 0.8 * BASELINE
+    assert m["adding_mse"]["lstm"] < 0.3 * BASELINE
+    with open_run(out / "runs/recurrent/adding_lstm") as run:
+        assert np.mean(run.loss()[1][-20:]) < 0.3 * BASELINE
+    # gradient reaching the first time step vs the last: vanishes in the untrained RNN
+    assert m["grad_first_over_last_step_before"]["rnn"] < 1e-2
+    assert m["grad_first_over_last_step_after"]["lstm"] > 100 * m["grad_first_over_last_step_after"]["rnn"]
+
+
+def test_norm_clipping_keeps_the_exploding_rnn_finite(out):
+    from graddoctor.report._views import intervention_steps
+    with open_run(out / "runs/recurrent/exploding_plain") as run:
+        assert not np.isfinite(run.loss()[1]).all()
+    with open_run(out / "runs/recurrent/exploding_clip_norm") as run:
+        assert np.isfinite(run.loss()[1]).all()
+        assert len(intervention_steps(run)) > 0  # the clip acted
+        coefs = [e["data"]["clip_norm.coef"] for e in run.events("guard")]
+        _, gnorm = run.global_norm()
+        # the guard's coefficient is min(1, 1/||g||) of the norm watch recorded (oracle: the formula)
+        np.testing.assert_allclose(coefs, np.minimum(1.0, 1.0 / (gnorm[: len(coefs)] + 1e-6)), rtol=1e-4)
+
+
+def test_clipping_methods_contain_explosions_and_spikes(res, out):
+    m = res["clipping"]["metrics"]
+    assert not m["exploding_finite"]["none"]
+    assert m["exploding_finite"]["clip_value(0.5)"] and m["exploding_finite"]["clip_norm(1.0)"]
+    dmg = m["spiky_damage"]
+    assert dmg["none"] > 0.1
+    assert dmg["clip_norm(1.0)"] < 0.5 * dmg["none"]
+    # ZClip acts on the outlier batches and (almost) nowhere else
+    from graddoctor.lab.clipping import SPIKE_EVERY
+    from graddoctor.report._views import intervention_steps
+    with open_run(out / "runs/clipping/spiky_zclip") as run:
+        acted, n = set(intervention_steps(run)), run.num_steps
+    outliers = {s for s in range(SPIKE_EVERY - 1, n, SPIKE_EVERY)}
+    assert len(acted & outliers) >= len(outliers) - 1
+    assert len(acted - outliers) <= 0.05 * n
+
+
+def test_penalties_limit_weight_growth_and_l1_sparsifies(res, out):
+    m = res["regularization"]["metrics"]
+    with open_run(out / "runs/regularization/none") as run:
+        _, w = run.series("weight_norm")
+    total = np.sqrt(np.square(w.astype(np.float64)).sum(axis=1))
+    assert total[-1] > total[0]  # unpenalized weights grow
+    g = m["weight_norm_growth"]
+    assert g["L2 (1e-2)"] < 1.0 and g["L1 (1e-3)"] < 1.0
+    z = m["near_zero_weight_fraction"]
+    assert z["L1 (1e-3)"] > 5 * z["none"]
+
+
+def test_layerwise_pretraining_beats_random_init(res):
+    m = res["pretraining"]["metrics"]
+    assert m["final_loss"]["pre-trained"] < 0.7 * m["final_loss"]["random init"]
+    assert m["first_over_last_grad_ratio"]["pre-trained"] > 10 * m["first_over_last_grad_ratio"]["random init"]
+
+
+def test_loss_surface_trajectories_match_the_closed_form(res, out):
+    from graddoctor.lab.surface import A, B, RATES, START
+    m = res["surface"]["metrics"]
+    for label, lr in RATES.items():
+        with open_run(out / f"runs/surface/lr_{lr:g}") as run:
+            loss = run.loss()[1]
+        k = np.arange(len(loss))
+        x, y = START[0] * (1 - lr * A) ** k, START[1] * (1 - lr * B) ** k  # GD on a quadratic, exactly
+        np.testing.assert_allclose(loss, 0.5 * (A * x ** 2 + B * y ** 2), rtol=1e-9)
+        n = len(loss)
+        d = math.hypot(START[0] * (1 - lr * A) ** n, START[1] * (1 - lr * B) ** n) / math.hypot(*START)
+        assert math.isclose(m["final_distance_over_start"][label], d, rel_tol=1e-9)
+    assert m["final_distance_over_start"]["too small (lr=0.01)"] > 0.5
+    assert m["too_large_y_sign_flip_fraction"] == 1.0
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
+    from graddoctor.lab import run_lab
+    a = run_lab("quick", only=["chain", "surface"], seed=3, out=tmp_path / "a", progress=False)
+    b = run_lab("quick", only=["chain", "surface"], seed=3, out=tmp_path / "b", progress=False)
+    c = run_lab("quick", only=["chain"], seed=4, out=tmp_path / "c", progress=False)
+    assert [r.metrics for r in a.results] == [r.metrics for r in b.results]
+    assert a.results[0].metrics["small_b1_over_b4"] != c.results[0].metrics["small_b1_over_b4"]

@@ -1,0 +1,122 @@
+"""The report renderer: plots survive NaN/Inf, spikes and interventions are found, pages are self-contained."""
+from __future__ import annotations
+
+import base64
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graddoctor as gd
+from graddoctor.report import _plots as P
+from graddoctor.report import write_run_report
+from graddoctor.report._html import fmt, findings
+from graddoctor.report._views import acted, loss_spikes, run_figures
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(uri: str) -> bytes:
+    assert uri.startswith("data:image/png;base64,")
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert data.startswith(PNG)
+    return data
+
+
+def test_plots_survive_nan_and_inf():
+    v = np.array([[1.0, np.nan, 1e-3], [np.inf, 2.0, 0.0], [1e-9, -np.inf, 5.0]])
+    fig, axes = P.figure(1)
+    P.heatmap(axes[0], np.arange(3), ["a", "b", "c"], v, "t")
+    _png(P.to_uri(fig))
+    fig, axes = P.figure(3)
+    P.loss_curve(axes[0], {"all nan": (np.arange(4), np.full(4, np.nan))}, "t", log=True)
+    P.profiles(axes[1], ["0", "1"], {"s": np.array([np.inf, 0.0])}, "t")
+    P.bars(axes[2], ["x", "y"], {"m": [np.nan, 1.0]}, "t", "v", log=True)
+    _png(P.to_uri(fig))
+    fig, axes = P.figure(1)
+    P.histogram(axes[0], {"h": np.array([0.1, np.nan, 0.9])}, np.linspace(0, 1, 5), "t", "x")
+    _png(P.to_uri(fig))
+
+
+def test_mark_nonfinite_counts_exactly_the_bad_points():
+    fig, axes = P.figure(1)
+    y = np.array([1.0, np.nan, 2.0, np.inf, -np.inf])
+    assert P.mark_nonfinite(axes[0], np.arange(5), y) == 3
+    P.plt().close(fig)
+
+
+def test_loss_spikes_finds_injected_spikes_only():
+    rng = np.random.default_rng(0)
+    loss = 1.0 + 0.01 * rng.standard_normal(200)
+    loss[[60, 130]] = 5.0
+    loss[90] = np.nan  # a NaN is not a spike and must not break the detector
+    assert loss_spikes(loss).tolist() == [60, 130]
+
+
+def test_acted_distinguishes_clipping_from_observation():
+    assert acted({"kind": "guard", "data": {"clip_norm.coef": 0.5}})
+    assert not acted({"kind": "guard", "data": {"clip_norm.coef": 1.0}})
+    assert acted({"kind": "guard", "data": {"agc.clipped": 0.25}})
+    assert not acted({"kind": "guard", "data": {"zclip.coef": float("nan")}})
+    assert acted({"kind": "skipped_step", "data": {}})
+    assert not acted({"kind": "finding", "data": {"code": "loss_spike"}})
+
+
+def test_fmt_and_findings_escape_and_spell_nonfinite():
+    assert fmt(float("nan")) == "NaN" and fmt(float("inf")) == "Inf" and fmt(-math.inf) == "-Inf"
+    html = findings([{"code": "exploding_gradient", "severity": "critical", "first_step": 3, "last_step": float("nan"),
+                      "layers": ["<script>x</script>"], "cause": "initialization", "remedies": [{"id": "clip_by_norm"}],
+                      "message": "a & b"}], "run")
+    assert "<script>" not in html and "&lt;script&gt;" in html and "clip_by_norm" in html and "NaN" in html
+
+
+def _diverging_run(run_dir, steps=30):
+    """A small MLP whose gradients turn NaN at step 20 (a poisoned batch), recorded with watch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gd.watch(model, opt, run_dir, activation_every=5, flush_every=10) as w:
+        for step in range(steps):
+            x = torch.randn(32, 8)
+            if step >= 20:
+                x[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 2, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            w.step(loss)
+            w.record_event("note", {"text": "checkpoint"}) if step == 5 else None
+            opt.step()
+
+
+def test_run_report_of_a_nan_run_is_self_contained(tmp_path):
+    run_dir = tmp_path / "nan<run>"
+    _diverging_run(run_dir)
+    figs = run_figures(run_dir)
+    assert [f.title for f in figs] == ["gradient flow", "per-layer gradient norm", "loss and global gradient norm",
+                                       "activation saturation"]
+    for f in figs:
+        _png(f.data)
+    out = write_run_report([run_dir], tmp_path / "r" / "report.html")
+    html = out.read_text()
+    assert html.count("<figure class=\"plot\">") == 4
+    assert "nan&lt;run&gt;" in html and "nan<run>" not in html  # the path is escaped
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    # diagnose's findings sit beside the plots: the NaN from step 20 on is named
+    assert "nonfinite_gradient" in html
+
+
+def test_report_cli_errors_on_a_missing_run(tmp_path, capsys):
+    from graddoctor.cli import main
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_report_cli_writes_default_path(tmp_path, capsys):
+    from graddoctor.cli import main
+    _diverging_run(tmp_path / "run", steps=12)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.html").exists()
+    assert str(tmp_path / "run" / "report.html") in capsys.readouterr().out
