@@ -60,6 +60,9 @@ class DiagnoseConfig:
     spike_z: float = 8.0
     # ... and at least this factor above it, so a tiny loss's tiny wiggles do not count.
     spike_factor: float = 2.0
+    # Fewest earlier finite losses before spikes are judged: a MAD from a handful of
+    # heavy-tailed minibatch losses is too small to trust.
+    spike_min_history: int = 25
     # Loss not decreasing: one-sided significance of the rank trend test [Mann45].
     trend_p: float = 0.01
     # Fewest finite losses before the trend test speaks.
@@ -104,7 +107,8 @@ class DiagnoseConfig:
         for name in ("min_fraction", "stall_loss_level", "saturated_fraction", "dead_fraction", "trend_p"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"DiagnoseConfig.{name}={getattr(self, name)!r} is not allowed: use a fraction in (0, 1]")
-        for name in ("min_depth", "explode_min_steps", "baseline_window", "baseline_min", "trend_min_steps",
+        for name in ("min_depth", "explode_min_steps", "baseline_window", "baseline_min", "spike_min_history",
+                     "trend_min_steps",
                      "trend_max_points"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"DiagnoseConfig.{name}={getattr(self, name)!r} is not allowed: use an integer >= 1")

@@ -24,10 +24,10 @@ def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
 
 def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     """Finite losses far above their running median, robustly (z on median/MAD) and by a factor."""
-    if not d.loss_recorded or d.T < cfg.baseline_min + 1:
+    if not d.loss_recorded or d.T < cfg.spike_min_history + 1:
         return None
     loss = d.loss
-    med, mad = running_median_mad(loss, cfg.baseline_window, cfg.baseline_min)
+    med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
     scale = np.abs(med)
     z = robust_z(loss, med, mad, floor=1e-12)
     with np.errstate(invalid="ignore"):

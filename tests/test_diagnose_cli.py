@@ -1,0 +1,65 @@
+"""`graddoctor diagnose` through the installed console script, as CI pipelines would call it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import graddoctor as gd
+from graddoctor import _nonfinite_json
+
+from _diag_runs import by_name, train
+
+GRADDOCTOR = str(Path(sys.executable).parent / "graddoctor")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag_cli")
+    return {n: train(by_name(n), root / n, live_diagnosis=False) for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
+
+
+def cli(*args):
+    return subprocess.run([GRADDOCTOR, "diagnose", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_text_report_groups_by_severity_with_layers_and_numbers(runs):
+    p = cli(runs["nan_batch"])
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.index("CRITICAL") < out.index("nonfinite_gradient")
+    assert "cause: data" in out and "4.weight" in out and "step 90" in out
+    assert "sanitize_inputs" in out and "remedies (best first)" in out
+
+
+def test_json_document_follows_the_documented_schema(runs):
+    p = cli(runs["nan_batch"], "--json")
+    assert p.returncode == 0, p.stderr
+
+    def no_bare_constants(token):
+        raise AssertionError(f"bare {token} in JSON output")
+    doc = json.loads(p.stdout, parse_constant=no_bare_constants)  # strict JSON: NaN/Inf only as strings
+    assert doc["schema"] == "graddoctor.diagnosis/1" and doc["steps"] == 150
+    assert set(doc["counts"]) == {"info", "warning", "critical"}
+    keys = {"code", "severity", "first_step", "last_step", "layers", "evidence", "cause", "message", "remedies"}
+    for f in doc["findings"]:
+        assert set(f) == keys
+        assert all(set(r) == {"id", "why", "snippet"} for r in f["remedies"])
+    want = [f.to_dict() for f in gd.diagnose(runs["nan_batch"])]
+    assert _nonfinite_json.loads(p.stdout)["findings"] == _nonfinite_json.loads(_nonfinite_json.dumps(want))
+
+
+@pytest.mark.parametrize("name, fail_on, status", [
+    ("nan_batch", "critical", 1), ("outlier_batch", "critical", 0), ("outlier_batch", "warning", 1)])
+def test_fail_on_sets_the_exit_status(runs, name, fail_on, status):
+    assert cli(runs[name], "--fail-on", fail_on).returncode == status
+
+
+def test_healthy_run_says_so_and_bad_paths_exit_2(runs, tmp_path):
+    p = cli(runs["healthy_slow_sgd"], "--fail-on", "warning")
+    assert p.returncode == 0 and "no findings" in p.stdout
+    p = cli(tmp_path / "missing")
+    assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr
