@@ -10,7 +10,7 @@ from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
 from ._watch import Watch, watch
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
-from . import treat
+from . import init, surgery, treat
 from .treat import (Guard, agc, auto_clip, chain, clip_norm, clip_norm_per_tensor, clip_value, skip_nonfinite,
                     zclip)
 
@@ -20,6 +20,6 @@ __all__ = [
     "watch", "Watch", "WatchConfig", "open_run", "Run", "History", "TensorStats", "tensor_stats", "l2_norms",
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
     "diagnose", "Finding", "DiagnoseConfig",
-    "treat", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
+    "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
     "skip_nonfinite", "Guard",
 ]

@@ -1,0 +1,218 @@
+"""Initialization schemes that keep the signal (and so the gradient) at scale 1 through depth.
+
+    gd.init.he_(model)            # gain chosen per layer from the activation that follows it
+    gd.init.lsuv_(model, x_batch) # orthonormal, then each layer rescaled to unit output variance
+
+Each function works in place on every Linear / Conv layer of the model (recurrent layers
+for `orthogonal_`), zeroes the biases, and returns a list of what it did, one line per layer.
+
+Which activation follows a layer is read from the module order (`model.modules()`): the
+first activation module after the layer and before the next weight layer. Activations
+called as functions inside `forward` are invisible; pass `nonlinearity=` then. Gains are
+`torch.nn.init.calculate_gain(name)`; ELU, GELU, SiLU and Softplus have no entry there
+and get ReLU's gain (they are ReLU-like for positive inputs). A layer with no activation
+after it (the output layer) gets gain 1 ("linear").
+
+References:
+  Glorot, Bengio, "Understanding the difficulty of training deep feedforward neural networks", AISTATS 2010.
+  He, Zhang, Ren, Sun, "Delving Deep into Rectifiers", ICCV 2015. https://arxiv.org/abs/1502.01852
+  Saxe, McClelland, Ganguli, "Exact solutions to the nonlinear dynamics of learning in deep linear networks",
+    ICLR 2014. https://arxiv.org/abs/1312.6120
+  Mishkin, Matas, "All you need is a good init", ICLR 2016. https://arxiv.org/abs/1511.06422
+  Zhang, Dauphin, Ma, "Fixup Initialization", ICLR 2019; Bachlechner et al., "ReZero is All You Need", 2020.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import GradDoctorError
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d)
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+_GAIN_NAMES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu", nn.LeakyReLU: "leaky_relu",
+               nn.SELU: "selu", nn.ELU: "relu", nn.GELU: "relu", nn.SiLU: "relu", nn.Softplus: "relu",
+               nn.PReLU: "leaky_relu", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid", nn.Mish: "relu"}
+
+
+class NoLayersError(GradDoctorError):
+    """The model has no layer this initialization applies to."""
+
+
+def activation_name(module: nn.Module) -> Optional[tuple[str, float]]:
+    """(calculate_gain name, parameter) for an activation module, or None if it is not one."""
+    for cls, name in _GAIN_NAMES.items():
+        if isinstance(module, cls):
+            if isinstance(module, nn.LeakyReLU):
+                return name, float(module.negative_slope)
+            if isinstance(module, nn.PReLU):
+                return name, float(module.weight.detach().mean())
+            return name, 0.0
+    return None
+
+
+def layers_with_activation(model: nn.Module) -> list[tuple[str, nn.Module, str, float]]:
+    """Every weight layer in module order, with the activation that follows it ("linear" if none)."""
+    out: list[list] = []
+    for name, m in model.named_modules():
+        if isinstance(m, WEIGHT_LAYERS):
+            out.append([name, m, "linear", 0.0])
+        elif out and out[-1][2] == "linear" and (act := activation_name(m)) is not None:
+            out[-1][2], out[-1][3] = act  # only the first activation after a layer counts
+    return [tuple(x) for x in out]  # type: ignore[misc]
+
+
+def _layers(model: nn.Module, nonlinearity: Optional[str]) -> list[tuple[str, nn.Module, str, float]]:
+    layers = layers_with_activation(model)
+    if not layers:
+        raise NoLayersError(f"{type(model).__name__} has no Linear or Conv layer to initialize")
+    if nonlinearity is not None:
+        nn.init.calculate_gain(nonlinearity)  # raises ValueError naming the allowed names
+        layers = [(n, m, nonlinearity, 0.01 if nonlinearity == "leaky_relu" else 0.0) for n, m, _, _ in layers]
+    return layers
+
+
+def _zero_bias(m: nn.Module) -> None:
+    if getattr(m, "bias", None) is not None:
+        nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def he_(model: nn.Module, mode: str = "fan_in", nonlinearity: Optional[str] = None) -> list[str]:
+    """He (Kaiming) normal init: std = gain / sqrt(fan), gain from the following activation.
+
+    Args:
+      model: initialized in place.
+      mode: "fan_in" (keeps the forward signal) or "fan_out" (keeps the backward signal).
+      nonlinearity: force one `calculate_gain` name for every layer instead of reading the module order.
+    Returns:
+      One line per layer: name, activation, std.
+    """
+    done = []
+    for name, m, act, param in _layers(model, nonlinearity):
+        nn.init.kaiming_normal_(m.weight, a=param, mode=mode, nonlinearity=act)
+        _zero_bias(m)
+        done.append(f"{name}: he ({act}) std={float(m.weight.std()):.4g}")
+    return done
+
+
+@torch.no_grad()
+def xavier_(model: nn.Module, nonlinearity: Optional[str] = None) -> list[str]:
+    """Xavier (Glorot) normal init: std = gain * sqrt(2 / (fan_in + fan_out)).
+
+    Returns:
+      One line per layer: name, activation, std.
+    """
+    done = []
+    for name, m, act, param in _layers(model, nonlinearity):
+        nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain(act, param))
+        _zero_bias(m)
+        done.append(f"{name}: xavier ({act}) std={float(m.weight.std()):.4g}")
+    return done
+
+
+@torch.no_grad()
+def orthogonal_(model: nn.Module, nonlinearity: Optional[str] = None) -> list[str]:
+    """Orthogonal init (scaled by the activation's gain); recurrent hidden-to-hidden matrices get
+    one orthogonal block per gate, so repeated multiplication over time preserves norms.
+
+    Returns:
+      One line per layer.
+    """
+    done = []
+    layers = layers_with_activation(model)
+    for name, m, act, param in layers:
+        nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain(nonlinearity or act, param))
+        _zero_bias(m)
+        done.append(f"{name}: orthogonal ({nonlinearity or act})")
+    for name, m in model.named_modules():
+        if isinstance(m, RECURRENT):
+            for pname, p in m.named_parameters():
+                if pname.startswith("weight_hh"):
+                    for block in p.split(m.hidden_size, dim=0):  # one block per gate
+                        nn.init.orthogonal_(block)
+                elif pname.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)
+                elif pname.startswith("bias"):
+                    nn.init.zeros_(p)
+            done.append(f"{name}: orthogonal recurrent ({type(m).__name__})")
+    if not done:
+        raise NoLayersError(f"{type(model).__name__} has no Linear, Conv or recurrent layer to initialize")
+    return done
+
+
+@torch.no_grad()
+def lsuv_(model: nn.Module, x: Tensor, tol: float = 0.1, max_iter: int = 10) -> list[str]:
+    """Layer-sequential unit-variance init (Mishkin & Matas): orthonormal weights, then, layer by
+    layer from the input, divide the weights by the std of the layer's output on the batch `x`
+    until the variance is within `tol` of 1 (at most `max_iter` rescalings per layer).
+
+    Args:
+      model: initialized in place; it is run forward on `x` (in eval mode, restored afterwards).
+      x: one batch of real inputs (a few hundred examples is plenty).
+      tol: allowed |variance - 1|.
+      max_iter: rescalings per layer.
+    Returns:
+      One line per layer with the final output variance.
+    """
+    layers = _layers(model, None)
+    for _, m, _, _ in layers:
+        nn.init.orthogonal_(m.weight)
+        _zero_bias(m)
+    was_training = model.training
+    model.eval()
+    done = []
+    try:
+        for name, m, _, _ in layers:
+            var, it = _output_var(model, m, x), 0
+            while abs(var - 1.0) > tol and it < max_iter and var > 0:
+                m.weight.div_(math.sqrt(var))
+                var, it = _output_var(model, m, x), it + 1
+            done.append(f"{name}: lsuv variance={var:.4f} after {it} rescaling(s)")
+    finally:
+        model.train(was_training)
+    return done
+
+
+def _output_var(model: nn.Module, layer: nn.Module, x: Tensor) -> float:
+    """Variance of `layer`'s output on one forward pass of `x`. note: a host sync (init time, not training)."""
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return float(seen[0].float().var())
+
+
+@torch.no_grad()
+def zero_residual_(model: nn.Module) -> list[str]:
+    """Start every residual branch at zero, so each block is the identity (Fixup / ReZero style).
+
+    Finds branches of `graddoctor.surgery.Residual` (zeroes the branch's last weight layer, or
+    its ReZero scale), and torchvision-style blocks with a `bn3` / `bn2` BatchNorm (zeroes
+    that norm's weight, as torchvision's `zero_init_residual=True`).
+
+    Returns:
+      One line per branch. Raises `NoLayersError` if the model has no residual branch.
+    """
+    from .surgery import Residual
+
+    done = []
+    for name, m in model.named_modules():
+        if isinstance(m, Residual):
+            done.append(f"{name}: {m.zero_()}")
+        elif isinstance(getattr(m, "bn3", None), nn.modules.batchnorm._BatchNorm):
+            nn.init.zeros_(m.bn3.weight)
+            done.append(f"{name}.bn3: weight zeroed")
+        elif isinstance(getattr(m, "bn2", None), nn.modules.batchnorm._BatchNorm) and hasattr(m, "conv2"):
+            nn.init.zeros_(m.bn2.weight)
+            done.append(f"{name}.bn2: weight zeroed")
+    if not done:
+        raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.surgery.Residual, or a block "
+                            "with bn2/bn3); add some with graddoctor.surgery.add_residual first")
+    return done

@@ -1,0 +1,132 @@
+"""Model surgery: output shapes kept, gradient flow through a 12-layer sigmoid MLP restored (measured)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import graddoctor as gd
+from graddoctor._demo import make_mlp, synthetic_task
+from graddoctor.surgery import Residual, SurgeryNotApplicableError
+
+
+def first_last_ratio(model: nn.Module, x, y) -> float:
+    """|grad| of the first Linear weight over that of the last, on one batch."""
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return float(lin[0].weight.grad.norm() / lin[-1].weight.grad.norm())
+
+
+@pytest.fixture(scope="module")
+def sigmoid12():
+    torch.manual_seed(0)
+    x, y = synthetic_task(256)
+    model = make_mlp(12, 32, nn.Sigmoid, "default")
+    return model, x, y, first_last_ratio(model, x, y)
+
+
+SURGERIES = {
+    "swap_activation": lambda m, x: gd.surgery.swap_activation(m, nn.Sigmoid, nn.ReLU)[0],
+    "add_norm_batch": lambda m, x: gd.surgery.add_norm(m, kind="batch")[0],
+    "add_norm_layer": lambda m, x: gd.surgery.add_norm(m, kind="layer")[0],
+    "add_residual": lambda m, x: gd.surgery.add_residual(m)[0],
+    "he_": lambda m, x: (gd.init.he_(m), m)[1],
+    "lsuv_": lambda m, x: (gd.init.lsuv_(m, x), m)[1],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SURGERIES))
+def test_cure_raises_first_last_gradient_ratio_100x(sigmoid12, name):
+    base, x, y, before = sigmoid12
+    assert before < 1e-6  # the disease is there: the first layer barely gets a gradient
+    model = SURGERIES[name](copy.deepcopy(base), x)
+    assert model(x).shape == base(x).shape
+    after = first_last_ratio(model, x, y)
+    assert after >= 100 * before, f"{name}: ratio {before:.3g} -> {after:.3g}"
+
+
+def test_swap_activation_factories_and_changes():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 4), nn.Sigmoid()), nn.Linear(4, 1))
+    model, changes = gd.surgery.swap_activation(model, (nn.Tanh, nn.Sigmoid), lambda: nn.LeakyReLU(0.1))
+    assert changes == ["1: Tanh -> LeakyReLU", "2.1: Sigmoid -> LeakyReLU"]
+    assert isinstance(model[2][1], nn.LeakyReLU) and model[2][1].negative_slope == 0.1
+    assert model[1] is not model[2][1]
+    with pytest.raises(SurgeryNotApplicableError, match="no Tanh"):
+        gd.surgery.swap_activation(model, nn.Tanh, nn.ReLU)
+
+
+def test_add_norm_conv_and_nested_shapes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Sequential(nn.Linear(8 * 36, 16), nn.Tanh()), nn.Linear(16, 2))
+    x = torch.randn(5, 3, 6, 6)
+    shape = model(x).shape
+    for kind, cls in (("batch", nn.BatchNorm2d), ("layer", nn.GroupNorm)):
+        new, changes = gd.surgery.add_norm(copy.deepcopy(model), kind=kind)
+        assert new(x).shape == shape
+        assert len(changes) == 3 and sum(isinstance(m, cls) for m in new.modules()) == 2
+    with pytest.raises(SurgeryNotApplicableError):
+        gd.surgery.add_norm(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(SurgeryNotApplicableError, match="kind="):
+        gd.surgery.add_norm(model, kind="group")
+
+
+@pytest.mark.parametrize("mode", ["zero", "rezero"])
+def test_add_residual_starts_as_identity_blocks(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    x = torch.randn(7, 5)
+    new, changes = gd.surgery.add_residual(copy.deepcopy(model), mode=mode)
+    blocks = [m for m in new.modules() if isinstance(m, Residual)]
+    assert len(blocks) == len(changes) == 2
+    for b in blocks:  # each block is the identity at the start
+        h = torch.randn(4, 8)
+        assert torch.equal(b(h), h)
+    assert new(x).shape == model(x).shape
+    with pytest.raises(SurgeryNotApplicableError, match="shape-preserving"):
+        gd.surgery.add_residual(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4)))
+
+
+def test_add_residual_conv_same_padding():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    new, changes = gd.surgery.add_residual(model)
+    assert len(changes) == 2  # the strided conv changes the shape and is left alone
+    assert new(torch.randn(2, 4, 8, 8)).shape == (2, 4, 4, 4)
+
+
+class RNNNet(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.rnn = nn.RNN(3, 6, num_layers=2, batch_first=batch_first)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        out, h = self.rnn(x)
+        return self.head(out[:, -1] if self.rnn.batch_first else out[-1]) + h[-1].sum() * 0
+
+
+@pytest.mark.parametrize("surgery,cls", [(gd.surgery.rnn_to_lstm, nn.LSTM), (gd.surgery.rnn_to_gru, nn.GRU)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_rnn_to_gated_keeps_sizes_and_interface(surgery, cls, batch_first):
+    model = RNNNet(batch_first)
+    x = torch.randn(4, 9, 3) if batch_first else torch.randn(9, 4, 3)
+    shape = model(x).shape
+    new, changes = surgery(model)
+    assert isinstance(new.rnn, cls) and len(changes) == 1
+    assert (new.rnn.input_size, new.rnn.hidden_size, new.rnn.num_layers, new.rnn.batch_first) == (3, 6, 2, batch_first)
+    assert new(x).shape == shape
+    with pytest.raises(SurgeryNotApplicableError, match="no nn.RNN"):
+        surgery(new)
+
+
+def test_rnn_to_lstm_plain_interface_and_gru_alias():
+    new, _ = gd.surgery.rnn_to_lstm(nn.RNN(2, 3), keep_interface=False)
+    assert type(new) is nn.LSTM
+    out, (h, c) = new(torch.randn(5, 1, 2))
+    assert out.shape == (5, 1, 3) and c.shape == (1, 1, 3)
+    new, _ = gd.surgery.rnn_to_lstm(nn.Sequential(nn.RNN(2, 3)), cell="gru")
+    assert isinstance(new[0], nn.GRU)
