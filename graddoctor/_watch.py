@@ -161,6 +161,8 @@ class Watch:
         self._events: list[tuple[int, str, dict]] = []
 
     def _push(self, series: str, step: int, value: Tensor) -> None:
+        if not self.recording:
+            return
         steps, values = self._buf.setdefault(series, ([], []))
         steps.append(step)
         values.append(value)
@@ -222,7 +224,9 @@ class Watch:
         if self.recording or self._sharded or self.guard is not None:
             stats = tensor_stats([p.grad for p in self.params], self.stats_device)
             self.latest = stats
-        if self.recording:
+        if self.recording or self._sharded:
+            # Sharded gradients: the sampled weight/update norms are all-reduces too, so every
+            # rank computes them (rank 0 alone keeps them, see `_push`).
             self._record(s, stats, loss)
         if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
             self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
@@ -307,8 +311,9 @@ class Watch:
         """Flush what is buffered, remove every hook and close the store. Safe to call twice."""
         if self.closed:
             return
-        if self.recording:
+        if self.recording or self._sharded:
             self._record_update()
+        if self.recording:
             self._remove_activation_hooks()
             self.flush()
         if self._input_handle is not None:

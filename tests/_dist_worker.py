@@ -1,0 +1,77 @@
+"""One rank of the distributed tests; started twice by test_distributed.py with RANK/WORLD_SIZE set.
+
+mode ddp:   DDP over gloo, each rank half of the global batch; rank 0 records into run_dir.
+mode fsdp:  FSDP2 (fully_shard, DTensor-sharded parameters and gradients); rank 0 records.
+mode dtensor: tensor_stats on hand-made Shard(0) DTensors vs the full tensors; writes a JSON verdict.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import graddoctor as gd
+
+mode, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)) for _ in range(steps)]
+    return model, batches
+
+
+def train(model, batches, shard):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = gd.watch(model, opt, run_dir, flush_every=3, activation_every=0)
+    for x, y in batches:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        w.step(loss)
+        opt.step()
+    w.close()
+    return w
+
+
+if mode == "ddp":
+    model, batches = model_and_data()
+    w = train(nn.parallel.DistributedDataParallel(model), batches, shard=False)
+    assert w.recording == (rank == 0), "only rank 0 records"
+    assert (w.latest is None) == (rank != 0), "other ranks do no monitoring work"
+elif mode == "fsdp":
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model, batches = model_and_data()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    train(model, batches, shard=True)
+elif mode == "dtensor":
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    full = [torch.randn(8, 5), torch.randn(6), torch.randn(4, 4) * 100]
+    full[0][5, 1] = float("nan")   # in rank 1's shard
+    full[2][0, 0] = float("inf")   # in rank 0's shard
+    sharded = [distribute_tensor(t, mesh, [Shard(0)]) for t in full]
+    got = gd.tensor_stats(sharded, torch.device("cpu"))
+    ref = gd.tensor_stats(full, torch.device("cpu"))
+    verdict = {k: [getattr(got, k).tolist(), getattr(ref, k).tolist()] for k in ("norm", "maxabs", "nonfinite")}
+    verdict["total"] = [float(got.total_norm), float(ref.total_norm)]
+    if rank == 0:
+        with open(os.path.join(run_dir, "verdict.json"), "w") as f:
+            f.write(gd._nonfinite_json.dumps(verdict))
+dist.barrier()
+dist.destroy_process_group()
