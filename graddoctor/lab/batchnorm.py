@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ..report import _plots as P
-from ..report._views import activation_figure
 from ._train import digits, losses, mlp, sampler, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result
 
@@ -99,8 +98,4 @@ def _figures(plain: tuple, bn: tuple) -> list[Figure]:
                     f"sigmoid outputs at the last step, {label}", "sigmoid output (0 and 1: saturated)")
     figs.append(Figure("Activation saturation histograms", P.to_uri(fig),
                        "Mass near 0 or 1 is saturation, where the sigmoid's derivative (at most 0.25) is tiny."))
-    for label, r in (("without", plain), ("with", bn)):
-        f = activation_figure(r[0], f"fraction of saturated sigmoid outputs, {label} BatchNorm")
-        if f is not None:
-            figs.append(f)
     return figs

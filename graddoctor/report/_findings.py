@@ -6,16 +6,21 @@ every run gets its findings beside the plots.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any, Optional
 
 
+def _diagnose_module():
+    # importlib, not `from .. import diagnose`: the package re-exports the *function* under that name.
+    return importlib.import_module("graddoctor.diagnose")
+
+
 def diagnose_available() -> bool:
     try:
-        from .. import diagnose as _d  # noqa: F401
+        return hasattr(_diagnose_module(), "diagnose")
     except ImportError:
         return False
-    return hasattr(_d, "diagnose")
 
 
 def to_dict(obj: Any) -> Any:
@@ -40,7 +45,6 @@ def findings_for(run_dir: Path | str) -> Optional[list[dict]]:
     """diagnose(run_dir) as a list of dicts; None when graddoctor.diagnose is not installed."""
     if not diagnose_available():
         return None
-    from ..diagnose import diagnose
-    out = diagnose(str(run_dir))
+    out = _diagnose_module().diagnose(str(run_dir))
     items = getattr(out, "findings", out)
     return [to_dict(f) for f in items]

@@ -19,7 +19,7 @@ h3{font-size:15px;margin:14px 0 4px}
 table{border-collapse:collapse;width:100%;background:#fff;font-size:13px}
 th,td{border:1px solid #ddd;padding:5px 7px;text-align:left;vertical-align:top} th{background:#f0f0f3}
 .yes{color:#0a7d2c;font-weight:600} .no{color:#b3261e;font-weight:600}
-.plots{display:flex;flex-wrap:wrap;gap:12px}
+.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 figure.plot{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:8px;max-width:100%}
 figure.plot img{display:block;max-width:100%;height:auto}
 figcaption{font-size:12px;color:#555;max-width:760px;margin-top:4px}
@@ -92,3 +92,25 @@ def _remedy_id(r: Any) -> str:
     if isinstance(r, dict):
         return str(r.get("id") or r.get("remedy") or r.get("name") or "")
     return str(getattr(r, "id", r))
+
+
+def findings_overview(by_run: dict[str, Sequence[dict]]) -> str:
+    """One table for an experiment: each run, its findings (code and severity), causes and top remedies."""
+    if not by_run:
+        return ""
+    rows, clean = [], [run for run, items in by_run.items() if not items]
+    for run, items in by_run.items():
+        if not items:
+            continue
+        codes = ", ".join(f"<span class=\"sev-{esc(f.get('severity', ''))}\">{esc(f.get('code', ''))}</span>"
+                          for f in items) or "<span class=\"muted\">none</span>"
+        causes = ", ".join(dict.fromkeys(str(f.get("cause", "")) for f in items))
+        remedies = ", ".join(list(dict.fromkeys(_remedy_id(r) for f in items for r in (f.get("remedies") or [])))[:4])
+        message = esc(items[0].get("message", "")) if items else ""
+        rows.append([f"<code>{esc(run)}</code>", codes, esc(causes), esc(remedies), message])
+    head = "<h3>diagnose on every run</h3>"
+    tab = (table(["run", "findings (red: critical, orange: warning)", "cause", "top remedies", "first finding"],
+                 rows, raw_cols=range(5)) if rows else "")
+    none = (f"<p class=\"muted\">no findings: {', '.join(f'<code>{esc(r)}</code>' for r in clean)}</p>"
+            if clean else "")
+    return head + "<div class=\"findings\">" + tab + none + "</div>"

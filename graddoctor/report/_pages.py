@@ -43,8 +43,7 @@ def _section(r: Any) -> str:
     if r.notes:
         parts.append(f"<p class=\"muted\">{H.esc(r.notes)}</p>")
     parts.append(H.figures(r.figures))
-    for run, items in (r.findings or {}).items():
-        parts.append(H.findings(items, run))
+    parts.append(H.findings_overview(r.findings or {}))
     parts.append("</section>")
     return "".join(parts)
 

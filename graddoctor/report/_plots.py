@@ -120,8 +120,12 @@ def profiles(ax, layers: Sequence[str], rows: dict[str, np.ndarray], title: str,
 
 def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, log: bool = False,
                spikes: Optional[dict[str, Sequence[int]]] = None, events: Optional[dict[str, Sequence[int]]] = None,
-               ylabel: str = "training loss", baseline: Optional[tuple[float, str]] = None) -> None:
-    """Loss curves; spikes as orange dots, interventions (e.g. clipping) as ticks at the bottom, NaN/Inf in red."""
+               ylabel: str = "training loss", baseline: Optional[tuple[float, str]] = None,
+               ylim: Optional[tuple[float, float]] = None) -> None:
+    """Loss curves; spikes as orange dots, interventions (e.g. clipping) as ticks at the bottom, NaN/Inf in red.
+
+    `ylim` fixes the y range (values outside are cut off), so one exploding run does not flatten the others.
+    """
     for i, (label, (steps, loss)) in enumerate(curves.items()):
         steps, loss = as_float(steps), as_float(loss)
         color = f"C{i % 10}"
@@ -136,6 +140,8 @@ def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
                     markersize=6)
     if baseline is not None:
         ax.axhline(baseline[0], color="black", linestyle="--", linewidth=0.8, label=baseline[1])
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel + (" (log)" if log else ""))
     ax.set_title(title)

@@ -31,7 +31,7 @@ def heatmap_figure(run_dir: Path | str, title: str = "gradient flow") -> Figure:
     """Layer x step heat map of per-layer gradient norms of one run."""
     with open_run(run_dir) as run:
         names, steps, grads = _layer_grads(run)
-    fig, axes = P.figure(1, width=6.0, height=max(2.4, 0.16 * len(names) + 1.2))
+    fig, axes = P.figure(1, width=6.0, height=min(5.0, max(2.4, 0.16 * len(names) + 1.2)))
     P.heatmap(axes[0], steps, names, grads, title)
     return Figure(title, P.to_uri(fig))
 
