@@ -11,6 +11,8 @@ from ._stats import TensorStats, l2_norms, tensor_stats
 from ._watch import Watch, watch
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
 from . import init, surgery, treat
+from .lab import run_lab
+from .report import write_run_report
 from .treat import (Guard, agc, auto_clip, chain, clip_norm, clip_norm_per_tensor, clip_value, skip_nonfinite,
                     zclip)
 
@@ -21,5 +23,5 @@ __all__ = [
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
     "diagnose", "Finding", "DiagnoseConfig",
     "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
-    "skip_nonfinite", "Guard",
+    "skip_nonfinite", "Guard", "run_lab", "write_run_report",
 ]
