@@ -3,10 +3,19 @@
 - Gradient transforms (optax-style, composed with `chain`, fed the statistics `watch` already
   computed): `clip_value`, `clip_norm`, `clip_norm_per_tensor`, `auto_clip`, `agc`, `zclip`,
   `skip_nonfinite`; run them with `watch(..., guard=...)` or a standalone `Guard`.
+- `rollback`: restore the last good snapshot after a loss spike, skip the batches that followed.
+- `l1_penalty`, `l2_penalty`: weight penalties (and the note on AdamW's decoupled decay).
+- `layerwise_pretrain`, `fine_tune`: greedy stacked denoising autoencoders, then supervised training.
+- Initialization is `graddoctor.init`, architecture changes are `graddoctor.surgery`.
+- `REMEDIES`: every shared remedy id -> the code (or snippet) that implements it.
 """
 from ._adaptive import AGCState, AutoClipState, ZClipState, agc, auto_clip, unitwise_norm, zclip
 from ._base import ChainState, EmptyState, GradientTransform, TransformState, TransformStateError, chain
 from ._guard import Guard
+from ._pretrain import PretrainError, fine_tune, layerwise_pretrain
+from ._regularization import l1_penalty, l2_penalty
+from ._remedies import REMEDIES
+from ._rollback import Rollback, RollbackLimitError, is_spike, rollback
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._transforms import ClipState, PerTensorClipState, clip_norm, clip_norm_per_tensor, clip_value
 
@@ -15,4 +24,6 @@ __all__ = [
     "clip_value", "clip_norm", "clip_norm_per_tensor", "ClipState", "PerTensorClipState",
     "auto_clip", "agc", "zclip", "unitwise_norm", "AutoClipState", "AGCState", "ZClipState",
     "skip_nonfinite", "SkipState", "NonFiniteGradientError", "Guard",
+    "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
+    "layerwise_pretrain", "fine_tune", "PretrainError", "REMEDIES",
 ]
