@@ -57,7 +57,7 @@ class DiagnoseConfig:
 
     # --- loss ----------------------------------------------------------------------------
     # Loss spike: this many robust z-scores above the running median [Hampel74] ...
-    spike_z: float = 8.0
+    spike_z: float = 10.0
     # ... and at least this factor above it, so a tiny loss's tiny wiggles do not count.
     spike_factor: float = 2.0
     # Fewest earlier finite losses before spikes are judged: a MAD from a handful of
