@@ -1,8 +1,8 @@
 """Greedy layer-wise pre-training + fine-tuning vs random initialization for a deep sigmoid net.
 
-Pre-training (Hinton et al. 2006; Bengio et al. 2007): train the first layer as an
-autoencoder of the input, then the second as an autoencoder of the first layer's
-codes, and so on; then fine-tune the whole net on the labels. We compare fine-tuning
+Pre-training (Hinton et al. 2006; Bengio et al. 2007), with `graddoctor.treat.layerwise_pretrain`:
+train the first layer as a (denoising, tied-weight) autoencoder of the input, then the second as an
+autoencoder of the first layer's codes, and so on; then fine-tune the whole net on the labels. We compare fine-tuning
 from that start with training the same net from PyTorch's default random init, same
 optimizer and steps, both recorded with `watch`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..report import _plots as P
 from ..report._views import heatmap_figure
@@ -19,32 +19,6 @@ from ._types import Context, Figure, experiment, result
 
 NAME = "pretraining"
 SIZES = [64, 64, 64, 64, 64, 64, 10]  # 5 hidden sigmoid layers
-
-
-def pretrain_layerwise(model: nn.Sequential, x: Tensor, steps: int, gen: torch.Generator, lr: float = 0.01) -> list[float]:
-    """Greedy autoencoder pre-training of every hidden Linear+Sigmoid pair of `model`, in place.
-
-    Each layer learns to reconstruct its input (MSE) through a throwaway linear decoder,
-    with Adam, on the codes produced by the layers below (frozen).
-
-    Returns:
-      The final reconstruction loss of each layer.
-    """
-    lins = [m for m in model if isinstance(m, nn.Linear)][:-1]
-    codes, out = x, []
-    for lin in lins:
-        dec = nn.Linear(lin.out_features, lin.in_features)
-        opt = torch.optim.Adam(list(lin.parameters()) + list(dec.parameters()), lr=lr)
-        for _ in range(steps):
-            xb = codes[torch.randint(0, len(codes), (64,), generator=gen)]
-            loss = nn.functional.mse_loss(dec(torch.sigmoid(lin(xb))), xb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out.append(float(loss.detach()))
-        with torch.no_grad():
-            codes = torch.sigmoid(lin(codes))
-    return out
 
 
 @experiment(NAME, "Layer-wise pre-training vs random init (deep sigmoid)",
@@ -59,7 +33,8 @@ def run(ctx: Context):
         gen = seed_all(ctx.seed)
         model = mlp(SIZES, "sigmoid", "default")
         if label == "pre-trained":
-            recon = pretrain_layerwise(model, x, pre_steps, gen)
+            from ..treat import layerwise_pretrain
+            recon = layerwise_pretrain(model, x, steps_per_layer=pre_steps, seed=ctx.seed)
         run_dir = ctx.run_dir(NAME, "pretrained" if label == "pre-trained" else "random")
         train(model, run_dir, steps, sampler(x, y, 64, gen), nn.functional.cross_entropy,
               torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
@@ -74,8 +49,8 @@ def run(ctx: Context):
                 f"{final['pre-trained']:.3f} after pre-training; first/last layer gradient ratio "
                 f"{ratio['random init']:.2g} vs {ratio['pre-trained']:.2g}.")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
-                  notes=f"{len(SIZES) - 2} hidden layers of 64 sigmoids on digits; autoencoders trained {pre_steps} Adam "
-                        f"steps per layer; fine-tuning with SGD lr 0.5, momentum 0.9, batch 64.")
+                  notes=f"{len(SIZES) - 2} hidden layers of 64 sigmoids on digits; gd.treat.layerwise_pretrain with "
+                        f"{pre_steps} Adam steps per layer; fine-tuning with SGD lr 0.5, momentum 0.9, batch 64.")
 
 
 def _figures(runs: dict) -> list[Figure]:

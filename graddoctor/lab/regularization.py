@@ -2,7 +2,7 @@
 
 An MLP fits a small subset of digits (200 images) for many steps with a large
 learning rate, which lets the weights grow as the net memorizes. Adding
-lambda * sum(w^2) (L2) or lambda * sum(|w|) (L1) to the loss pulls the weights
+graddoctor.treat's l2_penalty (lambda / 2 * sum w^2) or l1_penalty (lambda * sum |w|) to the loss pulls the weights
 back: the recorded weight norm grows less, gradients stay smaller, and L1
 drives many weights to (near) zero.
 """
@@ -18,15 +18,13 @@ from ._train import digits, losses, mlp, sampler, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result
 
 NAME = "regularization"
-PENALTIES = {"none": 0.0, "L2 (1e-2)": 1e-2, "L1 (1e-3)": 1e-3}
+PENALTIES = {"none": 0.0, "L2 (2e-2)": 2e-2, "L1 (1e-3)": 1e-3}
 
 
-def penalty(model: nn.Module, kind: str, lam: float) -> Tensor:
-    """lambda * sum of w^2 (L2) or |w| (L1) over the weight matrices (biases are not penalized)."""
-    ws = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    if kind.startswith("L2"):
-        return lam * sum((w * w).sum() for w in ws)
-    return lam * sum(w.abs().sum() for w in ws)
+def penalty(model: nn.Module, kind: str, coef: float) -> Tensor:
+    """graddoctor.treat's penalty: L2 is coef / 2 * sum w^2, L1 is coef * sum |w| (weights only, no biases)."""
+    from ..treat import l1_penalty, l2_penalty
+    return (l2_penalty if kind.startswith("L2") else l1_penalty)(model, coef)
 
 
 def _weights(run_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,7 +36,7 @@ def _weights(run_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @experiment(NAME, "L1 / L2 weight regularization",
-            "Penalizing the weights (L2: lambda * sum w^2, L1: lambda * sum |w|) keeps them from growing large "
+            "Penalizing the weights (L2: lambda / 2 * sum w^2, L1: lambda * sum |w|) keeps them from growing large "
             "(large weights are what makes the backprop product explode, seed 000); L1 also makes weights sparse. "
             "The penalty adds its own gradient, so the global gradient norm does not go to zero.",
             "seeds 001/003/004", runs=lambda preset: len(PENALTIES), order=70)
@@ -69,14 +67,14 @@ def run(ctx: Context):
         m["final_weight_norm"][k], m["weight_norm_growth"][k] = float(wn[-1]), float(wn[-1] / wn[0])
         m["late_grad_norm"][k] = tail_mean(g, 0.2)
     growth = m["weight_norm_growth"]
-    ok = (growth["none"] > 1.0 and growth["L2 (1e-2)"] < 1.0 and growth["L1 (1e-3)"] < 1.0
+    ok = (growth["none"] > 1.0 and growth["L2 (2e-2)"] < 1.0 and growth["L1 (1e-3)"] < 1.0
           and zero_frac["L1 (1e-3)"] > 5 * zero_frac["none"])
     measured = ("weight-norm growth over training: " + ", ".join(f"{k} x{v:.2f}" for k, v in growth.items()) +
                 "; weights below 1e-3: " + ", ".join(f"{k} {v:.1%}" for k, v in zero_frac.items()) +
                 "; late global gradient norm: " + ", ".join(f"{k} {v:.3g}" for k, v in m["late_grad_norm"].items()) + ".")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
                   notes=f"MLP 64-128-128-10 (ReLU, PyTorch default init) on 200 digits, SGD lr 0.3, batch 32, {steps} steps; "
-                        "the penalty is added to the loss that watch records.")
+                        "the penalty (gd.treat.l1_penalty / l2_penalty) is added to the loss that watch records.")
 
 
 def _figures(runs: dict) -> list[Figure]:
