@@ -64,16 +64,14 @@ def init_linear(lin: nn.Linear, scheme: str) -> None:
         nn.init.zeros_(lin.bias)
 
 
-def mlp(sizes: list[int], activation: str, init: str = "default", batch_norm: bool = False) -> nn.Sequential:
-    """Linear layers of `sizes`, each but the last followed by [BatchNorm1d] and the activation."""
+def mlp(sizes: list[int], activation: str, init: str = "default") -> nn.Sequential:
+    """Linear layers of `sizes`, each but the last followed by the activation."""
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         lin = nn.Linear(sizes[i], sizes[i + 1])
         init_linear(lin, init)
         layers.append(lin)
         if i < len(sizes) - 2:
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(sizes[i + 1]))
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
