@@ -1,0 +1,100 @@
+"""watch + guard(clip_norm) against torch.nn.utils.clip_grad_norm_ alone (DESIGN.md budget: ratio <= 1.0).
+
+Workload (DESIGN.md's CPU workload): an MLP of 16 Linear(512, 512) + ReLU layers, batch 256, Adam.
+Variants, each on its own copy of the same model, stepped in turn (interleaved, rotating order):
+  baseline              forward, backward, optimizer step
+  clip_grad_norm        + torch.nn.utils.clip_grad_norm_(max_norm=1.0)
+  watch+guard           + gd.watch(guard=gd.clip_norm(1.0)), activation stats off: the guard reuses
+                          watch's total norm, so clipping costs one _foreach_mul_ per group
+  watch(default)+guard  the same with watch's default activation sampling
+
+Usage: python benchmarks/treat_overhead.py [--steps 200] [--device cpu|cuda]
+Prints a markdown table of medians and ratios (to baseline and to clip_grad_norm).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import graddoctor as gd
+
+
+def make_model(depth: int, width: int, device: str) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10)).to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Variant:
+    def __init__(self, name: str, model: nn.Module, run_dir: str | None, watch_options: dict | None, clip: bool):
+        self.name, self.model, self.clip = name, model, clip
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.watch = None
+        if watch_options is not None:
+            self.watch = gd.watch(model, self.opt, run_dir, guard=gd.clip_norm(1.0), **watch_options)
+        self.times: list[float] = []
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, device: str, record: bool) -> None:
+        sync(device)
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.watch is not None:
+            self.watch.step(loss)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        sync(device)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = make_model(args.depth, args.width, args.device)
+    x = torch.randn(args.batch, args.width, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [Variant("baseline", copy.deepcopy(base), None, None, False),
+                    Variant("clip_grad_norm", copy.deepcopy(base), None, None, True),
+                    Variant("watch+guard", copy.deepcopy(base), f"{tmp}/a", dict(activation_every=0), False),
+                    Variant("watch(default)+guard", copy.deepcopy(base), f"{tmp}/b", {}, False)]
+        for i in range(args.warmup + args.steps):
+            order = variants[i % len(variants):] + variants[:i % len(variants)]
+            for v in order:
+                v.step(x, y, args.device, record=i >= args.warmup)
+        for v in variants:
+            if v.watch is not None:
+                v.watch.close()
+    med = {v.name: statistics.median(v.times) for v in variants}
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"model={args.depth}x{args.width} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)")
+    print("| variant | median step (ms) | ratio to baseline | ratio to clip_grad_norm |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, m in med.items():
+        print(f"| {name} | {m * 1e3:.2f} | {m / med['baseline']:.3f} | {m / med['clip_grad_norm']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
