@@ -122,3 +122,10 @@ def test_report_cli_writes_default_path(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.html").exists()
     assert str(tmp_path / "run" / "report.html") in capsys.readouterr().out
+
+
+def test_run_report_of_a_run_without_steps(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 1))
+    gd.watch(model, None, tmp_path / "empty").close()
+    html = write_run_report([tmp_path / "empty"], tmp_path / "e.html").read_text()
+    assert "no training step" in html and "<figure" not in html

@@ -54,7 +54,9 @@ def run_page(run_dirs: Sequence[Path | str], title: Optional[str] = None) -> str
             f"<p class=\"muted\">{len(run_dirs)} run(s) · generated "
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>"]
     for rd in run_dirs:
-        body.append(f"<section><h2>{H.esc(rd)}</h2>{H.figures(run_figures(rd))}")
+        figs = run_figures(rd)
+        body.append(f"<section><h2>{H.esc(rd)}</h2>" + (H.figures(figs) if figs else
+                    "<p class=\"muted\">this run recorded no training step yet: nothing to plot.</p>"))
         items = findings_for(rd)
         body.append(H.findings(items, str(rd)) if items is not None else
                     "<p class=\"muted\">graddoctor.diagnose is not installed here: findings are not shown.</p>")

@@ -134,7 +134,10 @@ def activation_figure(run_dir: Path | str, title: str = "activation saturation")
 
 
 def run_figures(run_dir: Path | str) -> list[Figure]:
-    """Every per-run view that the run has data for."""
+    """Every per-run view that the run has data for (none for a run that recorded no step)."""
+    with open_run(run_dir) as run:
+        if run.num_steps == 0:
+            return []
     figs = [heatmap_figure(run_dir), profile_figure(run_dir), loss_figure(run_dir)]
     act = activation_figure(run_dir)
     return figs + ([act] if act is not None else [])
