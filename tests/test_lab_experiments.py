@@ -177,7 +177,7 @@ def test_loss_surface_trajectories_match_the_closed_form(res, out):
         n = len(loss)
         d = math.hypot(START[0] * (1 - lr * A) ** n, START[1] * (1 - lr * B) ** n) / math.hypot(*START)
         assert math.isclose(m["final_distance_over_start"][label], d, rel_tol=1e-9)
-    assert m["final_distance_over_start"]["too small (lr=0.01)"] > 0.5
+    assert m["final_distance_over_start"]["too small (lr=0.01)"] > 0.25
     assert m["too_large_y_sign_flip_fraction"] == 1.0
 
 
