@@ -120,6 +120,12 @@ def test_watch_guard_records_interventions_and_raw_stats(tmp_path):
         assert e["data"]["clip_norm.coef"] == pytest.approx(min(1.0, 0.05 / (n + 1e-6)), rel=1e-6)
     skipped = run.events("skipped_step")
     assert [e["step"] for e in skipped] == [6] and skipped[0]["data"]["bad"][0] == "0.weight"
+    summary = {i["what"]: i for i in treat.interventions(run)}
+    clipped = [n for n in raw_norms if 0.05 / (n + 1e-6) < 1]
+    assert summary["clip_norm.coef"]["steps"] == len(clipped)
+    assert summary["clip_norm.coef"]["extreme"] == pytest.approx(0.05 / (max(clipped) + 1e-6), rel=1e-6)
+    assert summary["skipped_step"]["first_step"] == 6 and "0.weight" in summary["skipped_step"]["detail"]
+    assert "skipped_step: 1 step(s)" in treat.format_interventions(run)
 
 
 def test_watch_rejects_a_guard_that_is_not_a_transform():

@@ -8,10 +8,12 @@
 - `layerwise_pretrain`, `fine_tune`: greedy stacked denoising autoencoders, then supervised training.
 - Initialization is `graddoctor.init`, architecture changes are `graddoctor.surgery`.
 - `REMEDIES`: every shared remedy id -> the code (or snippet) that implements it.
+- `interventions(run)` / `format_interventions(run)`: what the guard and rollback did in a recorded run.
 """
 from ._adaptive import AGCState, AutoClipState, ZClipState, agc, auto_clip, unitwise_norm, zclip
 from ._base import ChainState, EmptyState, GradientTransform, TransformState, TransformStateError, chain
 from ._guard import Guard
+from ._interventions import format_interventions, interventions
 from ._pretrain import PretrainError, fine_tune, layerwise_pretrain
 from ._regularization import l1_penalty, l2_penalty
 from ._remedies import REMEDIES
@@ -25,5 +27,5 @@ __all__ = [
     "auto_clip", "agc", "zclip", "unitwise_norm", "AutoClipState", "AGCState", "ZClipState",
     "skip_nonfinite", "SkipState", "NonFiniteGradientError", "Guard",
     "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
-    "layerwise_pretrain", "fine_tune", "PretrainError", "REMEDIES",
+    "layerwise_pretrain", "fine_tune", "PretrainError", "REMEDIES", "interventions", "format_interventions",
 ]
