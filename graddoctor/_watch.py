@@ -210,6 +210,7 @@ class Watch:
         """Record the current gradients (and the loss) as one step. No host sync (but see `flush`).
 
         Call it once per optimizer step, after the last backward and before `optimizer.step()`.
+        A guard runs here too and adds its transforms' host syncs (`skip_nonfinite`: one; clips: none).
 
         Args:
           loss: the step's loss, a tensor (kept on its device) or a float; None records NaN.
