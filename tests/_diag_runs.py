@@ -251,19 +251,27 @@ del S, fs
 
 
 def train(scenario: Scenario, run_dir: str | Path, seed: int = 0, **watch_options) -> Path:
-    """Train one scenario under watch into run_dir; returns run_dir. NaN/Inf losses are recorded, never raised."""
-    torch.manual_seed(seed)
-    model, opt, batches, loss_fn, *schedule = scenario.build()
-    with gd.watch(model, opt, run_dir, **{**scenario.watch, **watch_options}) as w:
-        for step in range(scenario.steps):
-            if schedule:
-                schedule[0](step)
-            inputs, target = batches(step)
-            loss = loss_fn(model(*inputs), target)
-            opt.zero_grad()
-            loss.backward()
-            w.step(loss)
-            opt.step()
+    """Train one scenario under watch into run_dir; returns run_dir. NaN/Inf losses are recorded, never raised.
+
+    Runs on one intra-op thread: these models are tiny, and on a shared 2-core box a second
+    spinning thread only slows everyone down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model, opt, batches, loss_fn, *schedule = scenario.build()
+        with gd.watch(model, opt, run_dir, **{**scenario.watch, **watch_options}) as w:
+            for step in range(scenario.steps):
+                if schedule:
+                    schedule[0](step)
+                inputs, target = batches(step)
+                loss = loss_fn(model(*inputs), target)
+                opt.zero_grad()
+                loss.backward()
+                w.step(loss)
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return Path(run_dir)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 from .._run import Run, open_run
 from ._config import DiagnoseConfig
 from ._data import RunData
-from ._evidence import fitting_init
+from ._evidence import activation_class, fitting_init
 from ._findings import Finding
 from ._remedies import rank_remedies
 from ._rules_activation import dead_relu, poor_initialization, saturated_activation
@@ -57,12 +57,12 @@ def diagnose(run: Run | RunData | str | Path, config: Optional[DiagnoseConfig] =
 
 def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
     """Run every rule on host arrays; the order is severity, then `RULES` order."""
-    init = fitting_init(data)
+    init, act = fitting_init(data), activation_class(data)
     found = []
     for rule in RULES.values():
         f = rule(data, cfg)
         if f is not None:
-            found.append(f.with_remedies(rank_remedies(f, init)))
+            found.append(f.with_remedies(rank_remedies(f, init, act)))
     order = list(RULES)
     return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))
 

@@ -45,6 +45,13 @@ def fitting_init(d: RunData) -> str:
     return {"relu": "he_init", "bounded": "xavier_init", "mixed": "lsuv_init", "none": "orthogonal_init"}[activation_family(d)]
 
 
+def activation_class(d: RunData) -> str:
+    """The most common feed-forward activation module class, as code for snippets (default nn.ReLU)."""
+    names = [d.modules.get(d.act_modules[j], "") for j in feedforward_acts(d)]
+    names = [n for n in names if n]
+    return f"nn.{max(set(names), key=names.count)}" if names else "nn.ReLU"
+
+
 def weight_scales(d: RunData) -> dict[str, float]:
     """Initial weight RMS * sqrt(fan_in) per eligible non-recurrent matrix (1 = LeCun, 1.41 = He, 0.58 = torch default)."""
     out = {}

@@ -35,11 +35,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "l2_regularization": ("Penalizes large weights (weight decay), which keeps the per-layer gain near 1.",
                           'loss = loss + gd.treat.l2_penalty(model, 1e-4)   # or AdamW(weight_decay=...)'),
     "relu": ("ReLU's derivative is 1 where active, instead of sigmoid's at most 0.25 per layer.",
-             'gd.surgery.swap_activation(model, nn.Sigmoid, nn.ReLU)'),
+             'gd.surgery.swap_activation(model, {act}, nn.ReLU)'),
     "leaky_relu": ("A small negative slope keeps a gradient flowing through units that would otherwise die.",
-                   'gd.surgery.swap_activation(model, nn.ReLU, lambda: nn.LeakyReLU(0.01))'),
+                   'gd.surgery.swap_activation(model, {act}, lambda: nn.LeakyReLU(0.01))'),
     "elu": ("ELU is smooth, non-saturating for x > 0 and has no dead region.",
-            'gd.surgery.swap_activation(model, nn.ReLU, nn.ELU)'),
+            'gd.surgery.swap_activation(model, {act}, nn.ELU)'),
     "he_init": ("He init (std sqrt(2/fan_in)) keeps activation variance constant through ReLU layers.",
                 'gd.init.he_(model)'),
     "xavier_init": ("Xavier init (std sqrt(2/(fan_in+fan_out))) keeps tanh/sigmoid pre-activations out of saturation.",
@@ -108,18 +108,24 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
 }
 
 
-def remedy(remedy_id: str) -> Remedy:
-    """The catalogue entry for one id. Raises KeyError for an unknown id."""
+def remedy(remedy_id: str, act: str = "nn.ReLU") -> Remedy:
+    """The catalogue entry for one id; `act` fills the activation class in swap snippets. KeyError for an unknown id."""
     why, snippet = CATALOGUE[remedy_id]
-    return Remedy(remedy_id, why, snippet)
+    return Remedy(remedy_id, why, snippet.replace("{act}", act))
 
 
-def rank_remedies(finding: Finding, fitting_init: str = "he_init") -> tuple[Remedy, ...]:
-    """The remedies that fit a finding, best first. "@init" stands for the init that fits the activations."""
+def rank_remedies(finding: Finding, fitting_init: str = "he_init", act: str = "nn.ReLU") -> tuple[Remedy, ...]:
+    """The remedies that fit a finding, best first.
+
+    Args:
+      finding: the finding (its code and cause pick the ranking).
+      fitting_init: the init id that fits the model's activations; stands in for "@init".
+      act: the model's activation class as code (e.g. "nn.Sigmoid"), for activation-swap snippets.
+    """
     ids = _RANKING.get((finding.code, finding.cause)) or _RANKING[(finding.code, None)]
     out: list[str] = []
     for i in ids:
         i = fitting_init if i == "@init" else i
         if i not in out:
             out.append(i)
-    return tuple(remedy(i) for i in out)
+    return tuple(remedy(i, act) for i in out)

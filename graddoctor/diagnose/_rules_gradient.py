@@ -138,6 +138,11 @@ def exploding_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if rise.any():
         forms.append("rise_above_baseline")
         ev.update(rise_ev)
+    layer_rise, layer_ev = _layer_rise(d, cfg, bad)
+    if layer_rise.any():
+        forms.append("layer_rise_above_baseline")
+        ev.update(layer_ev)
+        rise = rise | layer_rise
     lr = d.log_grad_ratio
     ratio = np.zeros(d.T, dtype=bool)
     if lr.shape[1]:
@@ -195,6 +200,42 @@ def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.n
                   "robust_z": _r(z[i]), "max_orders_above_baseline": _r(float(np.nanmax(above[mask])))}
 
 
+def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Steps where some layer's gradient norm is orders above its own baseline: the median of its
+    block medians (blocks of `baseline_window` steps) over the previous three blocks."""
+    e = d.eligible
+    B = cfg.baseline_window
+    nb = d.T // B
+    if len(e) == 0 or nb < 2:
+        return np.zeros(d.T, dtype=bool), {}
+    lg = safe_log10(d.grad_norm[:, e]).astype(np.float32)
+    lg[lg <= -29] = np.nan  # exact zeros (e.g. behind a zero-initialised branch end) carry no scale
+    lg[~np.isfinite(lg)] = np.nan
+    srt = np.sort(lg[: nb * B].reshape(nb, B, len(e)), axis=1)  # NaN sorts last
+    n = np.isfinite(srt).sum(axis=1)
+    mid = np.clip((n - 1) // 2, 0, B - 1)
+    block_med = np.take_along_axis(srt, mid[:, None, :], axis=1)[:, 0, :]
+    block_med[n == 0] = np.nan
+    prev = np.stack([np.roll(block_med, k, axis=0) for k in (1, 2, 3)], axis=2)  # [nb, E, 3]
+    for k in (1, 2, 3):
+        prev[:k, :, k - 1] = np.nan
+    prev = np.sort(prev, axis=2)
+    cnt = np.isfinite(prev).sum(axis=2)
+    base = np.take_along_axis(prev, np.clip((cnt - 1) // 2, 0, 2)[:, :, None], axis=2)[:, :, 0]
+    base[cnt == 0] = np.nan
+    block_of = np.minimum(np.arange(d.T) // B, nb - 1)
+    with np.errstate(invalid="ignore"):
+        above = lg - base[block_of]
+        raw = (above >= cfg.explode_rise_orders).any(axis=1)
+    mask = sustained(raw, cfg.explode_min_steps, bad)
+    if not mask.any():
+        return mask, {}
+    i = int(np.flatnonzero(mask)[0])
+    j = int(np.nanargmax(np.where(np.isfinite(above[i]), above[i], -np.inf)))
+    return mask, {"layer_rise_first_step": int(d.steps[i]), "layer_rise_layer": d.tensors[int(e[j])],
+                  "layer_orders_above_baseline": _r(above[i, j])}
+
+
 def _exploding_layers(d: RunData, cfg: DiagnoseConfig, first: int, ratio: np.ndarray, first_bad) -> list[str]:
     """Layers most responsible: highest grad/weight ratio at the first flagged step, or non-finite ones."""
     if first_bad is not None and first >= first_bad:
@@ -225,7 +266,7 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
     if len(upd):
         lr = d.meta.get("lr")
         return "learning_rate", (f"updates were large before the rise (median update/weight ratio above "
-                                 f"{cfg.large_update_ratio} at step {int(upd[-1])}" + (f", lr={lr}" if lr else "") +
+                                 f"{cfg.large_update_ratio} at step {int(upd[-1])}" + (f", initial lr={lr}" if lr else "") +
                                  ") while the first steps were healthy")
     if growth:
         return "depth", "gradients grow layer by layer toward the input"
@@ -242,11 +283,13 @@ def _input_bad_by(d: RunData, cfg: DiagnoseConfig, step: int) -> bool:
 
 # ------------------------------------------------------------------ non-finite
 def nonfinite_layers(d: RunData, step: int) -> list[str]:
-    """Tensors with NaN/Inf gradients at `step`, in backward order (output side first)."""
+    """Tensors with NaN/Inf gradients (or an overflowing norm) at `step`, in backward order (output side first)."""
     t = int(np.searchsorted(d.steps, step))
     if t >= d.T or d.P == 0:
         return []
-    idx = np.flatnonzero(d.grad_nonfinite[t] > 0)[::-1]
+    # NaN/Inf entries, or finite entries whose norm overflowed float32
+    bad = (d.grad_nonfinite[t] > 0) | ((d.grad_nonfinite[t] >= 0) & ~np.isfinite(d.grad_norm[t]))
+    idx = np.flatnonzero(bad)[::-1]
     return [d.tensors[i] for i in idx]
 
 
@@ -277,8 +320,10 @@ def nonfinite_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     else:
         cause, why = _nonfinite_cause(d, cfg, first, which)
     ev["reasoning"] = why
-    msg = (f"NaN/Inf first at step {first} ({which.replace('_', ' and ')} first)" +
-           (f", first in {layers[0]}" if layers else "") +
+    said = {"input": "the input batch", "loss": "the loss", "loss_and_gradient": "the loss and gradients together",
+            "gradient": "the gradients, with a finite loss"}[which]
+    msg = (f"NaN/Inf first at step {first} (first in {said})" +
+           (f"; output-most bad tensor: {layers[0]}" if layers else "") +
            ("; the run never recovered." if not ev["recovered"] else f"; {ev['nonfinite_steps']} bad step(s) in all."))
     return Finding("nonfinite_gradient", "critical", first, int(steps_bad[-1]), tuple(layers[:10]), ev, cause, msg)
 

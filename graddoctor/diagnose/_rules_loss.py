@@ -117,7 +117,7 @@ def large_weight_update(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     ev = {"update_steps": _steps_list(steps), "samples": int(big.sum()), "samples_total": len(d.update_steps),
           "max_median_update_weight_ratio": _r(10 ** float(np.max(med[big][finite]))) if finite.any() else float("inf"),
           "peak_update_weight_ratio_per_layer": {layers[i]: _r(10 ** peak[order[i]]) for i in range(len(layers))},
-          "lr": d.meta.get("lr"), "reasoning": why}
+          "initial_lr": d.meta.get("lr"), "reasoning": why}
     msg = (f"Weights change a lot per step: the median update/weight ratio exceeded {cfg.large_update_ratio} at "
            f"{int(big.sum())} of {len(d.update_steps)} sampled steps (first at step {int(steps[0])}).")
     return Finding("large_weight_update", "warning", int(steps[0]), int(steps[-1]), tuple(layers), ev, cause, msg)
