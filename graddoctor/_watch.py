@@ -261,8 +261,8 @@ class Watch:
         if self._snapshot is None:
             return
         s, snap = self._snapshot
-        deltas = torch._foreach_sub([p.detach() for p in self.params], snap)
-        self._push("update_norm", s, l2_norms(deltas, self.stats_device))
+        torch._foreach_sub_(snap, [p.detach() for p in self.params])  # in place: no second copy of the weights
+        self._push("update_norm", s, l2_norms(snap, self.stats_device))
         self._snapshot = None
 
     def _activation_matrix(self) -> Tensor:

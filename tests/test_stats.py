@@ -94,3 +94,18 @@ def test_all_missing_gives_empty_but_valid_stats():
     got = tensor_stats([None, None], torch.device("cpu"))
     assert got.nonfinite.tolist() == [-1, -1]
     assert got.norm.isnan().all() and float(got.total_norm) == 0.0
+
+
+def test_cpu_shortcut_and_full_count_agree():
+    # The CPU path counts only tensors with a non-finite norm; the accelerator path counts all.
+    from graddoctor._stats import _nonfinite_counts
+    ts = make(SHAPES, torch.float32)
+    ts[0][0, 0] = float("nan")
+    ts[2][1, 1, 1] = float("inf")
+    ts[4][0, 0] = 3e38  # finite, but its squared norm overflows: counted 0
+    ts[4][0, 1] = 3e38
+    norm = torch.stack([torch.linalg.vector_norm(t) for t in ts])
+    assert math.isinf(norm[4])
+    fast = _nonfinite_counts(ts, norm, torch.device("cpu"))
+    full = _nonfinite_counts(ts, norm, torch.device("cuda"))  # the device only picks the path here
+    assert fast.tolist() == full.tolist() == [1, 0, 1, 0, 0, 0]
