@@ -140,17 +140,29 @@ class RunData:
         return self.weight_norm[idx]
 
     @cached_property
+    def log_grad(self) -> np.ndarray:
+        """log10 of the eligible tensors' gradient norms [T, E] (float32); NaN where the tensor had no gradient."""
+        e = self.eligible
+        if len(e) == 0 or self.T == 0:
+            return np.zeros((self.T, 0), dtype=np.float32)
+        lg = safe_log10(self.grad_norm[:, e].astype(np.float32, copy=False))
+        lg[self.grad_nonfinite[:, e] < 0] = np.nan
+        return lg
+
+    @cached_property
     def log_grad_ratio(self) -> np.ndarray:
         """log10(grad norm / weight norm) [T, E] for the eligible tensors; NaN where either is missing/non-finite."""
         e = self.eligible
         if len(e) == 0 or self.T == 0:
-            return np.zeros((self.T, 0))
-        g = self.grad_norm[:, e].astype(np.float64)
-        w = self.weight_at(self.steps)[:, e].astype(np.float64)
-        missing = self.grad_nonfinite[:, e] < 0
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            r = safe_log10(g) - safe_log10(w)
-        return np.where(missing | ~np.isfinite(r), np.nan, r)
+            return np.zeros((self.T, 0), dtype=np.float32)
+        if len(self.sample_steps) == 0:
+            return np.full((self.T, len(e)), np.nan, dtype=np.float32)
+        lw = safe_log10(self.weight_norm[:, e].astype(np.float32, copy=False))  # per sample: cheap
+        idx = np.clip(np.searchsorted(self.sample_steps, self.steps, side="right") - 1, 0, len(self.sample_steps) - 1)
+        with np.errstate(invalid="ignore"):  # inf - inf: both non-finite, NaN below anyway
+            r = self.log_grad - lw[idx]
+        r[~np.isfinite(r)] = np.nan
+        return r
 
     @cached_property
     def log_update_ratio(self) -> np.ndarray:

@@ -68,10 +68,15 @@ def robust_z(x: np.ndarray, med: np.ndarray, mad: np.ndarray, floor: float) -> n
 
 
 def safe_log10(x: np.ndarray, tiny: float = 1e-30) -> np.ndarray:
-    """log10 of |x| floored at `tiny` (exact zeros become -30); NaN/Inf stay NaN/Inf."""
-    x = np.asarray(x, dtype=np.float64)
+    """log10 of |x| floored at `tiny` (exact zeros become -30); NaN stays NaN, +-Inf become +Inf.
+
+    Keeps float32 input in float32 (these arrays can be 100k steps x hundreds of tensors).
+    """
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(np.isfinite(x), np.log10(np.maximum(np.abs(x), tiny)), x)
+        return np.log10(np.maximum(np.abs(x), x.dtype.type(tiny)))
 
 
 def block_medians(x: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:

@@ -208,9 +208,8 @@ def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.nd
     nb = d.T // B
     if len(e) == 0 or nb < 2:
         return np.zeros(d.T, dtype=bool), {}
-    lg = safe_log10(d.grad_norm[:, e]).astype(np.float32)
-    lg[lg <= -29] = np.nan  # exact zeros (e.g. behind a zero-initialised branch end) carry no scale
-    lg[~np.isfinite(lg)] = np.nan
+    lg = d.log_grad.copy()
+    lg[(lg <= -29) | ~np.isfinite(lg)] = np.nan  # exact zeros (behind a zero-initialised branch end) carry no scale
     srt = np.sort(lg[: nb * B].reshape(nb, B, len(e)), axis=1)  # NaN sorts last
     n = np.isfinite(srt).sum(axis=1)
     mid = np.clip((n - 1) // 2, 0, B - 1)
