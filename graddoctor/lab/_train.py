@@ -91,7 +91,8 @@ def train(model: nn.Module, run_dir: Path, steps: int, batch: Callable[[int], tu
       guard: a `graddoctor.treat` gradient transform, run by watch on every step (clipping, skipping).
     """
     extra = {"guard": guard} if guard is not None else {}
-    with watch(model, optimizer, run_dir, overwrite=True, flush_every=50,
+    # live_diagnosis off: the lab diagnoses every run once it is recorded (faster, same findings).
+    with watch(model, optimizer, run_dir, overwrite=True, flush_every=50, live_diagnosis=False,
                activation_every=activation_every, sample_every=sample_every, **extra) as w:
         for step in range(steps):
             x, y = batch(step)

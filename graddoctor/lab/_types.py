@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ..report._figure import Figure
 
@@ -54,6 +54,7 @@ class Result:
       runs: run directories (relative to the lab's out dir) recorded with watch.
       findings: run -> list of diagnose findings (dicts), when `graddoctor.diagnose` is available.
       notes: extra remarks shown in the report (e.g. what is CPU-sized compared with the paper).
+      seconds: wall time of the experiment; reference: the seeds / papers it reproduces.
     """
 
     name: str
@@ -67,6 +68,7 @@ class Result:
     findings: dict[str, list[dict]] = field(default_factory=dict)
     notes: str = ""
     seconds: float = 0.0
+    reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,6 @@ def result(exp_name: str, measured: str, reproduced: bool, metrics: dict, figure
     """Build a `Result` for a registered experiment (title and claim from the registry)."""
     e = REGISTRY[exp_name]
     rel = [str(Path(r).relative_to(ctx.out)) for r in runs]
-    return Result(e.name, e.title, e.claim, measured, bool(reproduced), metrics, figures, rel, notes=notes)
+    return Result(e.name, e.title, e.claim, measured, bool(reproduced), metrics, figures, rel, notes=notes,
+                  reference=e.reference)
 
-
-def optional(x: Optional[float]) -> float:
-    return float("nan") if x is None else float(x)

@@ -65,7 +65,7 @@ def train_chain(net: nn.Sequential, run_dir, steps: int, x0: float, y: float, lr
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     x, t = torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[y]], dtype=torch.float64)
     ana, auto = [], []
-    with watch(net, opt, run_dir, overwrite=True, flush_every=50, activation_every=5) as w:
+    with watch(net, opt, run_dir, overwrite=True, flush_every=50, activation_every=5, live_diagnosis=False) as w:
         for _ in range(steps):
             loss = 0.5 * ((net(x) - t) ** 2).sum()
             opt.zero_grad()

@@ -39,7 +39,7 @@ def descend(lr: float, steps: int, run_dir) -> np.ndarray:
     model = Point(START)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     path = [model.p.detach().numpy().copy()]
-    with watch(model, opt, run_dir, overwrite=True, input_stats=False) as w:
+    with watch(model, opt, run_dir, overwrite=True, input_stats=False, live_diagnosis=False) as w:
         for _ in range(steps):
             loss = model()
             opt.zero_grad()

@@ -37,7 +37,8 @@ def lab_page(results: Sequence[Any], info: dict[str, Any]) -> str:
 def _section(r: Any) -> str:
     verdict = "reproduced" if r.reproduced else "NOT reproduced"
     parts = [f"<section id=\"{H.esc(r.name)}\"><h2>{H.esc(r.title)}</h2>",
-             f"<div class=\"claim\"><b>Seeds / paper:</b> {H.esc(r.claim)}</div>",
+             f"<div class=\"claim\"><b>Seeds / paper:</b> {H.esc(r.claim)}"
+             f"{' <span class=muted>(' + H.esc(r.reference) + ')</span>' if getattr(r, 'reference', '') else ''}</div>",
              f"<div class=\"measured{'' if r.reproduced else ' fail'}\"><b>Measured ({verdict}):</b> "
              f"{H.esc(r.measured)}</div>"]
     if r.notes:
