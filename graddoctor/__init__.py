@@ -9,6 +9,7 @@ from ._errors import ConfigError, CorruptStoreError, GradDoctorError, NoGradient
 from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
 from ._watch import Watch, watch
+from ._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
 from . import init, surgery, treat
 from .lab import run_lab
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "watch", "Watch", "WatchConfig", "open_run", "Run", "History", "TensorStats", "tensor_stats", "l2_norms",
+    "check", "format_check", "CheckReport", "CheckThresholds", "LayerProfile",
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
     "diagnose", "Finding", "DiagnoseConfig",
     "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",

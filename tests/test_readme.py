@@ -22,3 +22,11 @@ def test_three_line_integration_example_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-4  # the 8-layer sigmoid stack's first layer
     assert (tmp_path / "runs" / "exp1" / "graddoctor.sqlite").exists()
+
+
+def test_check_example_runs():
+    code = python_blocks()[1]
+    assert "gd.check" in code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "vanishing"
