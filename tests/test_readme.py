@@ -25,8 +25,7 @@ def test_three_line_integration_example_runs(tmp_path):
 
 
 def test_check_example_runs():
-    code = python_blocks()[1]
-    assert "gd.check" in code
+    code = next(b for b in python_blocks() if "gd.check(" in b)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "vanishing"
