@@ -66,3 +66,11 @@ def test_lab_rejects_unknown_experiment_and_preset():
     proc = subprocess.run([sys.executable, "-m", "graddoctor.cli", "lab", "--preset", "huge"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_lab_list_names_every_registered_experiment(capsys):
+    from graddoctor.cli import main
+    from graddoctor.lab import REGISTRY
+    assert main(["lab", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(REGISTRY) and len(listed) == 10
