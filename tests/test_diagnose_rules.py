@@ -155,6 +155,9 @@ def test_everything_stalls_form():
     g = np.full((T, P), 4.0 * 1e-6)  # grad/weight 1e-6 on every layer, profile flat
     f = codes(make_data(grad_norm=g, P=P))["vanishing_gradient"]
     assert f.evidence["forms"] == ["everything_stalls"] and f.severity == "critical"
+    # tiny (or zero) updates from healthy gradients: a learning-rate choice or no optimizer step, not vanishing
+    for upd in (np.zeros((10, P)), np.full((10, P), 4.0 * 1e-7)):
+        assert "vanishing_gradient" not in codes(make_data(update_norm=upd, P=P))
 
 
 def test_input_outlier_and_nonfinite_input_name_data():

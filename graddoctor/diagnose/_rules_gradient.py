@@ -98,9 +98,12 @@ def _stall(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, dict]:
     ur = d.log_update_ratio
     if ur.shape[1]:
         umed = row_median(ur)
-        uj = np.isfinite(umed)
+        # Exactly zero updates mean the optimizer did not step (lr 0, skipped step), not a vanishing gradient.
+        uj = np.isfinite(umed) & (umed > -29)
         idx = np.clip(np.searchsorted(d.steps, d.update_steps), 0, max(0, d.T - 1))
-        u_stall = uj & (umed < math.log10(cfg.stall_update_ratio)) & (high[idx] if d.T else True)
+        # Tiny updates from healthy gradients are a learning-rate choice: the gradient must be small too.
+        g_small = ~(med[idx] >= math.log10(cfg.stall_grad_ratio) + 1) if d.T else np.ones(len(idx), dtype=bool)
+        u_stall = uj & (umed < math.log10(cfg.stall_update_ratio)) & g_small & (high[idx] if d.T else True)
         if _fraction(u_stall, uj) >= cfg.min_fraction:
             ev["median_update_weight_ratio"] = _r(10 ** float(np.median(umed[u_stall])))
             ev["median_grad_weight_ratio"] = _r(10 ** float(np.nanmedian(med))) if judged.any() else float("nan")
