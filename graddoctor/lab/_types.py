@@ -55,6 +55,7 @@ class Result:
       findings: run -> list of diagnose findings (dicts), when `graddoctor.diagnose` is available.
       notes: extra remarks shown in the report (e.g. what is CPU-sized compared with the paper).
       seconds: wall time of the experiment; reference: the seeds / papers it reproduces.
+      rule: in words, how `reproduced` is computed from `metrics`.
     """
 
     name: str
@@ -69,6 +70,7 @@ class Result:
     notes: str = ""
     seconds: float = 0.0
     reference: str = ""
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,10 @@ def ordered() -> list[Experiment]:
 
 
 def result(exp_name: str, measured: str, reproduced: bool, metrics: dict, figures: list[Figure],
-           runs: list[Path], ctx: Context, notes: str = "") -> Result:
+           runs: list[Path], ctx: Context, notes: str = "", rule: str = "") -> Result:
     """Build a `Result` for a registered experiment (title and claim from the registry)."""
     e = REGISTRY[exp_name]
     rel = [str(Path(r).relative_to(ctx.out)) for r in runs]
     return Result(e.name, e.title, e.claim, measured, bool(reproduced), metrics, figures, rel, notes=notes,
-                  reference=e.reference)
+                  reference=e.reference, rule=rule)
 

@@ -50,7 +50,9 @@ def run(ctx: Context):
     measured = (f"first/last layer gradient ratio at depth {deep}: " +
                 ", ".join(f"{a} {ratio[f'{a}/{deep}']:.2g}" for a in ACTS) +
                 f"; final loss sigmoid {final[f'sigmoid/{deep}']:.2f} vs ReLU {final[f'relu/{deep}']:.2f}.")
-    return result(NAME, measured, ok, m, _figures(depths, run_of, ratio), list(run_of.values()), ctx)
+    return result(NAME, measured, ok, m, _figures(depths, run_of, ratio), list(run_of.values()), ctx,
+                  rule=("at the deepest depth the sigmoid net's first/last ratio is < 1e-3 and ReLU, LeakyReLU and ELU are "
+                        'within 0.1..10; the sigmoid ratio is smaller than at the shallowest depth.'))
 
 
 def _figures(depths: list[int], run_of: dict, ratio: dict) -> list[Figure]:

@@ -50,7 +50,8 @@ def run(ctx: Context):
                 f"{ratio['random init']:.2g} vs {ratio['pre-trained']:.2g}.")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
                   notes=f"{len(SIZES) - 2} hidden layers of 64 sigmoids on digits; gd.treat.layerwise_pretrain with "
-                        f"{pre_steps} Adam steps per layer; fine-tuning with SGD lr 0.5, momentum 0.9, batch 64.")
+                        f"{pre_steps} Adam steps per layer; fine-tuning with SGD lr 0.5, momentum 0.9, batch 64.",
+                  rule="the pre-trained net's final fine-tuning loss is < 0.7 x the random-init net's.")
 
 
 def _figures(runs: dict) -> list[Figure]:

@@ -74,7 +74,9 @@ def run(ctx: Context):
                 "; late global gradient norm: " + ", ".join(f"{k} {v:.3g}" for k, v in m["late_grad_norm"].items()) + ".")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
                   notes=f"MLP 64-128-128-10 (ReLU, PyTorch default init) on 200 digits, SGD lr 0.3, batch 32, {steps} steps; "
-                        "the penalty (gd.treat.l1_penalty / l2_penalty) is added to the loss that watch records.")
+                        "the penalty (gd.treat.l1_penalty / l2_penalty) is added to the loss that watch records.",
+                  rule=('the unpenalized weight norm grows (x > 1), the L1 and L2 runs end below their start (x < 1), and L1 '
+                        'leaves > 5x as many near-zero weights as no penalty.'))
 
 
 def _figures(runs: dict) -> list[Figure]:

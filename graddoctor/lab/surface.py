@@ -73,7 +73,9 @@ def run(ctx: Context):
     measured = (f"after {steps} steps the distance to the optimum is {dist['too small (lr=0.01)']:.2f} of the start "
                 f"with lr 0.01, {dist['good (lr=0.3)']:.1e} with lr 0.3; with lr 0.5 y changes sign on "
                 f"{flips:.0%} of steps and keeps {m['too_large_final_abs_y_over_start']:.0%} of its size.")
-    return result(NAME, measured, ok, m, _figures(paths, runs), runs, ctx)
+    return result(NAME, measured, ok, m, _figures(paths, runs), runs, ctx,
+                  rule=('lr 0.01 ends > 0.25 of the start distance from the optimum, lr 0.3 < 0.01, and lr 0.5 flips the sign'
+                        ' of y on every step while keeping > 90% of |y|.'))
 
 
 def _figures(paths: dict, runs: list) -> list[Figure]:

@@ -41,8 +41,10 @@ def _section(r: Any) -> str:
              f"{' <span class=muted>(' + H.esc(r.reference) + ')</span>' if getattr(r, 'reference', '') else ''}</div>",
              f"<div class=\"measured{'' if r.reproduced else ' fail'}\"><b>Measured ({verdict}):</b> "
              f"{H.esc(r.measured)}</div>"]
+    if getattr(r, "rule", ""):
+        parts.append(f"<p class=\"muted\"><b>Rule for 'reproduced':</b> {H.esc(r.rule)}</p>")
     if r.notes:
-        parts.append(f"<p class=\"muted\">{H.esc(r.notes)}</p>")
+        parts.append(f"<p class=\"muted\"><b>Set-up:</b> {H.esc(r.notes)}</p>")
     parts.append(H.figures(r.figures))
     parts.append(H.findings_overview(r.findings or {}))
     parts.append("</section>")
