@@ -19,7 +19,10 @@ GRADDOCTOR = str(Path(sys.executable).parent / "graddoctor")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag_cli")
-    return {n: train(by_name(n), root / n, live_diagnosis=False) for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
+    runs = {n: train(by_name(n), root / n, live_diagnosis=False) for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
+    runs["clipped"] = train(by_name("healthy_slow_sgd"), root / "clipped", live_diagnosis=False,
+                            guard=gd.treat.clip_norm(0.05))  # clips every step: global norm is ~0.4
+    return runs
 
 
 def cli(*args):
@@ -50,6 +53,14 @@ def test_json_document_follows_the_documented_schema(runs):
         assert all(set(r) == {"id", "why", "snippet"} for r in f["remedies"])
     want = [f.to_dict() for f in gd.diagnose(runs["nan_batch"])]
     assert _nonfinite_json.loads(p.stdout)["findings"] == _nonfinite_json.loads(_nonfinite_json.dumps(want))
+    assert doc["interventions"] == []
+
+
+def test_interventions_of_a_guarded_run_are_listed(runs):
+    p = cli(runs["clipped"], "--json")
+    what = {i["what"]: i for i in json.loads(p.stdout)["interventions"]}
+    clip = next(v for k, v in what.items() if k.startswith("clip_norm"))
+    assert clip["steps"] == 150 and clip["first_step"] == 0
 
 
 @pytest.mark.parametrize("name, fail_on, status", [

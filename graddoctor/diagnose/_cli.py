@@ -21,14 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._run import open_run
+    from ..treat._interventions import interventions
     from ._data import RunData
     from ._diagnose import diagnose
     from ._format import format_findings, format_json
     with open_run(args.run_dir) as r:
         data = RunData.from_run(r)
+        treated = interventions(r)
     findings = diagnose(data)
     fmt = format_json if args.json else format_findings
-    print(fmt(findings, run_dir=str(args.run_dir), steps=data.T))
+    print(fmt(findings, run_dir=str(args.run_dir), steps=data.T, interventions=treated))
     if args.fail_on is not None:
         bar = SEVERITIES.index(args.fail_on)
         if any(f.rank >= bar for f in findings):

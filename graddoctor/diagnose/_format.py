@@ -10,17 +10,20 @@ from ._findings import SEVERITIES, Finding
 SCHEMA = "graddoctor.diagnosis/1"
 
 
-def findings_document(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None) -> dict:
-    """The `--json` document: schema id, run, per-severity counts and the findings (README documents it)."""
+def findings_document(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None,
+                      interventions: Optional[list] = None) -> dict:
+    """The `--json` document: schema id, run, per-severity counts, the findings and the treat
+    interventions recorded in the run (README documents it)."""
     findings = list(findings)
     return {"schema": SCHEMA, "run_dir": run_dir, "steps": steps,
             "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES},
-            "findings": [f.to_dict() for f in findings]}
+            "findings": [f.to_dict() for f in findings], "interventions": list(interventions or [])}
 
 
-def format_json(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None) -> str:
+def format_json(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None,
+                interventions: Optional[list] = None) -> str:
     """The document as JSON text; NaN/Inf are written as "NaN"/"Infinity" strings (never bare tokens)."""
-    return _nonfinite_json.dumps(findings_document(findings, run_dir, steps), indent=2)
+    return _nonfinite_json.dumps(findings_document(findings, run_dir, steps, interventions), indent=2)
 
 
 def _value(v: Any, limit: int = 4) -> str:
@@ -55,15 +58,18 @@ def format_finding(f: Finding, index: int) -> list[str]:
     return lines
 
 
-def format_findings(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None) -> str:
-    """Readable report grouped by severity (critical first), with layer names and the numbers."""
+def format_findings(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None,
+                    interventions: Optional[list] = None) -> str:
+    """Readable report grouped by severity (critical first), with layer names and the numbers, then
+    the treat interventions recorded in the run (statistics are recorded before any guard acts)."""
     findings = list(findings)
     head = f"diagnosis of {run_dir}" if run_dir else "diagnosis"
     if steps is not None:
         head += f" ({steps} steps)"
+    tail = _format_interventions(interventions)
     counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
     if not findings:
-        return head + "\nno findings: no sign of vanishing or exploding gradients in the recorded statistics."
+        return head + "\nno findings: no sign of vanishing or exploding gradients in the recorded statistics." + tail
     lines = [head, ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES) if counts[s])]
     n = 0
     for sev in reversed(SEVERITIES):
@@ -74,4 +80,12 @@ def format_findings(findings: Iterable[Finding], run_dir: Optional[str] = None, 
         for f in group:
             n += 1
             lines += format_finding(f, n)
-    return "\n".join(lines)
+    return "\n".join(lines) + tail
+
+
+def _format_interventions(interventions: Optional[list]) -> str:
+    if not interventions:
+        return ""
+    lines = [f"  {i['what']}: {i['steps']} step(s), {i['first_step']}-{i['last_step']}; {i['detail']}"
+             for i in interventions]
+    return "\n\ninterventions recorded by graddoctor.treat (findings describe the gradients before them):\n" + "\n".join(lines)
