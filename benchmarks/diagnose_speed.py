@@ -68,6 +68,20 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def live_flush_cost(run_dir: Path, T: int, repeats: int) -> float:
+    """Median cost of one live-diagnosis flush listener call once its history is loaded."""
+    import warnings
+    from types import SimpleNamespace
+
+    from graddoctor.diagnose._live import LiveDiagnosis
+    live = LiveDiagnosis(run_dir)
+    fake_watch = SimpleNamespace(_writer=None)  # no store writes: only the listener's own work is timed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        live(fake_watch, 0, T - 1)  # first flush: loads metadata and history
+        return timed(lambda: live(fake_watch, T - 50, T - 1), repeats)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100_000)
@@ -89,9 +103,12 @@ def main() -> None:
         t_rules, findings = timed(lambda: diagnose_data(RunData(**{k: getattr(data, k) for k in data.__dataclass_fields__}), cfg),
                                   args.repeats)
         t_sm, _ = timed(lambda: sagemaker_verdicts(data), args.repeats)
+        t_live = live_flush_cost(run_dir, args.steps, args.repeats)
     print(f"median of {args.repeats}: load {t_load:.2f} s, graddoctor rules {t_rules:.2f} s "
           f"(total {t_load + t_rules:.2f} s); SageMaker default rules on the same arrays {t_sm:.2f} s "
           f"(rules ratio {t_rules / t_sm:.2f}x)")
+    print(f"live diagnosis, per flush after the first (read new chunks + rules on the last 2000 steps): "
+          f"{t_live * 1000:.0f} ms")
     print("findings:", [(f.code, f.first_step) for f in findings])
 
 

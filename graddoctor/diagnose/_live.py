@@ -47,7 +47,7 @@ class LiveDiagnosis:
     """
 
     def __init__(self, run_dir, on_finding: Optional[Callable[[Finding], None]] = None,
-                 config: Optional[DiagnoseConfig] = None, window: int = 5000):
+                 config: Optional[DiagnoseConfig] = None, window: int = 2000):
         self.run_dir = run_dir
         self.on_finding = on_finding
         self.config = config or DiagnoseConfig()
@@ -88,12 +88,14 @@ class LiveDiagnosis:
             with Run(self.run_dir) as run:
                 self._template = RunData.from_run(run)
                 self._seen = {(r[0], r[1]) for r in run._con.execute("SELECT series, first_step FROM chunks")}
-            self._series = _series_of(self._template)
+            self._series = {k: (st[st > last - self.window], v[st > last - self.window])
+                            for k, (st, v) in _series_of(self._template).items()}
             return
         con = _store.open_store(self.run_dir)
-        try:
-            rows = con.execute("SELECT series, first_step, steps, dtype, width, codec, data FROM chunks "
-                               "WHERE first_step >= ? ORDER BY first_step", (first,)).fetchall()
+        try:  # one indexed query per series (the primary key is (series, first_step))
+            rows = [r for name in _SERIES for r in con.execute(
+                "SELECT series, first_step, steps, dtype, width, codec, data FROM chunks "
+                "WHERE series = ? AND first_step >= ? ORDER BY first_step", (name, first))]
         finally:
             con.close()
         for series, f0, steps_blob, dtype, width, codec, blob in rows:
@@ -149,6 +151,9 @@ class LiveDiagnosis:
             writer.write([], [(f.last_step, "finding", f.to_dict())])
         if self.on_finding is not None:
             self.on_finding(f)
+
+
+_SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_norm", "update_norm", "act", "input")
 
 
 def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
