@@ -134,7 +134,7 @@ def _figures(exploding: dict, spiky: dict) -> list[Figure]:
         axes[1].axvline(s, color="grey", linewidth=0.5, linestyle=":")
     return [Figure("Loss with each clipping method", P.to_uri(fig),
                    "Red triangles: NaN/Inf. Dotted lines (right): outlier batches."),
-            loss_figure(spiky["zclip()"], "spiky run with ZClip: loss spikes (orange) and clipping events (ticks)"),
+            loss_figure(spiky["zclip()"], "spiky run with ZClip: loss spikes (orange) and clipping events (purple)"),
             loss_figure(spiky["none"], "spiky run without clipping")]
 
 

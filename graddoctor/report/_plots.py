@@ -69,8 +69,13 @@ def line(ax, x, y, label: Optional[str] = None, log: bool = False, **kw) -> None
         kw["marker"] = "o"
     ax.plot(x[ok], y[ok], label=label, **kw)
     mark_nonfinite(ax, x, y, label=None)
-    if log and ok.any():
-        ax.set_yscale("log")
+    if log:
+        zero = np.isfinite(y) & (y <= 0)
+        if zero.any():  # a log axis cannot show 0 (e.g. a gradient that underflowed): grey x at the bottom edge
+            ax.plot(x[zero], np.zeros(zero.sum()), linestyle="none", marker="x", color="grey", markersize=4,
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+        if ok.any():
+            ax.set_yscale("log")
 
 
 def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, title: str,
@@ -122,7 +127,7 @@ def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
                spikes: Optional[dict[str, Sequence[int]]] = None, events: Optional[dict[str, Sequence[int]]] = None,
                ylabel: str = "training loss", baseline: Optional[tuple[float, str]] = None,
                ylim: Optional[tuple[float, float]] = None) -> None:
-    """Loss curves; spikes as orange dots, interventions (e.g. clipping) as ticks at the bottom, NaN/Inf in red.
+    """Loss curves; spikes as orange dots, interventions (e.g. clipping) as purple triangles at the bottom, NaN/Inf red.
 
     `ylim` fixes the y range (values outside are cut off), so one exploding run does not flatten the others.
     """
@@ -136,8 +141,8 @@ def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
                 ax.plot(steps[j], loss[j], "o", color="orange", markersize=4, markeredgecolor=color)
         ev = np.asarray((events or {}).get(label, []), dtype=np.float64)
         if ev.size:
-            ax.plot(ev, np.full(ev.size, 0.02 + 0.03 * i), "|", color=color, transform=ax.get_xaxis_transform(),
-                    markersize=6)
+            ax.plot(ev, np.full(ev.size, 0.03 + 0.04 * i), "^", color="purple", transform=ax.get_xaxis_transform(),
+                    markersize=4, linestyle="none", label=f"intervention ({label})" if len(curves) > 1 else "intervention")
     if baseline is not None:
         ax.axhline(baseline[0], color="black", linestyle="--", linewidth=0.8, label=baseline[1])
     if ylim is not None:

@@ -56,8 +56,11 @@ def profile_figure(run_dir: Path | str, title: str = "per-layer gradient norm") 
 
 
 def loss_spikes(loss: np.ndarray, window: int = 20, k: float = 6.0) -> np.ndarray:
-    """Indices where the loss jumps above the trailing median by more than k robust deviations (MAD)."""
+    """Indices where the loss jumps above the trailing median by more than k robust deviations (MAD), to more than
+    twice that median, by at least 2% of the run's whole (finite) loss range, so flat-tail noise is not a spike."""
     loss = np.asarray(loss, dtype=np.float64)
+    finite = loss[np.isfinite(loss)]
+    min_jump = 0.02 * float(finite.max() - finite.min()) if finite.size else 0.0
     out = []
     for i in range(window, len(loss)):
         past = loss[i - window:i]
@@ -66,7 +69,7 @@ def loss_spikes(loss: np.ndarray, window: int = 20, k: float = 6.0) -> np.ndarra
             continue
         med = np.median(past)
         mad = np.median(np.abs(past - med)) * 1.4826 + 1e-12
-        if loss[i] > med + k * mad and loss[i] > 1.5 * med:
+        if loss[i] > med + max(k * mad, min_jump) and loss[i] > 2.0 * med:
             out.append(i)
     return np.asarray(out, dtype=np.int64)
 
@@ -96,7 +99,7 @@ def intervention_steps(run: Run) -> list[int]:
 
 
 def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm") -> Figure:
-    """Loss and global gradient norm over steps; spikes (orange), interventions (ticks) and NaN/Inf (red) marked."""
+    """Loss and global gradient norm over steps; spikes (orange), interventions (purple) and NaN/Inf (red) marked."""
     with open_run(run_dir) as run:
         steps, loss = run.loss()
         gsteps, gnorm = run.global_norm()
@@ -110,7 +113,8 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
     P.line(axes[1], gsteps, gnorm, log=True, color="C1")
     axes[1].set(xlabel="training step", ylabel="global gradient L2 norm (log)", title="global gradient norm")
     caption = f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) where a recorded " \
-              f"intervention acted ({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as ticks at the bottom."
+              f"intervention acted ({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as purple triangles at " \
+              f"the bottom; grey x: a value of 0 that a log axis cannot show."
     return Figure(title, P.to_uri(fig), caption)
 
 
