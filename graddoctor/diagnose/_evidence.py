@@ -10,7 +10,7 @@ import numpy as np
 
 from ._config import DiagnoseConfig
 from ._data import ACT_DEAD, ACT_SAT, ACT_STD, BOUNDED_KINDS, EXACT_ZERO_KINDS, RunData
-from ._robust import robust_z, running_median_mad, safe_log10
+from ._robust import finite_median, robust_z, running_median_mad, safe_log10
 
 
 def _r(x: float, digits: int = 3) -> float:
@@ -130,7 +130,7 @@ def _weight_profile(d: RunData, cfg: DiagnoseConfig, prof: InitProfile) -> None:
     prof.gain_orders = float(np.sum(safe_log10(s)))
     k = max(1, lr.shape[1] // 4)
     early = slice(0, max(1, min(10, len(lr))))
-    drop = np.nanmedian(lr[early, :k]) - np.nanmedian(lr[early, -k:]) if np.isfinite(lr[early]).any() else np.nan
+    drop = finite_median(lr[early, :k]) - finite_median(lr[early, -k:])
     med = float(np.median(s))
     off_scale = med < 0.25 or med > 4.0
     if off_scale and np.isfinite(drop) and abs(drop) >= cfg.init_gain_orders:

@@ -27,6 +27,27 @@ def _sorted_median(sorted_rows: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.where(n > 0, (a.astype(np.float64) + b) / 2.0, np.nan)
 
 
+def finite_median(a: np.ndarray) -> float:
+    """Median of the finite entries (NaN if none; no warning)."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def finite_max(a: np.ndarray) -> float:
+    """Max of the finite entries (NaN if none; no warning)."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.max()) if a.size else float("nan")
+
+
+def finite_mean(a: np.ndarray) -> float:
+    """Mean of the finite entries (NaN if none; no warning)."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def row_median(a: np.ndarray) -> np.ndarray:
     """Median of the finite entries of each row of a 2-D array; NaN for rows with none (no warnings)."""
     a = np.asarray(a, dtype=np.float64)

@@ -14,6 +14,7 @@ from ._config import DiagnoseConfig
 from ._data import ACT_DEAD, ACT_SAT, BOUNDED_KINDS, EXACT_ZERO_KINDS, RunData
 from ._evidence import _r, fitting_init, init_profile, large_update_mask, weight_scales
 from ._findings import Finding
+from ._robust import finite_mean
 
 
 def _persistent(d: RunData, kinds: set, col: int, threshold: float, min_fraction: float):
@@ -42,7 +43,7 @@ def saturated_activation(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     sel = [cols.index(j) for j, _ in hit]
     rows = over[:, sel].any(axis=1)
     first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
-    mean_sat = {d.act_modules[j]: _r(np.nanmean(x[:, cols.index(j)])) for j, _ in hit}
+    mean_sat = {d.act_modules[j]: _r(finite_mean(x[:, cols.index(j)])) for j, _ in hit}
     prof = init_profile(d, cfg)
     scales = weight_scales(d)
     big_w = {n: s for n, s in scales.items() if s > 2.0}
@@ -72,7 +73,7 @@ def dead_relu(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     sel = [cols.index(j) for j, _ in hit]
     rows = over[:, sel].any(axis=1)
     first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
-    dead = {d.act_modules[j]: _r(np.nanmean(x[:, cols.index(j)])) for j, _ in hit}
+    dead = {d.act_modules[j]: _r(finite_mean(x[:, cols.index(j)])) for j, _ in hit}
     big = large_update_mask(d, cfg)
     at_start = bool(over[0, sel].any()) and int(d.act_steps[0]) <= cfg.init_max_step
     if at_start:

@@ -15,7 +15,7 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
 from ._findings import Finding
-from ._robust import robust_z, row_median, running_median_mad, safe_log10, sustained
+from ._robust import finite_max, finite_median, robust_z, row_median, running_median_mad, safe_log10, sustained
 
 
 def _depth_drop(d: RunData) -> tuple[np.ndarray, int]:
@@ -63,7 +63,7 @@ def vanishing_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     ev["grad_weight_ratio_per_layer"] = {n: _r(10 ** m) for n, m in zip(d.names(d.eligible), med) if np.isfinite(m)}
     ev["forms"] = forms
     if "depth_profile" in forms:
-        worst = np.flatnonzero(med <= np.nanmax(med[-max(1, E // 4):]) - cfg.vanish_depth_orders)
+        worst = np.flatnonzero(med <= finite_max(med[-max(1, E // 4):]) - cfg.vanish_depth_orders)
     else:
         worst = np.flatnonzero(med < math.log10(cfg.stall_grad_ratio) + 1)
     layers = d.names(d.eligible[worst]) if len(worst) else d.names(d.eligible[:1])
@@ -106,7 +106,7 @@ def _stall(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, dict]:
         u_stall = uj & (umed < math.log10(cfg.stall_update_ratio)) & g_small & (high[idx] if d.T else True)
         if _fraction(u_stall, uj) >= cfg.min_fraction:
             ev["median_update_weight_ratio"] = _r(10 ** float(np.median(umed[u_stall])))
-            ev["median_grad_weight_ratio"] = _r(10 ** float(np.nanmedian(med))) if judged.any() else float("nan")
+            ev["median_grad_weight_ratio"] = _r(10 ** finite_median(med))
             return np.isin(d.steps, d.update_steps[u_stall]), ev
     return np.zeros(d.T, dtype=bool), ev
 
@@ -135,55 +135,54 @@ def exploding_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if d.T == 0:
         return None
     bad = d.grad_bad | d.loss_bad
-    ev: dict = {}
-    forms = []
-    rise, rise_ev = _global_rise(d, cfg, bad)
-    if rise.any():
-        forms.append("rise_above_baseline")
-        ev.update(rise_ev)
-    layer_rise, layer_ev = _layer_rise(d, cfg, bad)
-    if layer_rise.any():
-        forms.append("layer_rise_above_baseline")
-        ev.update(layer_ev)
-        rise = rise | layer_rise
-    lr = d.log_grad_ratio
-    ratio = np.zeros(d.T, dtype=bool)
-    if lr.shape[1]:
-        mx = np.max(np.where(np.isfinite(lr), lr, -np.inf), axis=1)
-        ratio = sustained(mx >= math.log10(cfg.explode_grad_ratio), cfg.explode_min_steps, bad)
-        if ratio.any():
-            forms.append("grad_weight_ratio")
-            ev["max_grad_weight_ratio"] = _r(10 ** float(mx[ratio].max()))
-    growth = np.zeros(d.T, dtype=bool)
-    if lr.shape[1] >= cfg.min_depth:
-        drop, _ = _depth_drop(d)
-        judged = np.isfinite(drop)
-        growth = judged & (drop >= cfg.explode_depth_orders)
-        if _fraction(growth, judged) >= cfg.min_fraction:
-            forms.append("growth_toward_input")
-            ev["input_vs_output_orders"] = _r(float(np.median(drop[growth])))
-        else:
-            growth[:] = False
+    masks, ev = _exploding_forms(d, cfg, bad)
     first_bad = int(d.steps[bad][0]) if bad.any() else None
-    data_first = first_bad is not None and _input_bad_by(d, cfg, first_bad)
-    ends_bad = bool(bad[-1]) and not data_first
+    ends_bad = bool(bad[-1]) and not (first_bad is not None and _input_bad_by(d, cfg, first_bad))
     if ends_bad:
-        forms.append("nonfinite_end_state")
+        masks["nonfinite_end_state"] = bad
         ev["first_nonfinite_step"] = first_bad
-    if not forms:
+    if not masks:
         return None
-    mask = rise | ratio | growth | (bad if ends_bad else np.zeros(d.T, dtype=bool))
+    forms = list(masks)
+    mask = np.logical_or.reduce(list(masks.values()))
     first, last = d.step_range(mask)
+    ratio = masks.get("grad_weight_ratio", np.zeros(d.T, dtype=bool))
     layers = _exploding_layers(d, cfg, first, ratio, first_bad if ends_bad else None)
     cause, why = exploding_cause(d, cfg, first, layers, "growth_toward_input" in forms)
     ev["forms"] = forms
     ev["reasoning"] = why
     before = (first_bad is None or first < first_bad) and forms != ["nonfinite_end_state"]
     msg = ("Gradients explode" + (f" from step {first}" if before else "") +
-           (f", before turning non-finite at step {first_bad}." if ends_bad and before and first < first_bad
+           (f", before turning non-finite at step {first_bad}." if ends_bad and before
             else (f" and the run ends non-finite (first at step {first_bad})." if ends_bad else ".")))
     return Finding("exploding_gradient", "critical" if ends_bad or ratio.any() else "warning",
                    first, last, tuple(layers), ev, cause, msg)
+
+
+def _exploding_forms(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[dict, dict]:
+    """{form: step mask} for the forms that hold (besides the non-finite end state), and their evidence."""
+    masks: dict[str, np.ndarray] = {}
+    ev: dict = {}
+    for name, (mask, form_ev) in (("rise_above_baseline", _global_rise(d, cfg, bad)),
+                                  ("layer_rise_above_baseline", _layer_rise(d, cfg, bad))):
+        if mask.any():
+            masks[name] = mask
+            ev.update(form_ev)
+    lr = d.log_grad_ratio
+    if lr.shape[1]:
+        mx = np.max(np.where(np.isfinite(lr), lr, -np.inf), axis=1)
+        ratio = sustained(mx >= math.log10(cfg.explode_grad_ratio), cfg.explode_min_steps, bad)
+        if ratio.any():
+            masks["grad_weight_ratio"] = ratio
+            ev["max_grad_weight_ratio"] = _r(10 ** float(mx[ratio].max()))
+    if lr.shape[1] >= cfg.min_depth:
+        drop, _ = _depth_drop(d)
+        judged = np.isfinite(drop)
+        growth = judged & (drop >= cfg.explode_depth_orders)
+        if _fraction(growth, judged) >= cfg.min_fraction:
+            masks["growth_toward_input"] = growth
+            ev["input_vs_output_orders"] = _r(float(np.median(drop[growth])))
+    return masks, ev
 
 
 def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -200,7 +199,7 @@ def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.n
     i = int(np.flatnonzero(mask)[0])
     return mask, {"rise_first_step": int(d.steps[i]), "global_norm_at_rise": _r(d.global_norm[i]),
                   "baseline_global_norm": _r(10 ** med[i]), "orders_above_baseline": _r(above[i]),
-                  "robust_z": _r(z[i]), "max_orders_above_baseline": _r(float(np.nanmax(above[mask])))}
+                  "robust_z": _r(z[i]), "max_orders_above_baseline": _r(finite_max(above[mask]))}
 
 
 def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -337,8 +336,7 @@ def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) ->
     high = False
     if lr.shape[1]:
         before = d.steps < first
-        high = bool(before.any() and np.nanmax(np.where(np.isfinite(lr[before]), lr[before], -np.inf))
-                    >= math.log10(cfg.explode_grad_ratio))
+        high = bool(finite_max(lr[before]) >= math.log10(cfg.explode_grad_ratio))
     if rise[d.steps < first].any() or high:
         cause, why = exploding_cause(d, cfg, first, [], False)
         return cause, "gradients rose before going non-finite; " + why

@@ -15,7 +15,7 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r, input_flags, large_update_mask
 from ._findings import Finding
-from ._robust import block_medians, robust_z, row_median, running_median_mad, trend_test
+from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
 
 
 def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
@@ -131,7 +131,7 @@ def input_outlier(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
         return None
     steps = d.input_steps[flagged]
     ev = {"outlier_steps": _steps_list(d.input_steps[outlier]), "nonfinite_steps": _steps_list(d.input_steps[nonfinite]),
-          "max_orders_above_median": _r(float(np.nanmax(np.where(outlier, above, np.nan)))) if outlier.any() else None,
+          "max_orders_above_median": _r(finite_max(above[outlier])) if outlier.any() else None,
           "reasoning": "input statistics are recorded before the model sees the batch, so the data is the source"}
     if outlier.any():
         i = int(np.flatnonzero(outlier)[0])
