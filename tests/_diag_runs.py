@@ -164,6 +164,26 @@ class _ResBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm(x))))
 
 
+class _ReZeroBlock(nn.Module):
+    """x + alpha * branch(x) with alpha = 0 at init (Bachlechner et al. 2020): the branch gets no gradient at first."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.alpha * self.fc2(self.act(self.fc1(x)))
+
+
+def _rezero():
+    model = nn.Sequential(nn.Linear(16, 32), *[_ReZeroBlock(32) for _ in range(8)], nn.Linear(32, 4))
+    x, y = _teacher_task()
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _batches(x, y), _ce
+
+
 def _resmlp():
     model = nn.Sequential(nn.Linear(16, 32), *[_ResBlock(32) for _ in range(8)], nn.BatchNorm1d(32), nn.Linear(32, 4))
     x, y = _teacher_task()
@@ -242,6 +262,7 @@ SCENARIOS: list[Scenario] = [
       fs({"nonfinite_gradient", "input_outlier"}), fs({"loss_not_decreasing"}), {"nonfinite_gradient": "data"}),
     S("healthy_resmlp_bn", _resmlp),
     S("healthy_transformer", _transformer),
+    S("healthy_rezero_mlp", _rezero),
     S("healthy_lstm", _rnn_run("lstm", 32, 20, None, lr=3e-3)),
     S("healthy_cnn", _cnn),
     S("healthy_slow_sgd", _mlp_run(3, 32, nn.Tanh, lr=0.01)),

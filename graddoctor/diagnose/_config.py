@@ -48,6 +48,10 @@ class DiagnoseConfig:
     explode_grad_ratio: float = 10.0
     # Input-side grad/weight ratios this many orders above the output side: growth toward the input.
     explode_depth_orders: float = 2.0
+    # A per-layer rise counts only while that layer's grad/weight ratio is at least this: a layer
+    # growing from a tiny start (the branch behind a ReZero scale or a zero-initialised end
+    # waking up) is not exploding.
+    explode_layer_ratio: float = 0.1
     # A rise must last this many steps, unless non-finite values follow it.
     explode_min_steps: int = 2
     # Trailing steps in every running baseline (loss, norms, inputs).

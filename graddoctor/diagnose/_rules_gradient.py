@@ -203,8 +203,9 @@ def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.n
 
 
 def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Steps where some layer's gradient norm is orders above its own baseline: the median of its
-    block medians (blocks of `baseline_window` steps) over the previous three blocks."""
+    """Steps where some layer's gradient norm is orders above its own baseline (the median of its
+    block medians over the previous three blocks of `baseline_window` steps) and its grad/weight
+    ratio is at least `explode_layer_ratio`."""
     e = d.eligible
     B = cfg.baseline_window
     nb = d.T // B
@@ -227,7 +228,8 @@ def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.nd
     block_of = np.minimum(np.arange(d.T) // B, nb - 1)
     with np.errstate(invalid="ignore"):
         above = lg - base[block_of]
-        raw = (above >= cfg.explode_rise_orders).any(axis=1)
+        big = d.log_grad_ratio >= math.log10(cfg.explode_layer_ratio)
+        raw = ((above >= cfg.explode_rise_orders) & big).any(axis=1)
     mask = sustained(raw, cfg.explode_min_steps, bad)
     if not mask.any():
         return mask, {}
