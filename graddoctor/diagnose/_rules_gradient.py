@@ -341,7 +341,7 @@ def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) ->
         high = bool(finite_max(lr[before]) >= math.log10(cfg.explode_grad_ratio))
     if rise[d.steps < first].any() or high:
         cause, why = exploding_cause(d, cfg, first, [], False)
-        return cause, "gradients rose before going non-finite; " + why
+        return cause, "gradients rose, or were far above their weights, before going non-finite; " + why
     if which == "loss":
         return "unknown", "the loss went non-finite with no rise in gradients before it (check the loss for log(0) or division by zero)"
     return "unknown", "gradients went non-finite with a finite input and no rise before (check for sqrt/log/division at 0 in the model)"
