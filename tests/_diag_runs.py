@@ -232,7 +232,7 @@ S = Scenario
 fs = frozenset
 SCENARIOS: list[Scenario] = [
     S("deep_sigmoid", _mlp_run(10, 32, nn.Sigmoid, lr=0.1), fs({"vanishing_gradient", "loss_not_decreasing"}),
-      fs(), {"vanishing_gradient": "activation"}),
+      fs(), {"vanishing_gradient": "activation", "loss_not_decreasing": "activation"}),
     S("large_init_tanh", _mlp_run(6, 32, nn.Tanh, lr=0.01, weight_init=_normal(1.0)),
       fs({"saturated_activation", "poor_initialization"}), fs({"exploding_gradient", "loss_not_decreasing", "loss_spike"}),
       {"saturated_activation": "initialization", "poor_initialization": "initialization"}),
@@ -245,7 +245,8 @@ SCENARIOS: list[Scenario] = [
       {"vanishing_gradient": "initialization", "poor_initialization": "initialization"}),
     S("small_init_deep_linear", _mlp_run(12, 32, None, lr=0.05, weight_init=_normal(0.02)),
       fs({"vanishing_gradient", "poor_initialization", "loss_not_decreasing"}), fs(),
-      {"vanishing_gradient": "initialization", "poor_initialization": "initialization"}),
+      {"vanishing_gradient": "initialization", "poor_initialization": "initialization",
+       "loss_not_decreasing": "initialization"}),
     S("dead_relu_bias", _mlp_run(5, 32, nn.ReLU, lr=0.05, weight_init=_he, bias_init=lambda b: nn.init.constant_(b, -4.0)),
       fs({"dead_relu"}), fs({"poor_initialization", "loss_not_decreasing", "vanishing_gradient"}),
       {"dead_relu": "initialization"}),

@@ -63,8 +63,28 @@ def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
         f = rule(data, cfg)
         if f is not None:
             found.append(f.with_remedies(rank_remedies(f, init, act)))
+    found = _explain_stalled_loss(found)
     order = list(RULES)
     return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))
+
+
+# Findings that stop learning, in the order they explain a loss that does not decrease.
+_EXPLAINS_STALL = ("vanishing_gradient", "dead_relu", "saturated_activation", "poor_initialization")
+
+
+def _explain_stalled_loss(found: list[Finding]) -> list[Finding]:
+    """A flat loss with no cause of its own takes the cause (and remedies) of the finding that explains it."""
+    by_code = {f.code: f for f in found}
+    stall = by_code.get("loss_not_decreasing")
+    if stall is None or stall.cause != "unknown":
+        return found
+    why = next((by_code[c] for c in _EXPLAINS_STALL if c in by_code), None)
+    if why is None:
+        return found
+    ev = dict(stall.evidence, reasoning=f"the loss cannot decrease while {why.code} holds (cause: {why.cause}): "
+                                        + str(why.evidence.get("reasoning", "")))
+    linked = replace(stall, cause=why.cause, evidence=ev, remedies=why.remedies)
+    return [linked if f is stall else f for f in found]
 
 
 def _as_data(run: Run | RunData | str | Path) -> RunData:
