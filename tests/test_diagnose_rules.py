@@ -93,6 +93,9 @@ def test_loss_spike_ignores_heavy_minibatch_noise_and_finds_a_real_spike():
     loss[250] = 40 * np.median(loss)
     f = codes(make_data(loss))["loss_spike"]
     assert f.evidence["spike_steps"] == [250] and f.first_step == 250
+    # converged: tiny, very heavy-tailed minibatch losses (0.001 -> 0.05) are noise, not setbacks
+    converged = np.concatenate([np.linspace(2.0, 0.002, 100), 0.002 * np.exp(1.2 * rng.standard_normal(300))])
+    assert "loss_spike" not in codes(make_data(converged))
 
 
 def test_loss_not_decreasing_is_a_trend_test():

@@ -64,6 +64,9 @@ class DiagnoseConfig:
     spike_z: float = 10.0
     # ... and at least this factor above it, so a tiny loss's tiny wiggles do not count.
     spike_factor: float = 2.0
+    # ... and the jump must be at least this fraction of the starting loss level: near convergence
+    # minibatch losses are heavy-tailed (0.001 -> 0.05 is noise, not a setback).
+    spike_min_jump: float = 0.25
     # Fewest earlier finite losses before spikes are judged: a MAD from a handful of
     # heavy-tailed minibatch losses is too small to trust.
     spike_min_history: int = 25

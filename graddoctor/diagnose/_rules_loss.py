@@ -30,8 +30,11 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
     scale = np.abs(med)
     z = robust_z(loss, med, mad, floor=1e-12)
+    level = d.initial_loss_level()
+    floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
     with np.errstate(invalid="ignore"):
-        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (loss - med >= (cfg.spike_factor - 1) * scale)
+        jump = loss - med
+        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * scale) & (jump >= floor)
     spike = np.nan_to_num(spike, nan=0).astype(bool)
     if not spike.any():
         return None
