@@ -69,6 +69,14 @@ def test_fail_on_sets_the_exit_status(runs, name, fail_on, status):
     assert cli(runs[name], "--fail-on", fail_on).returncode == status
 
 
+def test_set_overrides_a_threshold(runs):
+    default = {f["code"] for f in json.loads(cli(runs["outlier_batch"], "--json").stdout)["findings"]}
+    raised = json.loads(cli(runs["outlier_batch"], "--json", "--set", "spike_z=1e9", "--set", "trend_min_steps=30").stdout)
+    assert "loss_spike" in default and "loss_spike" not in {f["code"] for f in raised["findings"]}
+    p = cli(runs["outlier_batch"], "--set", "no_such_threshold=1")
+    assert p.returncode == 2 and "no_such_threshold" in p.stderr
+
+
 def test_healthy_run_says_so_and_bad_paths_exit_2(runs, tmp_path):
     p = cli(runs["healthy_slow_sgd"], "--fail-on", "warning")
     assert p.returncode == 0 and "no findings" in p.stdout

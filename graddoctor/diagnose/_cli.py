@@ -16,7 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the findings as a JSON document (schema in the README)")
     p.add_argument("--fail-on", choices=("warning", "critical"), default=None,
                    help=f"exit with status {EXIT_FINDINGS} if any finding is at least this severe (for CI)")
+    p.add_argument("--set", metavar="NAME=VALUE", action="append", default=[], dest="options",
+                   help="override a DiagnoseConfig threshold, e.g. --set spike_z=12 (repeatable)")
     p.set_defaults(func=run)
+
+
+def _parse_options(items: list[str]) -> dict:
+    """NAME=VALUE strings as DiagnoseConfig options (ints stay ints); bad input raises ConfigError."""
+    from .._errors import ConfigError
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not allowed: use NAME=NUMBER, e.g. --set spike_z=12")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     with open_run(args.run_dir) as r:
         data = RunData.from_run(r)
         treated = interventions(r)
-    findings = diagnose(data)
+    findings = diagnose(data, **_parse_options(args.options))
     fmt = format_json if args.json else format_findings
     print(fmt(findings, run_dir=str(args.run_dir), steps=data.T, interventions=treated))
     if args.fail_on is not None:

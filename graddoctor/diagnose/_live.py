@@ -145,12 +145,24 @@ class LiveDiagnosis:
             text += f" Try: {', '.join(r.id for r in f.remedies[:3])}."
         if log.hasHandlers():  # without handlers, logging's last resort would print the warning a second time
             log.warning(text)
-        warnings.warn(text, FindingWarning, stacklevel=2)
+        warnings.warn(text, FindingWarning, stacklevel=_user_stacklevel())
         writer = getattr(watch, "_writer", None)
         if writer is not None:  # written now, not at the next flush: this may be the last one
             writer.write([], [(f.last_step, "finding", f.to_dict())])
         if self.on_finding is not None:
             self.on_finding(f)
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside graddoctor, so the warning names the user's line
+    (the `w.step(loss)` or `w.close()` whose flush found it)."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_norm", "update_norm", "act", "input")
