@@ -52,11 +52,14 @@ class RollbackLimitError(GradDoctorError):
     """Training rolled back more often than allowed; the cause is not transient."""
 
 
-def is_spike(loss: float, recent: Sequence[float], factor: float, z: float, min_history: int) -> tuple[bool, str]:
+def is_spike(loss: float, recent: Sequence[float], factor: float, max_factor: float,
+             min_history: int) -> tuple[bool, str]:
     """Decide whether `loss` is a spike against the recent healthy losses. Pure function.
 
     A spike is a non-finite loss, or (with at least `min_history` recent losses) one above both
-    `factor * median` and `median + z * 1.4826 * MAD` (a robust z-score).
+    `factor * median` and `max_factor * max` of the recent losses. The second test matters late in
+    training, where mini-batch losses near zero are heavy-tailed: a batch at 4x the median is
+    ordinary there, but one well above everything in the window is not.
 
     Returns:
       (decision, human-readable reason).
@@ -65,10 +68,10 @@ def is_spike(loss: float, recent: Sequence[float], factor: float, z: float, min_
         return True, f"loss is {loss}"
     if len(recent) < min_history:
         return False, f"only {len(recent)} losses seen (need {min_history})"
-    med = median(recent)
-    mad = median(abs(v - med) for v in recent) * 1.4826
-    if loss > factor * med and loss > med + z * mad:
-        return True, f"loss {loss:.4g} > {factor:g} x median {med:.4g} and robust z {(loss - med) / max(mad, 1e-12):.1f} > {z:g}"
+    med, top = median(recent), max(recent)
+    if loss > factor * med and loss > max_factor * top:
+        return True, (f"loss {loss:.4g} > {factor:g} x median {med:.4g} and > {max_factor:g} x max {top:.4g} "
+                      f"of the last {len(recent)}")
     return False, "loss within the recent range"
 
 
@@ -119,7 +122,7 @@ class Rollback:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
                  every: int = 50, keep: int = 3, skip: Optional[int] = None, max_rollbacks: int = 5,
-                 factor: float = 3.0, z: float = 6.0, window: int = 50, min_history: int = 10,
+                 factor: float = 3.0, max_factor: float = 2.0, window: int = 50, min_history: int = 10,
                  directory: Optional[str | Path] = None, extra: Sequence[Any] = (), watch: Any = None):
         for name, v, lo in (("every", every, 1), ("keep", keep, 1), ("max_rollbacks", max_rollbacks, 0),
                             ("window", window, 1), ("min_history", min_history, 1)):
@@ -129,7 +132,7 @@ class Rollback:
             raise ConfigError(f"skip={skip!r} is not allowed: use None (= every) or an integer >= 0")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.every, self.keep, self.skip = every, keep, every if skip is None else skip
-        self.max_rollbacks, self.factor, self.z, self.min_history = max_rollbacks, factor, z, min_history
+        self.max_rollbacks, self.factor, self.max_factor, self.min_history = max_rollbacks, factor, max_factor, min_history
         self.directory = Path(directory) if directory is not None else None
         self.extra, self.watch = list(extra), watch
         self.steps = 0
@@ -189,7 +192,7 @@ class Rollback:
         """
         value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
         self.steps += 1
-        spike, reason = is_spike(value, self._recent, self.factor, self.z, self.min_history)
+        spike, reason = is_spike(value, self._recent, self.factor, self.max_factor, self.min_history)
         if spike:
             self._roll_back(reason)
             return False
@@ -221,7 +224,7 @@ def rollback(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any 
 
     Args:
       model, optimizer, scheduler: what is snapshotted and restored (scheduler optional).
-      **options: every, keep, skip, max_rollbacks, factor, z, window, min_history, directory,
+      **options: every, keep, skip, max_rollbacks, factor, max_factor, window, min_history, directory,
         extra (more objects with state_dict/load_state_dict, e.g. a `Guard`), watch (records
         a "rollback" event).
     Returns:
