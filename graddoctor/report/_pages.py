@@ -45,6 +45,8 @@ def _section(r: Any) -> str:
         parts.append(f"<p class=\"muted\"><b>Rule for 'reproduced':</b> {H.esc(r.rule)}</p>")
     if r.notes:
         parts.append(f"<p class=\"muted\"><b>Set-up:</b> {H.esc(r.notes)}</p>")
+    parts.append(f"<p class=\"muted\">{len(r.runs)} run(s) recorded with watch under <code>runs/{H.esc(r.name)}/</code> "
+                 f"in {H.fmt(getattr(r, 'seconds', float('nan')))} s.</p>")
     parts.append(H.figures(r.figures))
     parts.append(H.findings_overview(r.findings or {}))
     parts.append("</section>")
