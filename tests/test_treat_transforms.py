@@ -319,3 +319,47 @@ def test_bad_arguments_raise_config_error():
             make()
     with pytest.raises(gd.GradDoctorError):
         gd.chain()
+
+
+def _torch_per_tensor(params, max_norm):
+    for p in params:
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+CHAINS = {  # chain of graddoctor transforms, and the same clips applied one after the other by PyTorch
+    "value_then_norm": (lambda: gd.chain(gd.clip_value(0.5), gd.clip_norm(1.0)),
+                        lambda ps: (torch.nn.utils.clip_grad_value_(ps, 0.5), torch.nn.utils.clip_grad_norm_(ps, 1.0))),
+    "norm_then_norm": (lambda: gd.chain(gd.clip_norm(5.0), gd.clip_norm(1.0)),
+                       lambda ps: (torch.nn.utils.clip_grad_norm_(ps, 5.0), torch.nn.utils.clip_grad_norm_(ps, 1.0))),
+    "per_tensor_then_norm": (lambda: gd.chain(gd.clip_norm_per_tensor(2.0), gd.clip_norm(1.0)),
+                             lambda ps: (_torch_per_tensor(ps, 2.0), torch.nn.utils.clip_grad_norm_(ps, 1.0))),
+    "skip_norm_value": (lambda: gd.chain(gd.skip_nonfinite(), gd.clip_norm(3.0), gd.clip_value(0.2)),
+                        lambda ps: (torch.nn.utils.clip_grad_norm_(ps, 3.0), torch.nn.utils.clip_grad_value_(ps, 0.2))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_chain_equals_clips_applied_one_after_another(name):
+    """Each transform in a chain sees the statistics of the gradients it receives."""
+    make, oracle = CHAINS[name]
+    params = make_params(5, none_every=4, scale=20.0)
+    ref = clone_grads(params)
+    oracle([r for r in ref if r.grad is not None])
+    run_guard(make(), params)
+    for p, r in zip(params, ref):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, r.grad, rtol=2e-6, atol=1e-9)
+
+
+def test_chain_agc_then_norm_measures_again():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    (model(torch.randn(16, 6)).pow(2).sum() * 50).backward()
+    named = list(model.named_parameters())
+    ref = clone_grads([p for _, p in named])
+    naive_agc(ref, 0.05, 1e-3, {2, 3})
+    torch.nn.utils.clip_grad_norm_(ref, 0.1)
+    treat.Guard(gd.chain(gd.agc(0.05), gd.clip_norm(0.1)), named).step()
+    for (_, p), r in zip(named, ref):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._errors import ConfigError
 from .._stats import TensorStats
-from ._base import Grads, GradientTransform, TransformState, check_positive, clip_coefficient, scale_
+from ._base import Grads, GradientTransform, TransformState, check_positive, clip_coefficient, scale_, scaled_stats
 from ._transforms import stats_device
 
 
@@ -86,7 +86,8 @@ def auto_clip(percentile: float = 10.0, history_size: Optional[int] = None) -> G
         scale_(grads, coef)
         return grads, AutoClipState(history, state.count + 1, coef)
 
-    return GradientTransform("auto_clip", init, update, lambda s: {"coef": s.coef})
+    return GradientTransform("auto_clip", init, update, lambda s: {"coef": s.coef},
+                             stats_after=lambda stats, s: scaled_stats(stats, s.coef))
 
 
 @dataclass
@@ -259,4 +260,5 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, eps: 
         var = torch.where(finite, new_var, var)
         return grads, ZClipState(state.warmup, mean, var, state.count + 1, coef)
 
-    return GradientTransform("zclip", init, update, lambda s: {"coef": s.coef})
+    return GradientTransform("zclip", init, update, lambda s: {"coef": s.coef},
+                             stats_after=lambda stats, s: scaled_stats(stats, s.coef))

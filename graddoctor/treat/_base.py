@@ -11,11 +11,12 @@ A transform is a `GradientTransform(name, init, update, report)`:
 - `report(state) -> dict`: what the last update did (clip coefficient, ...), as device
   tensors or plain values, recorded by the guard without a host sync.
 
-`chain(*transforms)` runs transforms in order, each on the output of the one before.
-Statistics are not recomputed between them: a later transform sees the statistics of
-the gradients as they came from backward, so `chain(clip_norm(1.0), clip_norm(0.5))`
-clips with both coefficients computed from the original norm (use one clip per chain,
-or put the clip you want measured against raw gradients first).
+`chain(*transforms)` runs transforms in order, each on the output of the one before, and
+each sees the statistics of the gradients it gets: a transform that scales gradients
+(`clip_norm`, `clip_norm_per_tensor`, `auto_clip`, `zclip`) says how through `stats_after`,
+which rescales the [P] statistics on the device (no pass over the gradients); after one
+that changes gradients entry by entry (`clip_value`, `agc`) the chain measures them again
+with `tensor_stats` (one more fused pass), and only if another transform follows.
 
 References:
   optax, `optax/transforms/_combining.py` (chain) and `_clipping.py`.
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._errors import GradDoctorError
-from .._stats import TensorStats
+from .._stats import TensorStats, tensor_stats
 
 Grads = list[Optional[Tensor]]
 
@@ -94,6 +95,8 @@ class GradientTransform:
       update: `(grads, state, stats, params=None) -> (grads or None, state)`.
       report: `state -> dict` of what the last update did (device tensors allowed).
       host_syncs: host syncs per step that `update` needs (0 for every clipping transform).
+      stats_after: `(stats, state) -> stats` of the gradients after `update`, derived without a
+        pass over them; None: unknown (a chain measures them again when a transform follows).
     """
 
     name: str
@@ -101,6 +104,7 @@ class GradientTransform:
     update: Callable[..., tuple[Optional[Grads], TransformState]]
     report: Callable[[TransformState], dict[str, Any]] = lambda state: {}
     host_syncs: int = 0
+    stats_after: Optional[Callable[[TensorStats, TransformState], TensorStats]] = None
 
 
 @dataclass
@@ -125,7 +129,8 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
     """Compose transforms: each `update` gets the gradients the previous one returned.
 
     If a transform returns None (skip the step), the rest are not called and keep
-    their state, so a skipped non-finite step does not feed NaN into an EMA.
+    their state, so a skipped non-finite step does not feed NaN into an EMA. Each
+    transform gets the statistics of its input gradients (see the module docstring).
 
     Args:
       *transforms: the transforms to run, in order.
@@ -145,6 +150,8 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
             grads, new[i] = t.update(grads, new[i], stats, params)
             if grads is None:
                 break
+            if i + 1 < len(transforms):
+                stats = t.stats_after(stats, new[i]) if t.stats_after else tensor_stats(grads, stats.norm.device)
         return grads, ChainState(tuple(new))
 
     def report(state: ChainState) -> dict[str, Any]:
@@ -188,6 +195,21 @@ def scale_each_(grads: Grads, coefs: Tensor) -> None:
     for (device, _), idx in group_present(grads).items():
         local = coefs.to(device)
         torch._foreach_mul_([grads[i] for i in idx], [local[i] for i in idx])
+
+
+def scaled_stats(stats: TensorStats, coef: Tensor) -> TensorStats:
+    """Statistics of the gradients after multiplying them by `coef` (0-d, or [P] per tensor). No sync.
+
+    Norms and max-abs scale with |coef|; non-finite counts do not change. Missing tensors stay NaN.
+    """
+    norm, maxabs = stats.norm * coef, stats.maxabs * coef
+    total = stats.total_norm * coef if coef.ndim == 0 else torch.linalg.vector_norm(torch.nan_to_num(norm, nan=0.0))
+    return TensorStats(norm, maxabs, stats.nonfinite, total, stats.present)
+
+
+def unchanged_stats(stats: TensorStats, state: TransformState) -> TensorStats:
+    """`stats_after` of a transform that does not change the gradients it passes on."""
+    return stats
 
 
 def clip_coefficient(max_norm: Tensor | float, norm: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._errors import ConfigError, GradDoctorError
 from .._stats import TensorStats
-from ._base import Grads, GradientTransform, TransformState
+from ._base import Grads, GradientTransform, TransformState, unchanged_stats
 
 
 class NonFiniteGradientError(GradDoctorError):
@@ -84,4 +84,4 @@ def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform:
     def report(s: SkipState) -> dict:
         return {"skipped": int(s.skipped)}
 
-    return GradientTransform("skip_nonfinite", init, update, report, host_syncs=1)
+    return GradientTransform("skip_nonfinite", init, update, report, host_syncs=1, stats_after=unchanged_stats)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._stats import TensorStats
 from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_coefficient, group_present,
-                    scale_, scale_each_)
+                    scale_, scale_each_, scaled_stats)
 
 
 def stats_device(params: Sequence[Tensor]) -> torch.device:
@@ -97,7 +97,8 @@ def clip_norm(max_norm: float = 1.0) -> GradientTransform:
         scale_(grads, coef)
         return grads, ClipState(coef)
 
-    return GradientTransform("clip_norm", _clip_init, update, lambda s: {"coef": s.coef})
+    return GradientTransform("clip_norm", _clip_init, update, lambda s: {"coef": s.coef},
+                             stats_after=lambda stats, s: scaled_stats(stats, s.coef))
 
 
 @dataclass
@@ -138,5 +139,6 @@ def clip_norm_per_tensor(max_norm: float = 1.0) -> GradientTransform:
         return {"min_coef": torch.nan_to_num(s.coef, nan=1.0).amin() if s.coef.numel() else s.coef.new_ones(()),
                 "clipped": (s.coef < 1).sum().to(torch.float32)}
 
-    return GradientTransform("clip_norm_per_tensor", init, update, report)
+    return GradientTransform("clip_norm_per_tensor", init, update, report,
+                             stats_after=lambda stats, s: scaled_stats(stats, s.coef))
 
