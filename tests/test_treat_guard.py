@@ -131,3 +131,12 @@ def test_watch_guard_records_interventions_and_raw_stats(tmp_path):
 def test_watch_rejects_a_guard_that_is_not_a_transform():
     with pytest.raises(gd.GradDoctorError, match="GradientTransform"):
         gd.watch(small_model(), guard=torch.nn.utils.clip_grad_norm_)
+
+
+def test_watch_accepts_a_guard_only_for_its_own_parameters():
+    model = small_model()
+    ready = treat.Guard(gd.clip_norm(1.0), model.named_parameters())
+    with gd.watch(model, guard=ready) as w:
+        assert w.guard is ready
+    with pytest.raises(gd.GradDoctorError, match="not the watched model"):
+        gd.watch(model, guard=treat.Guard(gd.clip_norm(1.0), small_model(1).parameters()))

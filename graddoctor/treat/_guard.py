@@ -144,7 +144,12 @@ def _find_bad(state: Any) -> tuple[str, ...]:
 
 def as_guard(guard: Any, params: list[Tensor], names: list[str]) -> Optional[Guard]:
     """`watch(guard=...)` accepts a transform (wrapped here) or a ready `Guard`, or None."""
-    if guard is None or isinstance(guard, Guard):
+    if guard is None:
+        return None
+    if isinstance(guard, Guard):
+        if [id(p) for p in guard.params] != [id(p) for p in params]:
+            raise GradDoctorError(f"the Guard holds {len(guard.params)} parameters that are not the watched model's "
+                                  f"{len(params)} trainable parameters, in order; pass the transform itself as guard=")
         return guard
     return Guard(guard, params, names)
 
