@@ -267,3 +267,24 @@ def test_config_validation_and_options():
     assert "loss_spike" in {f.code for f in diagnose(make_data(loss))}
     assert "loss_spike" not in {f.code for f in diagnose(make_data(loss), spike_factor=10.0)}
     assert list(RULES) and set(RULES) == set(CODES)
+
+
+def test_rising_gradients_while_the_loss_falls_are_not_an_explosion():
+    # a plateau ending: gradients climb 300x back to their starting level while the loss drops
+    rng = np.random.default_rng(8)
+    T, P = 300, 3
+    g = np.concatenate([np.full(20, 1.0), np.full(130, 3e-3), np.full(150, 1.0)]) * np.exp(0.1 * rng.standard_normal(T))
+    loss = np.concatenate([np.full(150, 2.0), np.linspace(2.0, 0.1, 150)]) * np.exp(0.05 * rng.standard_normal(T))
+    d = make_data(loss, global_norm=g, grad_norm=np.outer(g, [4.0, 4.0, 4.0]), P=P)  # grad/weight 1 after the rise
+    assert "exploding_gradient" not in codes(d)
+    worse = loss.copy()
+    worse[150:] = 2.0 * np.linspace(1, 5, 150)  # same gradients, loss getting worse: an explosion
+    g2 = g.copy()
+    g2[150:] *= 30  # 30x above where it started
+    assert "exploding_gradient" in codes(make_data(worse, global_norm=g2, grad_norm=np.outer(g2, [4.0] * 3), P=P))
+
+
+def test_remedies_already_in_the_model_are_not_suggested():
+    f = Finding("vanishing_gradient", "warning", 0, 0, (), {}, "depth", "")
+    ids = [r.id for r in rank_remedies(f, present=frozenset({"batch_norm"}))]
+    assert "batch_norm" not in ids and ids[0] == "residual_connections"

@@ -52,6 +52,10 @@ class DiagnoseConfig:
     # growing from a tiny start (the branch behind a ReZero scale or a zero-initialised end
     # waking up) is not exploding.
     explode_layer_ratio: float = 0.1
+    # ... and this many orders above where it started (the median of the first `baseline_window`
+    # steps): a norm climbing back from a plateau to its starting level is learning resuming
+    # (e.g. an LSTM finding the solution), not an explosion.
+    explode_over_start_orders: float = 1.0
     # A rise must last this many steps, unless non-finite values follow it.
     explode_min_steps: int = 2
     # Trailing steps in every running baseline (loss, norms, inputs).

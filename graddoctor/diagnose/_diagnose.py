@@ -10,7 +10,7 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import activation_class, fitting_init
 from ._findings import Finding
-from ._remedies import rank_remedies
+from ._remedies import present_remedies, rank_remedies
 from ._rules_activation import dead_relu, poor_initialization, saturated_activation
 from ._rules_gradient import exploding_gradient, nonfinite_gradient, vanishing_gradient
 from ._rules_loss import input_outlier, large_weight_update, loss_not_decreasing, loss_spike
@@ -58,11 +58,12 @@ def diagnose(run: Run | RunData | str | Path, config: Optional[DiagnoseConfig] =
 def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
     """Run every rule on host arrays; the order is severity, then `RULES` order."""
     init, act = fitting_init(data), activation_class(data)
+    present = frozenset(present_remedies(set(data.modules.values())))
     found = []
     for rule in RULES.values():
         f = rule(data, cfg)
         if f is not None:
-            found.append(f.with_remedies(rank_remedies(f, init, act)))
+            found.append(f.with_remedies(rank_remedies(f, init, act, present)))
     found = _explain_stalled_loss(found)
     order = list(RULES)
     return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))

@@ -117,18 +117,31 @@ def remedy(remedy_id: str, act: str = "nn.ReLU") -> Remedy:
     return Remedy(remedy_id, why, snippet.replace("{act}", act))
 
 
-def rank_remedies(finding: Finding, fitting_init: str = "he_init", act: str = "nn.ReLU") -> tuple[Remedy, ...]:
+# Module classes that mean a remedy is already in the model (suggesting it again helps no one).
+_PRESENT = {"batch_norm": {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"}, "layer_norm": {"LayerNorm"},
+            "lstm": {"LSTM", "LSTMCell"}, "gru": {"GRU", "GRUCell"}, "relu": {"ReLU"}, "leaky_relu": {"LeakyReLU"},
+            "elu": {"ELU"}}
+
+
+def present_remedies(module_classes: set[str]) -> set[str]:
+    """Remedy ids the model already applies, from its module class names."""
+    return {rid for rid, classes in _PRESENT.items() if classes & module_classes}
+
+
+def rank_remedies(finding: Finding, fitting_init: str = "he_init", act: str = "nn.ReLU",
+                  present: frozenset = frozenset()) -> tuple[Remedy, ...]:
     """The remedies that fit a finding, best first.
 
     Args:
       finding: the finding (its code and cause pick the ranking).
       fitting_init: the init id that fits the model's activations; stands in for "@init".
       act: the model's activation class as code (e.g. "nn.Sigmoid"), for activation-swap snippets.
+      present: remedy ids the model already applies (left out, unless nothing else would remain).
     """
     ids = _RANKING.get((finding.code, finding.cause)) or _RANKING[(finding.code, None)]
     out: list[str] = []
     for i in ids:
         i = fitting_init if i == "@init" else i
-        if i not in out:
+        if i not in out and i not in present:
             out.append(i)
-    return tuple(remedy(i, act) for i in out)
+    return tuple(remedy(i, act) for i in out or ids[:1])

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ._config import DiagnoseConfig
-from ._data import RunData
+from ._data import NORM, RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
 from ._findings import Finding
 from ._robust import finite_max, finite_median, robust_z, row_median, running_median_mad, safe_log10, sustained
@@ -185,13 +185,25 @@ def _exploding_forms(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[
     return masks, ev
 
 
+def _loss_not_improving(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
+    """Steps whose loss is not below its running median (or unknown). Gradients that rise while the
+    loss falls are learning speeding up (a plateau ending), not an explosion."""
+    if not d.loss_recorded:
+        return np.ones(d.T, dtype=bool)
+    med, _ = running_median_mad(d.loss, cfg.baseline_window, cfg.baseline_min)
+    with np.errstate(invalid="ignore"):
+        return ~(d.loss < med)
+
+
 def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:
     lg = safe_log10(d.global_norm)
     med, mad = running_median_mad(lg, cfg.baseline_window, cfg.baseline_min)
     above = lg - med
     z = robust_z(lg, med, mad, floor=0.05)
+    start = finite_median(lg[: cfg.baseline_window])
     with np.errstate(invalid="ignore"):
-        raw = (above >= cfg.explode_rise_orders) & (z >= cfg.explode_z)
+        raw = ((above >= cfg.explode_rise_orders) & (z >= cfg.explode_z) & (lg - start >= cfg.explode_over_start_orders)
+               & _loss_not_improving(d, cfg))
     raw = np.nan_to_num(raw, nan=0).astype(bool)
     mask = sustained(raw, cfg.explode_min_steps, bad)
     if not mask.any():
@@ -229,7 +241,8 @@ def _layer_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.nd
     with np.errstate(invalid="ignore"):
         above = lg - base[block_of]
         big = d.log_grad_ratio >= math.log10(cfg.explode_layer_ratio)
-        raw = ((above >= cfg.explode_rise_orders) & big).any(axis=1)
+        over_start = lg - block_med[0] >= cfg.explode_over_start_orders
+        raw = ((above >= cfg.explode_rise_orders) & big & over_start).any(axis=1) & _loss_not_improving(d, cfg)
     mask = sustained(raw, cfg.explode_min_steps, bad)
     if not mask.any():
         return mask, {}
@@ -264,6 +277,11 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
     if grows or (np.isfinite(prof.gain_orders) and prof.gain_orders >= cfg.init_gain_orders) or \
             (first <= cfg.init_max_step // 5 and prof.poor):
         return "initialization", "the initialization amplifies signals: " + "; ".join(prof.reasons or ["large weights at step 0"])
+    if first <= cfg.init_max_step // 5 and len(d.eligible) >= 10:
+        norms = sorted({c for c in d.modules.values() if c in NORM})
+        return "depth", (f"gradients are already far above their weights at the start in a chain of {len(d.eligible)} "
+                         "weight layers" + (f" with {', '.join(norms)} (without skips, normalization layers amplify "
+                                            "gradients toward the input at init; Yang et al. 2019)" if norms else ""))
     big = large_update_mask(d, cfg)
     upd = d.update_steps[big & (d.update_steps <= first)]
     if len(upd):
