@@ -150,20 +150,29 @@ def _first_finite_sample(d: RunData, acts: list[int]):
 
 
 def input_flags(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(outlier mask, non-finite mask, orders above the running median) over the input samples."""
+    """(outlier mask, non-finite mask, orders above the running median) over the input samples.
+
+    A batch is an outlier when its max-abs or its std is `input_orders` above the running median
+    of the previous batches' and `input_z` robust z-scores above it. The std catches scaled
+    batches in data whose max-abs is heavy-tailed from batch to batch (rare, large features).
+    """
     x = d.inputs
     n = len(d.input_steps)
-    if n == 0 or x.ndim != 2 or x.shape[1] < 2:
+    if n == 0 or x.ndim != 2 or x.shape[1] < 4:
         z = np.zeros(n, dtype=bool)
         return z, z, np.zeros(n)
     nonfinite = (np.nan_to_num(x[:, 1], nan=1.0) > 0) | ~np.isfinite(x[:, 0])
-    lg = safe_log10(np.where(nonfinite, np.nan, x[:, 0]))
-    med, mad = running_median_mad(lg, cfg.baseline_window, cfg.baseline_min)
-    above = lg - med
-    z = robust_z(lg, med, mad, floor=0.02)
-    with np.errstate(invalid="ignore"):
-        outlier = (above >= cfg.input_orders) & (z >= cfg.input_z)
-    return np.nan_to_num(outlier, nan=0).astype(bool), nonfinite, above
+    outlier = np.zeros(n, dtype=bool)
+    above_max = np.zeros(n)
+    for col in (0, 3):  # max-abs, std
+        lg = safe_log10(np.where(nonfinite, np.nan, x[:, col]))
+        med, mad = running_median_mad(lg, cfg.baseline_window, cfg.baseline_min)
+        above = lg - med
+        z = robust_z(lg, med, mad, floor=0.02)
+        with np.errstate(invalid="ignore"):
+            outlier |= np.nan_to_num((above >= cfg.input_orders) & (z >= cfg.input_z), nan=0).astype(bool)
+        above_max = np.fmax(above_max, np.where(np.isfinite(above), above, np.nan))
+    return outlier, nonfinite, np.nan_to_num(above_max, nan=0.0)
 
 
 def bad_input_steps(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:

@@ -139,11 +139,12 @@ def input_outlier(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if outlier.any():
         i = int(np.flatnonzero(outlier)[0])
         ev["first_outlier_maxabs"] = _r(d.inputs[i, 0])
-        ev["running_median_maxabs"] = _r(d.inputs[i, 0] / 10 ** above[i])
+        ev["first_outlier_std"] = _r(d.inputs[i, 3])
+        ev["first_outlier_orders_above_median"] = _r(above[i])
     parts = []
     if nonfinite.any():
         parts.append(f"{int(nonfinite.sum())} input batch(es) held NaN/Inf (first at step {int(d.input_steps[nonfinite][0])})")
     if outlier.any():
-        parts.append(f"{int(outlier.sum())} batch(es) had max |x| 10^{ev['max_orders_above_median']:.1f} times the usual")
+        parts.append(f"{int(outlier.sum())} batch(es) had max |x| or std up to 10^{ev['max_orders_above_median']:.1f} times the usual")
     return Finding("input_outlier", "critical" if nonfinite.any() else "warning", int(steps[0]), int(steps[-1]), (),
                    ev, "data", "; ".join(parts) + ".")
