@@ -107,6 +107,8 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
     ("poor_initialization", None): ("@init", "lsuv_init", "zero_residual_init", "batch_norm", "layer_norm"),
     ("input_outlier", None): ("sanitize_inputs", "skip_nonfinite", "zclip", "clip_by_norm"),
     ("large_weight_update", "data"): ("sanitize_inputs", "clip_by_norm", "agc"),
+    ("large_weight_update", "initialization"): ("@init", "clip_by_norm", "agc", "lower_learning_rate"),
+    ("large_weight_update", "recurrence"): ("clip_by_norm", "lower_learning_rate", "lstm", "truncated_bptt"),
     ("large_weight_update", None): ("lower_learning_rate", "clip_by_norm", "agc", "auto_clip", "l2_regularization"),
 }
 

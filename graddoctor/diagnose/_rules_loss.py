@@ -15,6 +15,7 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r, input_flags, large_update_mask
 from ._findings import Finding
+from ._rules_gradient import exploding_cause
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
 
 
@@ -113,6 +114,9 @@ def large_weight_update(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     bad_in = set(d.input_steps[outlier | nonfinite].tolist())
     if any(int(s) in bad_in for s in steps):
         cause, why = "data", "the large updates were taken on outlier input batches"
+    elif int(steps[0]) <= cfg.init_max_step // 5:  # from the very start: the model, not the step size
+        cause, why = exploding_cause(d, cfg, int(steps[0]), [], False)
+        why = f"updates were large from step {int(steps[0])}: " + why
     else:
         cause, why = "learning_rate", ("the update is a large fraction of the weight itself (Karpathy's rule of thumb "
                                        "is ~1e-3): the step size is too large for these weights")
