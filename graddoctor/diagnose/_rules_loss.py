@@ -6,7 +6,6 @@ raises the bar and a single bad batch does not move it.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
