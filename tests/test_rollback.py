@@ -124,6 +124,16 @@ def test_is_spike_decision_table():
     assert treat.is_spike(0.5, tail, 3, 2, 10)[0]
 
 
+def test_defaults_scale_with_run_length():
+    model, opt, sched = setup()
+    assert treat.rollback(model, opt).every == 50
+    rb = treat.rollback(model, opt, total_steps=10_000)
+    assert (rb.every, rb.skip) == (50, 50)
+    rb = treat.rollback(model, opt, total_steps=1_000)
+    assert (rb.every, rb.skip) == (5, 5)
+    assert treat.rollback(model, opt, total_steps=1_000, every=7, skip=30).skip == 30
+
+
 def test_bad_options():
     model, opt, sched = setup()
     with pytest.raises(gd.ConfigError, match="every=0"):

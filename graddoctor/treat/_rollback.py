@@ -15,10 +15,11 @@ between the snapshot and the spike are not trained on (their updates were undone
 neither are the `skip` that follow: the data that led to the spike is stepped over, as in
 PaLM (restart ~100 steps before a spike, skip 200-500 batches).
 
-Defaults scaled to run length: a snapshot every `every` steps (50), `keep` snapshots (3),
-`skip` = `every` batches (so about 1-2x `every` batches around a spike are left out), at
-most `max_rollbacks` (5) rollbacks before `RollbackLimitError`. For a run of N steps,
-`every` ~ N/200 keeps the lost work under 1%.
+Defaults scaled to run length: give `total_steps=N` and a snapshot is taken every
+`every = max(1, N // 200)` steps (50 without it), so one rollback loses under 0.5% of the run;
+`keep` snapshots (3); `skip` = `every` batches dropped after a rollback (the rewind is `every/2`
+on average, so skip/rewind ~ 2, PaLM's low end); at most `max_rollbacks` (5) rollbacks before
+`RollbackLimitError`.
 
 Which snapshot: the newest one taken before the spike. If the spike comes back before a
 newer snapshot is taken, that snapshot is dropped and the one before it is used.
@@ -121,9 +122,14 @@ class Rollback:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
-                 every: int = 50, keep: int = 3, skip: Optional[int] = None, max_rollbacks: int = 5,
+                 every: Optional[int] = None, total_steps: Optional[int] = None, keep: int = 3,
+                 skip: Optional[int] = None, max_rollbacks: int = 5,
                  factor: float = 3.0, max_factor: float = 2.0, window: int = 50, min_history: int = 10,
                  directory: Optional[str | Path] = None, extra: Sequence[Any] = (), watch: Any = None):
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ConfigError(f"total_steps={total_steps!r} is not allowed: use None or an integer >= 1")
+        if every is None:
+            every = max(1, total_steps // 200) if total_steps else 50
         for name, v, lo in (("every", every, 1), ("keep", keep, 1), ("max_rollbacks", max_rollbacks, 0),
                             ("window", window, 1), ("min_history", min_history, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -224,7 +230,7 @@ def rollback(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any 
 
     Args:
       model, optimizer, scheduler: what is snapshotted and restored (scheduler optional).
-      **options: every, keep, skip, max_rollbacks, factor, max_factor, window, min_history, directory,
+      **options: every (or total_steps, giving every = total_steps // 200), keep, skip, max_rollbacks, factor, max_factor, window, min_history, directory,
         extra (more objects with state_dict/load_state_dict, e.g. a `Guard`), watch (records
         a "rollback" event).
     Returns:
