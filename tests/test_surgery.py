@@ -130,3 +130,13 @@ def test_rnn_to_lstm_plain_interface_and_gru_alias():
     assert out.shape == (5, 1, 3) and c.shape == (1, 1, 3)
     new, _ = gd.surgery.rnn_to_lstm(nn.Sequential(nn.RNN(2, 3)), cell="gru")
     assert isinstance(new[0], nn.GRU)
+
+
+def test_lstm_as_rnn_takes_an_rnn_hidden_state():
+    lstm, _ = gd.surgery.rnn_to_lstm(nn.RNN(3, 5, num_layers=2, batch_first=True))
+    x, h0 = torch.randn(4, 7, 3), torch.randn(2, 4, 5)
+    out, h = lstm(x, h0)
+    plain = nn.LSTM(3, 5, num_layers=2, batch_first=True)
+    plain.load_state_dict(lstm.state_dict())
+    ref_out, (ref_h, _) = plain(x, (h0, torch.zeros(2, 4, 5)))  # the cell state starts at zero
+    assert torch.equal(out, ref_out) and torch.equal(h, ref_h)
