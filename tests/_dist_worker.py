@@ -17,7 +17,8 @@ import graddoctor as gd
 mode, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 torch.set_num_threads(1)
-dist.init_process_group("gloo", rank=rank, world_size=world)
+# A file rendezvous: no TCP port to race for with other tests running at the same time.
+dist.init_process_group("gloo", init_method=os.environ["RENDEZVOUS"], rank=rank, world_size=world)
 
 
 def model_and_data():

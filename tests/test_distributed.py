@@ -3,7 +3,6 @@
 The recorded statistics must equal a single-process run on the same global batch.
 """
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,12 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 STEPS = 5
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(mode, run_dir, world=2):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+    env = dict(os.environ, RENDEZVOUS=f"file://{run_dir}/rendezvous", WORLD_SIZE=str(world))
     procs = [subprocess.Popen([sys.executable, str(WORKER), mode, str(run_dir), str(STEPS)],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import graddoctor as gd
 rank, world, out = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
 steps, nan_step = int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
-dist.init_process_group("gloo", rank=rank, world_size=world)
+dist.init_process_group("gloo", init_method=os.environ["RENDEZVOUS"], rank=rank, world_size=world)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
 ddp = nn.parallel.DistributedDataParallel(model)
@@ -38,12 +37,6 @@ w.close()
 torch.save([p.detach() for p in model.parameters()], f"{out}/rank{rank}.pt")
 dist.destroy_process_group()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference():
@@ -64,7 +57,7 @@ def reference():
 
 
 def test_ddp_ranks_clip_and_skip_alike(tmp_path):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    env = dict(os.environ, RENDEZVOUS=f"file://{tmp_path}/rendezvous", WORLD_SIZE="2")  # no port to race for
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(STEPS), str(NAN_STEP)],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
