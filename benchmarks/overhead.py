@@ -1,15 +1,25 @@
-"""Per-step overhead of watch on the CPU workload of DESIGN.md (and on a GPU when one is present).
+"""Per-step cost of watch, alone and with a clipping guard, against a baseline and clip_grad_norm_.
 
-Workload: an MLP of 16 Linear(512, 512) + ReLU layers, batch 256, Adam. Variants, each on its own
-copy of the same model, stepped in turn (interleaved, rotating order) so drift hits all alike:
-  baseline        forward, backward, optimizer step
-  watch           + gd.watch every step, activations off (L2, max-abs, non-finite counts, loss,
-                    sampled weight/update norms, input stats; flushes to SQLite every 50 steps)
-  watch+acts      + gd.watch with default activation sampling
-  clip_grad_norm  + torch.nn.utils.clip_grad_norm_(max_norm=1.0) (no watch)
+DESIGN.md budgets on this workload: watch every step <= 1.03x baseline; with default activation
+sampling <= 1.05x; watch + guard(clip_norm) <= clip_grad_norm_ alone.
 
-Usage: python benchmarks/overhead.py [--steps 200] [--device cpu|cuda] [--width 512] [--depth 16]
-Prints a markdown table of medians and ratios to baseline.
+Workload (DESIGN.md's CPU workload): an MLP of 16 Linear(512, 512) + ReLU layers, batch 256, Adam.
+Variants, each on its own copy of the same model, stepped in turn (interleaved, rotating order):
+  baseline              forward, backward, optimizer step
+  clip_grad_norm        + torch.nn.utils.clip_grad_norm_(max_norm=1.0)
+  watch                 + gd.watch, activation stats off, no guard (so the guard's own cost shows)
+  watch(default)        + gd.watch with its defaults (activation sampling, live diagnosis), no guard
+  watch+guard           + gd.watch(guard=gd.clip_norm(1.0)), activation stats off: the guard reuses
+                          watch's total norm, so clipping costs one _foreach_mul_ per group
+  watch(default)+guard  the same with watch's default activation sampling
+
+With --isolated, only the gradient-processing call is timed, on one set of gradients, interleaved:
+  clip_grad_norm_(params, 1.0)  vs  watch.step(loss) (no guard)  vs  watch.step(loss) with guard=clip_norm(1.0)
+(the watch flushes every 50 calls as in training, so its flush cost is included, amortized). Whole
+steps on a shared machine vary by several percent; the isolated costs are what the ratio is made of.
+
+Usage: python benchmarks/overhead.py [--steps 200] [--device cpu|cuda] [--isolated]
+Prints a markdown table of medians and ratios.
 """
 from __future__ import annotations
 
@@ -38,10 +48,13 @@ def sync(device: str) -> None:
 
 
 class Variant:
-    def __init__(self, name: str, model: nn.Module, tmp: str, watch_options: dict | None, clip: bool):
+    def __init__(self, name: str, model: nn.Module, run_dir: str | None, watch_options: dict | None, clip: bool,
+                 guard: bool = True):
         self.name, self.model, self.clip = name, model, clip
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        self.watch = gd.watch(model, self.opt, f"{tmp}/{name}", **watch_options) if watch_options is not None else None
+        self.watch = None
+        if watch_options is not None:
+            self.watch = gd.watch(model, self.opt, run_dir, guard=gd.clip_norm(1.0) if guard else None, **watch_options)
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor, device: str, record: bool) -> None:
@@ -60,6 +73,36 @@ class Variant:
             self.times.append(time.perf_counter() - t0)
 
 
+def isolated(args, base: nn.Module, x: torch.Tensor, y: torch.Tensor, tmp: str) -> None:
+    """Median time of the post-backward call alone: clip_grad_norm_ vs watch.step (+ guard)."""
+    model = copy.deepcopy(base)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    params = list(model.parameters())
+    plain = gd.watch(model, opt, f"{tmp}/plain", activation_every=0)
+    guarded = gd.watch(model, opt, f"{tmp}/guarded", activation_every=0, guard=gd.clip_norm(1.0))
+    calls = {"clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
+             "watch.step": lambda: plain.step(loss), "watch.step + guard(clip_norm)": lambda: guarded.step(loss)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for i in range(args.warmup + args.steps):
+        for name in names[i % 3:] + names[:i % 3]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            calls[name]()
+            sync(args.device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    plain.close()
+    guarded.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("| post-backward call | median (ms) | ratio to clip_grad_norm_ |")
+    print("| --- | ---: | ---: |")
+    for name, m in med.items():
+        print(f"| {name} | {m * 1e3:.3f} | {m / med['clip_grad_norm_']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -68,16 +111,25 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--isolated", action="store_true", help="time only the post-backward call")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = make_model(args.depth, args.width, args.device)
     x = torch.randn(args.batch, args.width, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
+    if args.isolated:
+        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"model={args.depth}x{args.width} calls={args.steps} (after {args.warmup} warm-up)")
+        with tempfile.TemporaryDirectory() as tmp:
+            isolated(args, base, x, y, tmp)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [Variant("baseline", copy.deepcopy(base), tmp, None, False),
-                    Variant("watch", copy.deepcopy(base), tmp, dict(activation_every=0), False),
-                    Variant("watch+acts", copy.deepcopy(base), tmp, {}, False),
-                    Variant("clip_grad_norm", copy.deepcopy(base), tmp, None, True)]
+        variants = [Variant("baseline", copy.deepcopy(base), None, None, False),
+                    Variant("clip_grad_norm", copy.deepcopy(base), None, None, True),
+                    Variant("watch", copy.deepcopy(base), f"{tmp}/w", dict(activation_every=0), False, guard=False),
+                    Variant("watch(default)", copy.deepcopy(base), f"{tmp}/d", {}, False, guard=False),
+                    Variant("watch+guard", copy.deepcopy(base), f"{tmp}/a", dict(activation_every=0), False),
+                    Variant("watch(default)+guard", copy.deepcopy(base), f"{tmp}/b", {}, False)]
         for i in range(args.warmup + args.steps):
             order = variants[i % len(variants):] + variants[:i % len(variants)]
             for v in order:
@@ -88,10 +140,10 @@ def main() -> None:
     med = {v.name: statistics.median(v.times) for v in variants}
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"model={args.depth}x{args.width} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)")
-    print("| variant | median step (ms) | ratio to baseline |")
-    print("| --- | ---: | ---: |")
+    print("| variant | median step (ms) | ratio to baseline | ratio to clip_grad_norm |")
+    print("| --- | ---: | ---: | ---: |")
     for name, m in med.items():
-        print(f"| {name} | {m * 1e3:.2f} | {m / med['baseline']:.3f} |")
+        print(f"| {name} | {m * 1e3:.2f} | {m / med['baseline']:.3f} | {m / med['clip_grad_norm']:.3f} |")
 
 
 if __name__ == "__main__":
