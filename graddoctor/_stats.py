@@ -86,11 +86,11 @@ def _foreach_l2(ts: list[Tensor]) -> list[Tensor]:
 def _maxabs(ts: list[Tensor], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.stack(torch._foreach_norm(ts, math.inf))
-    # The fused inf-norm has no fast CPU kernel (measured 13x slower than this): fused
-    # maxima, then one amin per tensor.
+    # The fused inf-norm has no fast CPU kernel (measured 13x slower), and `_foreach_max`
+    # is slower there than a loop of amax (0.34 vs 0.20 ms on the benchmark MLP).
     if any(t.numel() == 0 for t in ts):
         return torch.stack([torch.maximum(t.amax(), t.amin().neg()) if t.numel() else t.new_zeros(()) for t in ts])
-    return torch.maximum(torch.stack(torch._foreach_max(ts)), torch.stack([t.amin() for t in ts]).neg())
+    return torch.maximum(torch.stack([t.amax() for t in ts]), torch.stack([t.amin() for t in ts]).neg())
 
 
 def _nonfinite_counts(ts: list[Tensor], norm: Tensor, device: torch.device) -> Tensor:
@@ -104,6 +104,8 @@ def _nonfinite_counts(ts: list[Tensor], norm: Tensor, device: torch.device) -> T
     if device.type != "cpu":
         return torch.stack([torch.count_nonzero(t * 0) for t in ts])
     count = torch.zeros(len(ts), dtype=torch.int64)
+    if bool(torch.isfinite(norm).all()):  # the common case: one check, no count
+        return count
     for i in (~torch.isfinite(norm)).nonzero().flatten().tolist():
         count[i] = torch.count_nonzero(ts[i] * 0)
     return count
