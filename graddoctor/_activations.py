@@ -100,11 +100,15 @@ def activation_row(output: Tensor, kind: ActivationKind, saturation_margin: floa
 
 def input_row(x: Tensor) -> Tensor:
     """One row of `INPUT_FIELDS` for an input batch, on its device. No host sync."""
-    x = x.detach().float()
+    x = x.detach()
+    x = x if x.dtype == torch.float32 else x.float()
     if x.numel() == 0:
         return x.new_full((len(INPUT_FIELDS),), math.nan)
-    nonfinite = torch.count_nonzero(x * 0).float()
     maxabs = torch.maximum(x.amax(), x.amin().neg())  # NaN if the batch holds a NaN
+    if x.device.type == "cpu" and bool(torch.isfinite(maxabs)):
+        nonfinite = x.new_zeros(())  # CPU: reading maxabs waits for no device; finite means no NaN/Inf
+    else:
+        nonfinite = torch.count_nonzero(x * 0).float()
     std = x.std() if x.numel() > 1 else x.new_full((), math.nan)
     return torch.stack([maxabs, nonfinite, x.mean(), std])
 
