@@ -148,6 +148,7 @@ def _reduce_shards(norm: Tensor, maxabs: Tensor, count: Tensor, reduce_groups: l
     return norm, maxabs, count
 
 
+@torch.no_grad()  # statistics never join the autograd graph (cheaper than a detach per tensor)
 def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device) -> TensorStats:
     """Measure a list of tensors (None entries allowed) in one fused pass.
 
@@ -161,12 +162,10 @@ def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device
       A `TensorStats` whose vectors have one entry per input, None entries included.
     """
     present = tuple(t is not None for t in tensors)
-    locals_, groups = [], []
-    for t in tensors:
-        if t is not None:
-            local, pgs = _local_and_reduce_groups(t.detach())
-            locals_.append(local)
-            groups.append(pgs)
+    locals_: list[Tensor] = [t for t in tensors if t is not None]
+    groups: list[tuple] = []
+    if DTensor and any(isinstance(t, DTensor) for t in locals_):
+        locals_, groups = map(list, zip(*(_local_and_reduce_groups(t) for t in locals_)))
     if locals_:
         norm, maxabs, count = _measure_local(locals_, stats_device)
         if any(groups):
