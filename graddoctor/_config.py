@@ -43,8 +43,13 @@ class WatchConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "WatchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown watch option(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**options)
+        return config_from_options(cls, options, "watch")
+
+
+def config_from_options(cls: type, options: dict[str, Any], what: str) -> Any:
+    """`cls(**options)` for a config dataclass, refusing unknown names with the list of allowed ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} option(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**options)

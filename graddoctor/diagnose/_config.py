@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._config import config_from_options
 from .._errors import ConfigError
 
 
@@ -126,10 +127,6 @@ class DiagnoseConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "DiagnoseConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown diagnose option(s) {unknown}; allowed: {sorted(known)}")
-        cfg = cls(**options)
+        cfg = config_from_options(cls, options, "diagnose")
         cfg.validate()
         return cfg
