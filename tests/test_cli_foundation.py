@@ -14,7 +14,7 @@ def run(*args, check=False):
 
 
 def test_help_for_every_command():
-    for args in ([], ["runs"], ["runs", "summary"], ["demo"]):
+    for args in ([], ["runs"], ["runs", "summary"], ["demo"], ["diagnose"], ["lab"], ["report"]):
         out = run(*args, "--help")
         assert out.returncode == 0, out.stderr
         assert "usage: graddoctor" in out.stdout
