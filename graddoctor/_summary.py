@@ -47,6 +47,12 @@ def format_summary(run: Run) -> str:
              f"global gradient norm range: {_finite_range(gnorm)}"]
     bad = nonfinite_steps(run)
     lines.append("non-finite steps: " + (format_steps(bad) if len(bad) else "none"))
+    findings = run.events("finding")
+    if findings:
+        codes = sorted({e["data"].get("code", "?") for e in findings})
+        lines.append(f"findings recorded while training: {', '.join(codes)} (details: graddoctor diagnose {run.run_dir})")
+    from .treat import format_interventions  # treat builds on watch; imported late
+    lines.append(format_interventions(run).rstrip() or "interventions: none")
     if not len(steps):
         return "\n".join(lines)
     header = ("layer", "first", "median", "last", "non-finite steps")

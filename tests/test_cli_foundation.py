@@ -52,3 +52,20 @@ def test_bad_run_dir_exits_non_zero_with_a_message(tmp_path, setup, message):
 def test_unknown_command_is_refused():
     out = run("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_summary_lists_interventions_and_live_findings(tmp_path):
+    import re
+
+    import graddoctor as gd
+
+    subprocess.run([sys.executable, str(Path(__file__).with_name("_guarded_script.py")), str(tmp_path / "g")], check=True,
+                   capture_output=True, timeout=300)
+    out = run("runs", "summary", str(tmp_path / "g"), check=True).stdout
+    smallest = float(re.search(r"smallest coefficient ([0-9.e-]+)", out).group(1))
+    _, total = gd.open_run(tmp_path / "g").global_norm()
+    assert smallest == pytest.approx(0.01 / (float(total.max()) + 1e-6), rel=1e-2)  # clip_grad_norm_'s coefficient
+    run("demo", "--out", str(tmp_path / "d"), "--steps", "60", check=True)
+    out = run("runs", "summary", str(tmp_path / "d" / "sigmoid"), check=True).stdout
+    assert "findings recorded while training:" in out and "vanishing_gradient" in out
+    assert "interventions: none" in out
