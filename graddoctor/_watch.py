@@ -110,7 +110,7 @@ class Watch:
                                                    if (k := activation_kind(m)) is not None]
         self.step_index = 0
         self.latest: Optional[TensorStats] = None
-        self._flush_listeners: list[Callable[["Watch", int, int], None]] = []
+        self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
         self._reset_buffers()
         self._act_handles: list = []
         self._act_rows: dict[int, list[Tensor]] = {}
@@ -202,8 +202,12 @@ class Watch:
             h.remove()
         self._act_handles = []
 
-    def add_flush_listener(self, fn: Callable[["Watch", int, int], None]) -> None:
-        """Call `fn(watch, first_step, last_step)` after each flush has been written."""
+    def add_flush_listener(self, fn: Callable[["Watch", int, int, list], None]) -> None:
+        """Call `fn(watch, first_step, last_step, chunks)` after each flush has been written.
+
+        `chunks` are the host arrays the flush just wrote, as (series, steps int64[n], data [n, width]),
+        so a listener never has to read them back from the store.
+        """
         self._flush_listeners.append(fn)
 
     # ------------------------------------------------------------------ step
@@ -318,7 +322,7 @@ class Watch:
         self._reset_buffers()
         self._writer.write(chunks, events)  # type: ignore[union-attr]
         for fn in self._flush_listeners:
-            fn(self, first, last)
+            fn(self, first, last, chunks)
 
     def close(self) -> None:
         """Flush what is buffered, remove every hook and close the store. Safe to call twice."""

@@ -1,8 +1,8 @@
 """Live diagnosis: after each flush, run the rules on the run's recent history and report new findings.
 
 `watch` attaches a `LiveDiagnosis` as a flush listener (WatchConfig.live_diagnosis, on by default).
-It reads only what the flush just wrote to the SQLite store (host data), so it adds no host sync:
-the flush already was the sync point. Each new finding is reported once: a `FindingWarning` through `warnings`,
+It receives the host arrays the flush just wrote (and reads the store only once, at the first flush,
+for the run's metadata), so it adds no host sync and no read-back: the flush already was the sync point. Each new finding is reported once: a `FindingWarning` through `warnings`,
 a `logging` warning on the "graddoctor" logger (when logging is configured), the optional `on_finding`
 callback, and an event of kind "finding" in the run store (its data is `Finding.to_dict()`).
 """
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from .. import _store
 from .._run import Run
 from ._config import DiagnoseConfig
 from ._data import RunData
@@ -55,15 +54,14 @@ class LiveDiagnosis:
         self.reported: dict[str, Finding] = {}
         self.findings: list[Finding] = []  # every finding reported so far, in order
         self._series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._seen: set[tuple[str, int]] = set()
         self._template: Optional[RunData] = None
         self.failed = False
 
-    def __call__(self, watch: "Watch", first: int, last: int) -> None:
+    def __call__(self, watch: "Watch", first: int, last: int, chunks: list) -> None:
         if self.failed:
             return
         try:
-            self._read_new_chunks(first, last)
+            self._take_chunks(chunks, last)
             new = self.new_findings(diagnose_data(self._data(), self.config))
         except Exception:  # a diagnosis bug must never stop a training run
             self.failed = True
@@ -83,27 +81,17 @@ class LiveDiagnosis:
         return out
 
     # ----------------------------------------------------------------- reading
-    def _read_new_chunks(self, first: int, last: int) -> None:
-        if self._template is None:  # first flush: metadata and everything stored so far
+    def _take_chunks(self, chunks: list, last: int) -> None:
+        """Add a flush's host arrays to the window; the first flush also reads the run's metadata."""
+        if self._template is None:  # first flush: metadata, and everything stored so far (this flush included)
             with Run(self.run_dir) as run:
                 self._template = RunData.from_run(run)
-                self._seen = {(r[0], r[1]) for r in run._con.execute("SELECT series, first_step FROM chunks")}
             self._series = {k: (st[st > last - self.window], v[st > last - self.window])
                             for k, (st, v) in _series_of(self._template).items()}
             return
-        con = _store.open_store(self.run_dir)
-        try:  # one indexed query per series (the primary key is (series, first_step))
-            rows = [r for name in _SERIES for r in con.execute(
-                "SELECT series, first_step, steps, dtype, width, codec, data FROM chunks "
-                "WHERE series = ? AND first_step >= ? ORDER BY first_step", (name, first))]
-        finally:
-            con.close()
-        for series, f0, steps_blob, dtype, width, codec, blob in rows:
-            if (series, f0) in self._seen:
-                continue
-            self._seen.add((series, f0))
-            steps = np.frombuffer(steps_blob, dtype="<i8")
-            self._append(series, steps, _store.decode_array(dtype, codec, width, blob), last)
+        for series, steps, data in chunks:
+            if series in _SERIES:
+                self._append(series, steps, data, last)
 
     def _append(self, series: str, steps: np.ndarray, data: np.ndarray, last: int) -> None:
         old = self._series.get(series)

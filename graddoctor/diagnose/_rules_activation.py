@@ -6,6 +6,7 @@ whole batch for the ReLU family, and the std per layer for the start-of-training
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -17,33 +18,42 @@ from ._findings import Finding
 from ._robust import finite_mean
 
 
-def _persistent(d: RunData, kinds: set, col: int, threshold: float, min_fraction: float):
+@dataclass(frozen=True)
+class _Persistent:
+    """Activation modules whose statistic stays over a threshold, and where that happened."""
+
+    means: dict  # module name -> mean of the statistic over its finite samples
+    first: int   # first sampled step with a module over the threshold
+    last: int    # last such step
+    at_first_sample: bool  # already over the threshold at the first sample
+
+
+def _persistent(d: RunData, kinds: set, col: int, threshold: float, min_fraction: float) -> Optional[_Persistent]:
     """Modules of the given kinds whose statistic exceeds `threshold` on >= min_fraction of finite samples."""
     if len(d.act_steps) == 0 or d.act.ndim != 3 or d.act.shape[1] != len(d.act_modules):
-        return [], None
+        return None
     cols = [j for j, k in enumerate(d.act_kinds) if k in kinds]
     if not cols:
-        return [], None
+        return None
     x = d.act[:, cols, col].astype(np.float64)
     finite = np.isfinite(x)
     over = finite & (x > threshold)
     n = finite.sum(axis=0)
     frac = np.where(n > 0, over.sum(axis=0) / np.maximum(n, 1), 0.0)
-    hit = [(cols[i], frac[i]) for i in np.flatnonzero(frac >= min_fraction)]
-    return hit, (x, over)
+    sel = np.flatnonzero(frac >= min_fraction)
+    if not len(sel):
+        return None
+    rows = over[:, sel].any(axis=1)
+    means = {d.act_modules[cols[i]]: _r(finite_mean(x[:, i])) for i in sel}
+    return _Persistent(means, int(d.act_steps[rows][0]), int(d.act_steps[rows][-1]), bool(over[0, sel].any()))
 
 
 def saturated_activation(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
-    hit, arrays = _persistent(d, BOUNDED_KINDS, ACT_SAT, cfg.saturated_fraction, cfg.min_fraction)
-    if not hit:
+    hit = _persistent(d, BOUNDED_KINDS, ACT_SAT, cfg.saturated_fraction, cfg.min_fraction)
+    if hit is None:
         return None
-    x, over = arrays
-    cols = [j for j, k in enumerate(d.act_kinds) if k in BOUNDED_KINDS]
-    mods = [d.act_modules[j] for j, _ in hit]
-    sel = [cols.index(j) for j, _ in hit]
-    rows = over[:, sel].any(axis=1)
-    first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
-    mean_sat = {d.act_modules[j]: _r(finite_mean(x[:, cols.index(j)])) for j, _ in hit}
+    first, last, mean_sat = hit.first, hit.last, hit.means
+    mods = list(mean_sat)
     prof = init_profile(d, cfg)
     scales = weight_scales(d)
     big_w = {n: s for n, s in scales.items() if s > 2.0}
@@ -65,17 +75,12 @@ def saturated_activation(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
 
 
 def dead_relu(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
-    hit, arrays = _persistent(d, EXACT_ZERO_KINDS, ACT_DEAD, cfg.dead_fraction, cfg.min_fraction)
-    if not hit:
+    hit = _persistent(d, EXACT_ZERO_KINDS, ACT_DEAD, cfg.dead_fraction, cfg.min_fraction)
+    if hit is None:
         return None
-    x, over = arrays
-    cols = [j for j, k in enumerate(d.act_kinds) if k in EXACT_ZERO_KINDS]
-    sel = [cols.index(j) for j, _ in hit]
-    rows = over[:, sel].any(axis=1)
-    first, last = int(d.act_steps[rows][0]), int(d.act_steps[rows][-1])
-    dead = {d.act_modules[j]: _r(finite_mean(x[:, cols.index(j)])) for j, _ in hit}
+    first, last, dead = hit.first, hit.last, hit.means
     big = large_update_mask(d, cfg)
-    at_start = bool(over[0, sel].any()) and int(d.act_steps[0]) <= cfg.init_max_step
+    at_start = hit.at_first_sample and int(d.act_steps[0]) <= cfg.init_max_step
     if at_start:
         cause, why = "initialization", (f"units were dead from the first sample (step {int(d.act_steps[0])}): "
                                         "weights/biases put pre-activations below zero for every input")

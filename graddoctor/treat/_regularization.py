@@ -17,7 +17,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,16 @@ from ._base import check_positive
 def _weights(model: nn.Module | Iterable[Tensor], include_bias: bool) -> list[Tensor]:
     params = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     return [p for p in params if p.requires_grad and (include_bias or p.ndim >= 2)]
+
+
+def _penalty(model: nn.Module | Iterable[Tensor], coef: float, include_bias: bool,
+             term: Callable[[Tensor], Tensor], scale: float = 1.0) -> Tensor:
+    """`scale * coef * sum(term(w))` over the penalized weights; a 0-d zero when there are none."""
+    c = scale * check_positive("coef", coef, allow_zero=True)
+    ws = _weights(model, include_bias)
+    if not ws:
+        return torch.zeros(())
+    return c * torch.stack([term(w) for w in ws]).sum()
 
 
 def l1_penalty(model: nn.Module | Iterable[Tensor], coef: float, include_bias: bool = False) -> Tensor:
@@ -42,11 +52,7 @@ def l1_penalty(model: nn.Module | Iterable[Tensor], coef: float, include_bias: b
     Returns:
       A 0-d tensor to add to the loss (no host sync).
     """
-    c = check_positive("coef", coef, allow_zero=True)
-    ws = _weights(model, include_bias)
-    if not ws:
-        return torch.zeros(())
-    return c * torch.stack([w.abs().sum() for w in ws]).sum()
+    return _penalty(model, coef, include_bias, lambda w: w.abs().sum())
 
 
 def l2_penalty(model: nn.Module | Iterable[Tensor], coef: float, include_bias: bool = False) -> Tensor:
@@ -59,8 +65,4 @@ def l2_penalty(model: nn.Module | Iterable[Tensor], coef: float, include_bias: b
     Returns:
       A 0-d tensor to add to the loss (no host sync).
     """
-    c = check_positive("coef", coef, allow_zero=True)
-    ws = _weights(model, include_bias)
-    if not ws:
-        return torch.zeros(())
-    return 0.5 * c * torch.stack([w.square().sum() for w in ws]).sum()
+    return _penalty(model, coef, include_bias, lambda w: w.square().sum(), scale=0.5)
