@@ -5,8 +5,12 @@ so nothing here copies a value to the host: results are device tensors that
 the watcher buffers until its next flush.
 
 How the pass is fused (the pattern of `torch.nn.utils.clip_grad_norm_`):
-- tensors are grouped by (device, dtype) and each group gets one
-  `torch._foreach_norm` call for the L2 norms;
+- tensors are grouped by (device, dtype);
+- on the CPU, a group of contiguous float32/float64/bfloat16 tensors is measured
+  by the native kernel (`graddoctor._native`): one read of each tensor gives its
+  L2 norm and max-abs. Everything below is the PyTorch path, used elsewhere and
+  whenever the kernel is off or unavailable;
+- each group gets one `torch._foreach_norm` call for the L2 norms;
 - max-abs uses the fused `_foreach_norm(ord=inf)` on CUDA; on the CPU that
   kernel is a slow fallback (measured 13x slower), so a per-tensor
   `amax/amin` pair is used there instead;
@@ -28,6 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _native
 
 try:  # DTensor moved to a public module in torch 2.4+
     from torch.distributed.tensor import DTensor, Replicate
@@ -117,8 +123,12 @@ def _measure_local(tensors: list[Tensor], stats_device: torch.device):
     parts, order = [], []
     for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
         ts = [tensors[i] for i in idx]
-        norm = torch.stack(_foreach_l2(ts)).float()
-        maxabs = _maxabs(ts, device).float()
+        native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
+        if native is not None:
+            norm, maxabs = native[0].sqrt().float(), native[1].float()
+        else:
+            norm = torch.stack(_foreach_l2(ts)).float()
+            maxabs = _maxabs(ts, device).float()
         count = _nonfinite_counts(ts, norm, device)
         parts.append([v.to(stats_device, non_blocking=True) for v in (norm, maxabs, count)])
         order += idx
@@ -214,8 +224,10 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
     """
     locals_, groups = zip(*(_local_and_reduce_groups(t.detach()) for t in tensors)) if tensors else ((), ())
     out: list[Optional[Tensor]] = [None] * len(locals_)
-    for _key, idx in _group_by_device_dtype(locals_).items():
-        norms = _foreach_l2([locals_[i] for i in idx])
+    for (device, _dtype), idx in _group_by_device_dtype(locals_).items():
+        ts = [locals_[i] for i in idx]
+        native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
+        norms = native[0].sqrt().float().unbind() if native is not None else _foreach_l2(ts)
         for j, i in enumerate(idx):
             out[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
     if not out:

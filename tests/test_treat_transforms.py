@@ -47,15 +47,19 @@ def run_guard(transform, params):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("none_every", [0, 3])
 @pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
-def test_clip_norm_equals_torch_float32(seed, none_every, scale):
+def test_clip_norm_equals_torch_float32(seed, none_every, scale, stats_path):
     params = make_params(seed, none_every=none_every, scale=scale)
     ref = clone_grads(params)
     torch.nn.utils.clip_grad_norm_(ref, 1.0)
     run_guard(gd.clip_norm(1.0), params)
     for p, r in zip(params, ref):
         assert (p.grad is None) == (r.grad is None)
-        if p.grad is not None:
-            assert torch.equal(p.grad, r.grad)  # bit for bit
+        if p.grad is None:
+            continue
+        if stats_path == "torch":  # PyTorch's own norm ops: bit for bit
+            assert torch.equal(p.grad, r.grad)
+        else:  # the native kernel's norm differs from PyTorch's in rounding only
+            torch.testing.assert_close(p.grad, r.grad, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float16, torch.float32), (torch.bfloat16, torch.float64)])
@@ -89,7 +93,7 @@ def test_clip_value_equals_torch(dtypes, clip):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("max_norm", [0.1, 1.0, 50.0])
-def test_clip_per_tensor_equals_naive_loop(seed, max_norm):
+def test_clip_per_tensor_equals_naive_loop(seed, max_norm, stats_path):
     params = make_params(seed, none_every=5, scale=3.0)
     ref = clone_grads(params)
     for r in ref:  # the oracle: PyTorch's own clip, one variable at a time
@@ -97,8 +101,12 @@ def test_clip_per_tensor_equals_naive_loop(seed, max_norm):
             torch.nn.utils.clip_grad_norm_([r], max_norm)
     run_guard(gd.clip_norm_per_tensor(max_norm), params)
     for p, r in zip(params, ref):
-        if p.grad is not None:
+        if p.grad is None:
+            continue
+        if stats_path == "torch":
             assert torch.equal(p.grad, r.grad)
+        else:  # the native kernel's norms differ from PyTorch's in rounding only
+            torch.testing.assert_close(p.grad, r.grad, rtol=2e-6, atol=0)
 
 
 def _total_norm(params) -> float:

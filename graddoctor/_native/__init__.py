@@ -1,0 +1,174 @@
+"""The optional native kernel: sum of squares and max-abs of CPU tensors in one read.
+
+Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
+PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
+path (`graddoctor._stats`) reads every gradient twice. `fused_stats.c` reads it once,
+with the vector width of the machine it runs on (BENCHMARKS.md has the numbers).
+
+How it is built: on first use, with the system C compiler (`$CC`, else `cc`), as
+`cc -O3 -march=native -fopenmp -shared -fPIC`, into a cache directory
+(`$GRADDOCTOR_CACHE_DIR`, else `$XDG_CACHE_HOME/graddoctor`, else `~/.cache/graddoctor`),
+under a name that hashes the source, the flags and this CPU, so a cache shared by
+different machines never runs code built for another CPU. It needs no PyTorch
+headers and compiles in well under a second. The OpenMP runtime it links is the
+`libgomp.so.1` PyTorch has already loaded, so it shares PyTorch's threads.
+
+When it is not used (everything still works, on the PyTorch path):
+- `GRADDOCTOR_NATIVE=0` in the environment, or `set_enabled(False)`;
+- no working C compiler (the reason is kept in `status()`);
+- tensors that are not on the CPU, not contiguous, or not float32/float64/bfloat16.
+
+Results differ from PyTorch's `_foreach_norm` only in rounding: squares are summed in
+blocks and the block sums in float64, which is closer to the exact value than
+PyTorch's float32 reduction (tests/test_native.py checks both against float64).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("fused_stats.c")
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# Flag sets tried in order: the fastest first; each later one drops something a compiler may lack.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3",),
+)
+
+_lib: Optional[ctypes.CDLL] = None
+_loaded = False  # whether loading has been tried in this process
+_status = "not loaded yet"
+_enabled = os.environ.get("GRADDOCTOR_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the native kernel on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def status() -> str:
+    """A line saying whether the native kernel is in use, and if not, why."""
+    if not _enabled:
+        return "native kernel: off (GRADDOCTOR_NATIVE=0 or set_enabled(False)); statistics use PyTorch ops"
+    _load()
+    return _status
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("GRADDOCTOR_CACHE_DIR"):
+        return Path(os.environ["GRADDOCTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "graddoctor"
+
+
+def _cpu_fingerprint() -> str:
+    """What identifies this CPU's instruction set: -march=native code must not run elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _library_path(directory: Path, flags: tuple[str, ...]) -> Path:
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_fingerprint().encode(),
+                 sys.platform.encode(), platform.machine().encode()):
+        key.update(part)
+    return directory / f"fused_stats-{key.hexdigest()[:16]}.so"
+
+
+def _compile(flags: tuple[str, ...], target: Path) -> Optional[str]:
+    """Build the library at `target` (atomically: ranks of one job may race). Returns an error or None."""
+    compiler = os.environ.get("CC", "cc")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            return f"{compiler} {' '.join(flags)} failed: {done.stderr.strip()[-300:]}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{compiler} could not be run: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.gd_fused_stats.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    lib.gd_fused_stats.restype = ctypes.c_int
+    return lib
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """Load the library, building it first if this CPU has none in the cache. Tried once per process."""
+    global _lib, _loaded, _status
+    if _loaded:
+        return _lib
+    _loaded = True
+    errors = []
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"graddoctor-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        for flags in _FLAG_SETS:
+            path = _library_path(directory, flags)
+            try:
+                if not path.exists():
+                    error = _compile(flags, path)
+                    if error:
+                        errors.append(error)
+                        continue
+                _lib = _open(path)
+                _status = f"native kernel: in use ({path}, built with {' '.join(flags)})"
+                return _lib
+            except OSError as e:  # unwritable cache directory, or a library that does not load
+                errors.append(f"{path}: {e}")
+    _status = "native kernel: unavailable, statistics use PyTorch ops; " + " | ".join(errors[-3:])
+    return None
+
+
+def supports(tensors: Sequence[Tensor]) -> bool:
+    """Whether `sumsq_maxabs` can measure these tensors (one dtype, CPU, contiguous)."""
+    if not _enabled or not tensors:
+        return False
+    dtype = tensors[0].dtype
+    return (dtype in _DTYPE_CODES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                                          for t in tensors) and _load() is not None)
+
+
+def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+    """float64 [n] sums of squares and float64 [n] max-abs of each tensor, from one read of each.
+
+    Returns None when the kernel cannot be used for these tensors (see `supports`); the
+    caller then takes the PyTorch path. A NaN entry makes its tensor's sum of squares NaN,
+    an Inf makes it Inf; max-abs skips NaN (the caller marks it from the norm).
+    """
+    if not supports(tensors):
+        return None
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    out = torch.empty((2, n), dtype=torch.float64)
+    code = _lib.gd_fused_stats(n, ptrs, numels.data_ptr(), _DTYPE_CODES[tensors[0].dtype],  # type: ignore[union-attr]
+                               out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads())
+    if code != 0:  # the kernel could not allocate its scratch memory: let PyTorch do it
+        return None
+    return out[0], out[1]
