@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _native
+
 # Column order of one activation-statistics row.
 ACT_FIELDS = ("mean", "std", "frac_saturated", "frac_zero", "frac_dead_units", "nonfinite")
 # Column order of one input-statistics row.
@@ -101,6 +103,10 @@ def activation_row(output: Tensor, kind: ActivationKind, saturation_margin: floa
 def input_row(x: Tensor) -> Tensor:
     """One row of `INPUT_FIELDS` for an input batch, on its device. No host sync."""
     x = x.detach()
+    if x.device.type == "cpu":  # the native kernel: all four from one read, no temporaries
+        row = _native.moments(x if x.is_contiguous() else x.contiguous())
+        if row is not None:
+            return torch.tensor(row, dtype=torch.float32)
     x = x if x.dtype == torch.float32 else x.float()
     if x.numel() == 0:
         return x.new_full((len(INPUT_FIELDS),), math.nan)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
 from ._errors import ConfigError, NoGradientsError
@@ -252,8 +253,9 @@ class Watch:
         self._record_update()
         if s % self.config.sample_every == 0:
             weights = [p.detach() for p in self.params]
-            self._push("weight_norm", s, l2_norms(weights, self.stats_device))
-            self._snapshot = (s, self._copy_weights(weights))
+            snapshot, norms = self._snapshot_weights(weights)
+            self._push("weight_norm", s, norms)
+            self._snapshot = (s, snapshot)
         if self._act_handles:
             self._push("act", s, self._activation_matrix())
             self._remove_activation_hooks()
@@ -261,24 +263,36 @@ class Watch:
             self._push("input", s, self._input_acc)
             self._input_acc = None
 
-    def _copy_weights(self, weights: list[Tensor]) -> list[Tensor]:
-        """A copy of the weights for the update norm. On the CPU the copy buffers are kept and
-        reused (a fresh 16 MB copy costs more in page faults than in copying); on accelerators
-        the copy is freed after use, as a permanent second copy of a large model costs memory."""
+    def _snapshot_weights(self, weights: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """A copy of the weights (for the next update norm) and the weights' L2 norms.
+
+        On the CPU the copy buffers are kept and reused (a fresh 16 MB copy costs more in page
+        faults than in copying), and the native kernel takes the norms while it copies (one
+        read of the weights instead of two). On accelerators the copy is freed after use, as a
+        permanent second copy of a large model costs memory.
+        """
         if self.stats_device.type != "cpu" or self._sharded:
-            return [w.clone() for w in weights]
+            return [w.clone() for w in weights], l2_norms(weights, self.stats_device)
         if self._snapshot_buffers is None:
             self._snapshot_buffers = [torch.empty_like(w) for w in weights]
+        sumsq = _native.copy_sumsq(weights, self._snapshot_buffers)
+        if sumsq is not None:
+            return self._snapshot_buffers, sumsq.sqrt().float()
         torch._foreach_copy_(self._snapshot_buffers, weights)
-        return self._snapshot_buffers
+        return self._snapshot_buffers, l2_norms(weights, self.stats_device)
 
     def _record_update(self) -> None:
         """Norm of the update the optimizer applied after the last sampled step (weights now minus snapshot)."""
         if self._snapshot is None:
             return
         s, snap = self._snapshot
-        torch._foreach_sub_(snap, [p.detach() for p in self.params])  # in place: no second copy of the weights
-        self._push("update_norm", s, l2_norms(snap, self.stats_device))
+        weights = [p.detach() for p in self.params]
+        sumsq = None if self._sharded else _native.diff_sumsq(weights, snap)  # one read of each, nothing written
+        if sumsq is not None:
+            self._push("update_norm", s, sumsq.sqrt().float())
+        else:
+            torch._foreach_sub_(snap, weights)  # in place: no second copy of the weights
+            self._push("update_norm", s, l2_norms(snap, self.stats_device))
         self._snapshot = None
 
     def _activation_matrix(self) -> Tensor:

@@ -141,3 +141,57 @@ def test_a_fresh_cache_builds_once_and_is_reused(native, tmp_path):
     second = run_python(PROBE, GRADDOCTOR_CACHE_DIR=str(cache)).splitlines()[0]
     assert first == second and first.startswith("native kernel: in use")
     assert sorted(cache.iterdir()) == built and len(built) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_copy_and_diff_passes_match_pytorch(native, dtype):
+    g = torch.Generator().manual_seed(2)
+    src = [torch.randn(n, generator=g).to(dtype) for n in (70001, 513, 0, 3)]
+    dst = [torch.full_like(t, 7.0) for t in src]
+    sumsq = native.copy_sumsq(src, dst)
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))  # the snapshot is an exact copy
+    for t, s in zip(src, sumsq.tolist()):
+        assert s == pytest.approx(oracle(t)[0], rel=1e-6)
+    moved = [(t.double() + 1e-2 * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(dtype) for t in src]
+    got = native.diff_sumsq(moved, src)
+    for a, b, s in zip(moved, src, got.tolist()):
+        # the oracle: PyTorch's own difference in the tensors' dtype (rounded as it rounds), then float64
+        assert s == pytest.approx(oracle(a - b)[0], rel=1e-6)
+
+
+def test_copy_and_diff_refuse_mismatched_lists(native):
+    a = [torch.ones(3)]
+    assert native.copy_sumsq(a, [torch.ones(4)]) is None
+    assert native.diff_sumsq(a, [torch.ones(3, dtype=torch.float64)]) is None
+
+
+def moments_oracle(x: torch.Tensor):
+    d = x.double()
+    nonfinite = int((~torch.isfinite(d)).sum())
+    maxabs = math.nan if torch.isnan(d).any() else float(d.abs().max())
+    return maxabs, nonfinite, float(d.mean()), float(d.std())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: a batch whose mean is far from zero
+def test_moments_match_float64_oracle(native, dtype, offset):
+    x = (torch.randn(256, 700, generator=torch.Generator().manual_seed(3)) + offset).to(dtype)
+    got = native.moments(x)
+    want = moments_oracle(x)
+    assert got[0] == want[0] and got[1] == want[1]
+    assert got[2] == pytest.approx(want[2], rel=1e-6)
+    assert got[3] == pytest.approx(want[3], rel=1e-4)  # unshifted sums would lose every digit at 1e4
+
+
+def test_moments_with_nan_inf_and_tiny_tensors(native):
+    x = torch.randn(1000)
+    x[5], x[17], x[999] = math.nan, math.inf, -math.inf
+    maxabs, count, mean, std = native.moments(x)
+    assert math.isnan(maxabs) and count == 3 and math.isnan(mean) and math.isnan(std)
+    y = torch.randn(1000)
+    y[0] = math.inf  # the first entry is the shift: an Inf there must not poison the finite rest
+    maxabs, count, mean, std = native.moments(y)
+    assert math.isinf(maxabs) and count == 1 and math.isinf(mean)
+    one = native.moments(torch.tensor([2.5]))
+    assert one[:3] == (2.5, 0.0, 2.5) and math.isnan(one[3])  # Tensor.std of one entry is NaN
+    assert all(math.isnan(v) for v in native.moments(torch.zeros(0)))

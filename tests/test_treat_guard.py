@@ -75,7 +75,7 @@ def test_too_many_nonfinite_steps_raise_naming_layers():
         opt.step()
 
 
-def test_guard_attached_to_optimizer_equals_clip_grad_norm_training():
+def test_guard_attached_to_optimizer_equals_clip_grad_norm_training(stats_path):
     """A pre-hook guard with clip_norm trains exactly as clip_grad_norm_ before each step does."""
     a, b = small_model(1), small_model(1)
     opt_a, opt_b = torch.optim.Adam(a.parameters(), 1e-2), torch.optim.Adam(b.parameters(), 1e-2)
@@ -88,10 +88,14 @@ def test_guard_attached_to_optimizer_equals_clip_grad_norm_training():
             if m is b:
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3)
             opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    if stats_path == "torch":  # PyTorch's own norm ops: bit for bit
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    else:  # the native kernel's norms differ from PyTorch's in rounding only
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_watch_guard_records_interventions_and_raw_stats(tmp_path):
+def test_watch_guard_records_interventions_and_raw_stats(tmp_path, stats_path):
     model, ref = small_model(2), small_model(2)
     opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
     guard = gd.chain(gd.skip_nonfinite(), gd.clip_norm(0.05))
@@ -109,7 +113,11 @@ def test_watch_guard_records_interventions_and_raw_stats(tmp_path):
                 opt_ref.step()
             w.step()
             opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    if stats_path == "torch":  # PyTorch's own norm ops: the same weights bit for bit
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    else:  # the native kernel's norms differ from PyTorch's in rounding only
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     run = gd.open_run(tmp_path / "run")
     steps, norms = run.global_norm()
     finite = [float(n) for s, n in zip(steps, norms) if s != 6]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -114,9 +115,9 @@ def _compile(flags: tuple[str, ...], target: Path) -> Optional[str]:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.gd_fused_stats.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
-    lib.gd_fused_stats.restype = ctypes.c_int
+    lib.gd_pass.argtypes = [ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+    lib.gd_pass.restype = ctypes.c_int
     return lib
 
 
@@ -145,30 +146,81 @@ def _load() -> Optional[ctypes.CDLL]:
     return None
 
 
+# The passes of fused_stats.c, and the columns of the rows it writes per tensor.
+_STATS, _COPY, _DIFF, _MOMENTS = 0, 1, 2, 3
+SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
+_numels_cache: dict[tuple, Tensor] = {}
+
+
 def supports(tensors: Sequence[Tensor]) -> bool:
-    """Whether `sumsq_maxabs` can measure these tensors (one dtype, CPU, contiguous)."""
+    """Whether the kernels can read these tensors (one dtype, CPU, contiguous, float32/float64/bfloat16)."""
     if not _enabled or not tensors:
         return False
     dtype = tensors[0].dtype
-    return (dtype in _DTYPE_CODES and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-                                          for t in tensors) and _load() is not None)
+    if dtype not in _DTYPE_CODES or (_lib is None and _load() is None):
+        return False
+    for t in tensors:  # a plain loop: this runs every step, and generator overhead shows here
+        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            return False
+    return True
+
+
+def _pointers(tensors: Sequence[Tensor]):
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
+    """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
+    if not supports(xs) or (ys is not None and not (supports(ys) and ys[0].dtype == xs[0].dtype and
+                                                    all(a.shape == b.shape for a, b in zip(xs, ys)))):
+        return None
+    n = len(xs)
+    key = tuple(t.numel() for t in xs)
+    numels = _numels_cache.get(key)
+    if numels is None:  # the same model gives the same sizes every step: build the array once
+        numels = _numels_cache.setdefault(key, torch.tensor(key, dtype=torch.int64))
+    out = torch.empty((n, 6), dtype=torch.float64)
+    code = _lib.gd_pass(pass_, n, _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
+                        numels.data_ptr(), _DTYPE_CODES[xs[0].dtype], out.data_ptr(), torch.get_num_threads())
+    return out if code == 0 else None  # -1: no scratch memory; the caller takes the PyTorch path
 
 
 def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
-    """float64 [n] sums of squares and float64 [n] max-abs of each tensor, from one read of each.
+    """float64 [n] sums of squares and [n] max-abs of each tensor, from one read of each.
 
-    Returns None when the kernel cannot be used for these tensors (see `supports`); the
-    caller then takes the PyTorch path. A NaN entry makes its tensor's sum of squares NaN,
-    an Inf makes it Inf; max-abs skips NaN (the caller marks it from the norm).
+    None when the kernel cannot be used for these tensors (see `supports`). A NaN entry
+    makes its tensor's sum of squares NaN, an Inf makes it Inf; max-abs skips NaN.
     """
-    if not supports(tensors):
+    rows = _run(_STATS, tensors)
+    return None if rows is None else (rows[:, SUMSQ], rows[:, MAXABS])
+
+
+def copy_sumsq(src: Sequence[Tensor], dst: Sequence[Tensor]) -> Optional[Tensor]:
+    """Copy each `src` tensor into `dst` and return float64 [n] sums of squares of `src` (one read)."""
+    rows = _run(_COPY, src, dst)
+    return None if rows is None else rows[:, SUMSQ]
+
+
+def diff_sumsq(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
+    """float64 [n] sums of squares of `a - b` (the difference in the tensors' dtype), nothing written."""
+    rows = _run(_DIFF, a, b)
+    return None if rows is None else rows[:, SUMSQ]
+
+
+def moments(x: Tensor) -> Optional[tuple[float, float, float, float]]:
+    """(max-abs, non-finite count, mean, std) of one tensor from one read, as host floats.
+
+    Max-abs is NaN if `x` holds a NaN; mean and std are NaN or Inf if it holds a NaN or Inf,
+    as PyTorch's would be. std is the unbiased one (NaN for a single entry), as `Tensor.std`.
+    """
+    rows = _run(_MOMENTS, [x])
+    if rows is None:
         return None
-    n = len(tensors)
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    out = torch.empty((2, n), dtype=torch.float64)
-    code = _lib.gd_fused_stats(n, ptrs, numels.data_ptr(), _DTYPE_CODES[tensors[0].dtype],  # type: ignore[union-attr]
-                               out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads())
-    if code != 0:  # the kernel could not allocate its scratch memory: let PyTorch do it
-        return None
-    return out[0], out[1]
+    sumsq, maxabs, total, nan, inf, shift = rows[0].tolist()
+    n = x.numel()
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = shift + total / n
+    var = (sumsq - total * total / n) / (n - 1) if n > 1 else math.nan
+    std = math.nan if math.isnan(var) else math.sqrt(max(var, 0.0))  # rounding may leave var at -0.0...
+    return (math.nan if nan else maxabs), nan + inf, mean, std

@@ -1,60 +1,45 @@
-/* graddoctor's fused statistics kernel: one read of each tensor gives both its
- * sum of squares and its largest absolute entry.
+/* graddoctor's native statistics kernels: every statistic a step needs from one
+ * read of each tensor.
  *
- * Why it exists: on a CPU the statistics pass of `watch` is memory bound. Two
- * PyTorch reductions (`_foreach_norm`, then `aminmax`) read every gradient twice,
- * cold from memory after backward; this kernel reads it once, which halves the
- * cost of the pass (see BENCHMARKS.md). It is plain C with no PyTorch headers,
- * so it compiles in a fraction of a second on first use (graddoctor/_native/__init__.py)
- * and is called through ctypes with raw data pointers.
+ * Why they exist: on a CPU the statistics of `watch` are bound by memory and by
+ * arithmetic width. PyTorch has no single op that returns both an L2 norm and a
+ * max-abs, so its path reads every gradient twice, cold from memory after
+ * backward; these kernels read it once, with the vector width of the machine
+ * (compiled there with -march=native; see BENCHMARKS.md for the numbers). Plain C
+ * with no PyTorch headers: it compiles in a fraction of a second on first use
+ * (graddoctor/_native/__init__.py) and is called through ctypes with raw pointers.
  *
- * Work is split into chunks of GD_CHUNK elements, spread over OpenMP threads;
- * PyTorch's own OpenMP runtime (libgomp.so.1, already loaded) is the one used.
- * Chunks are combined in a fixed order, so the result does not depend on the
- * number of threads.
+ * Four passes, each over a list of contiguous tensors of one dtype:
+ *   GD_STATS    sum of squares and max-abs of x                      (gradients)
+ *   GD_COPY     y := x, and the sum of squares of x                  (weight snapshot + weight norm)
+ *   GD_DIFF     sum of squares of (x - y), the difference in x's type (update norm)
+ *   GD_MOMENTS  shifted sum and sum of squares, max-abs, NaN and Inf counts (input batches)
  *
- * NaN and Inf: a NaN entry makes the sum of squares NaN; an Inf makes it Inf.
- * The max-abs of a chunk skips NaN (a > m is false for NaN); the caller marks
- * max-abs NaN wherever the norm is NaN, and counts non-finite entries only in
- * tensors whose norm is not finite.
+ * Work is split into chunks of GD_CHUNK elements spread over OpenMP threads (the
+ * libgomp.so.1 PyTorch has already loaded, so its thread pool is shared). Chunks
+ * are combined in a fixed order, so results do not depend on the thread count.
+ * Squares are summed in the data's precision over blocks of GD_BLOCK elements and
+ * the block sums in double: as fast as a float loop, and about as precise as a
+ * pairwise sum (relative error ~1e-7 on float32 data, PyTorch's float32 norm ~1e-6).
+ * `omp simd` lets the compiler put a block's sums in vector lanes without
+ * -ffast-math, which would break the NaN handling below.
+ *
+ * NaN and Inf: a NaN entry makes the sum of squares NaN, an Inf makes it Inf.
+ * Max-abs skips NaN (a > m is false for NaN); callers mark it NaN from the sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 
 enum { GD_F32 = 0, GD_F64 = 1, GD_BF16 = 2 };
+enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3 };
 
-#define GD_CHUNK 65536 /* elements per work item: large enough to amortize scheduling */
-#define GD_BLOCK 512   /* partial sums are moved into double every GD_BLOCK elements */
+#define GD_CHUNK 65536          /* elements per work item: large enough to amortize scheduling */
+#define GD_BLOCK 512            /* partial sums move into double every GD_BLOCK elements */
+#define GD_PARALLEL_MIN 262144  /* below this many elements in all, threads cost more than they save */
 
-typedef struct { double sumsq; double maxabs; } gd_part;
-
-/* Squares are summed in ACC precision over blocks of GD_BLOCK elements, and the block
- * sums are added in double: as fast as a float loop, and about as precise as a pairwise
- * sum (relative error ~1e-7 on float32 data, against PyTorch's ~1e-6). `omp simd` lets the
- * compiler reorder the block's sums into vector lanes without -ffast-math (which would
- * break NaN handling elsewhere). */
-#define GD_CHUNK_KERNEL(NAME, TYPE, ACC, LOAD)                                  \
-    static gd_part NAME(const TYPE *x, int64_t n) {                           \
-        double total = 0.0;                                                     \
-        ACC mx = 0;                                                             \
-        for (int64_t b = 0; b < n; b += GD_BLOCK) {                             \
-            int64_t e = b + GD_BLOCK < n ? b + GD_BLOCK : n;                    \
-            ACC s = 0, m = 0;                                                   \
-            _Pragma("omp simd reduction(+:s) reduction(max:m)")                 \
-            for (int64_t i = b; i < e; i++) {                                   \
-                ACC v = (ACC)(LOAD(x[i]));                                      \
-                ACC a = v < 0 ? -v : v;                                         \
-                s += v * v;                                                     \
-                m = a > m ? a : m;                                              \
-            }                                                                   \
-            total += (double)s;                                                 \
-            mx = m > mx ? m : mx;                                               \
-        }                                                                       \
-        gd_part p = {total, (double)mx};                                        \
-        return p;                                                               \
-    }
+/* One chunk's results. `sum`, `nan` and `inf` are filled by GD_MOMENTS only. */
+typedef struct { double sumsq, maxabs, sum, nan, inf; } gd_part;
 
 static inline float gd_bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -64,47 +49,161 @@ static inline float gd_bf16_to_float(uint16_t h) {
 }
 
 #define GD_IDENTITY(v) (v)
-GD_CHUNK_KERNEL(gd_chunk_f32, float, float, GD_IDENTITY)
-GD_CHUNK_KERNEL(gd_chunk_f64, double, double, GD_IDENTITY)
-GD_CHUNK_KERNEL(gd_chunk_bf16, uint16_t, float, gd_bf16_to_float)
+#define GD_UNUSED __attribute__((unused)) /* not every (pass, dtype) pair is used */
 
-static gd_part gd_chunk(const void *base, int32_t dtype, int64_t start, int64_t n) {
+/* The loop skeleton shared by every pass: blocks of GD_BLOCK, block sums in double.
+ * BODY sees `i` (the element index) and updates the block accumulators s, m, t, cn, ci. */
+#define GD_BLOCKED(ACC, BODY)                                                   \
+    gd_part p = {0.0, 0.0, 0.0, 0.0, 0.0};                                      \
+    ACC mx = 0;                                                                 \
+    for (int64_t b = 0; b < n; b += GD_BLOCK) {                                 \
+        int64_t e = b + GD_BLOCK < n ? b + GD_BLOCK : n;                        \
+        ACC s = 0, m = 0, t = 0;                                                \
+        int64_t cn = 0, ci = 0;                                                 \
+        _Pragma("omp simd reduction(+:s, t, cn, ci) reduction(max:m)")          \
+        for (int64_t i = b; i < e; i++) { BODY }                                \
+        p.sumsq += (double)s;                                                   \
+        p.sum += (double)t;                                                     \
+        p.nan += (double)cn;                                                    \
+        p.inf += (double)ci;                                                    \
+        mx = m > mx ? m : mx;                                                   \
+    }                                                                           \
+    p.maxabs = (double)mx;                                                      \
+    (void)shift;                                                                \
+    return p;
+
+#define GD_KERNELS(SUFFIX, TYPE, ACC, LOAD, HUGE)                                                        \
+    GD_UNUSED static gd_part gd_stats_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                   \
+        (void)y;                                                                                        \
+        GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]); ACC a = v < 0 ? -v : v; s += v * v; m = a > m ? a : m;) \
+    }                                                                                                   \
+    GD_UNUSED static gd_part gd_copy_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                    \
+        GD_BLOCKED(ACC, y[i] = x[i]; ACC v = (ACC)LOAD(x[i]); s += v * v;)                              \
+    }                                                                                                   \
+    GD_UNUSED static gd_part gd_diff_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                    \
+        GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]) - (ACC)LOAD(y[i]); s += v * v;)                         \
+    }                                                                                                   \
+    GD_UNUSED static gd_part gd_moments_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                 \
+        (void)y;                                                                                        \
+        GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]); ACC a = v < 0 ? -v : v; ACC d = v - shift;             \
+                   t += d; s += d * d; m = a > m ? a : m; cn += (v != v); ci += (a == (ACC)HUGE);)      \
+    }
+
+GD_KERNELS(f32, float, float, GD_IDENTITY, __builtin_inff())
+GD_KERNELS(f64, double, double, GD_IDENTITY, __builtin_inf())
+GD_KERNELS(bf16, uint16_t, float, gd_bf16_to_float, __builtin_inff())
+
+/* The diff of two bfloat16 values is taken in float, then rounded to bfloat16 as PyTorch's
+ * `sub` would: the update norm is the norm of the difference tensor PyTorch would have made. */
+static gd_part gd_diff_bf16_rounded(const uint16_t *x, uint16_t *y, int64_t n, float shift) {
+    (void)shift;
+    gd_part p = {0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t i = 0; i < n; i++) {
+        float v = gd_bf16_to_float(x[i]) - gd_bf16_to_float(y[i]);
+        if (v == v) { /* round to nearest even, as PyTorch does; NaN stays NaN */
+            uint32_t u;
+            memcpy(&u, &v, sizeof u);
+            u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+            memcpy(&v, &u, sizeof v);
+        }
+        p.sumsq += (double)v * (double)v;
+    }
+    return p;
+}
+
+static double gd_shift(const void *x, int32_t dtype, int64_t n) {
+    /* The first entry, when finite: subtracting it before summing keeps the variance of an
+     * input batch whose mean is far from zero (pixel values, years) from cancelling away. */
+    if (n == 0) return 0.0;
+    double v = dtype == GD_F32 ? ((const float *)x)[0]
+             : dtype == GD_F64 ? ((const double *)x)[0] : gd_bf16_to_float(((const uint16_t *)x)[0]);
+    return v - v == 0.0 ? v : 0.0;
+}
+
+static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int64_t start, int64_t n, double shift) {
     switch (dtype) {
-    case GD_F32: return gd_chunk_f32((const float *)base + start, n);
-    case GD_F64: return gd_chunk_f64((const double *)base + start, n);
-    default: return gd_chunk_bf16((const uint16_t *)base + start, n);
+    case GD_F32: {
+        const float *a = (const float *)x + start;
+        float *b = y ? (float *)y + start : NULL;
+        switch (pass) {
+        case GD_COPY: return gd_copy_f32(a, b, n, (float)shift);
+        case GD_DIFF: return gd_diff_f32(a, b, n, (float)shift);
+        case GD_MOMENTS: return gd_moments_f32(a, b, n, (float)shift);
+        default: return gd_stats_f32(a, b, n, (float)shift);
+        }
+    }
+    case GD_F64: {
+        const double *a = (const double *)x + start;
+        double *b = y ? (double *)y + start : NULL;
+        switch (pass) {
+        case GD_COPY: return gd_copy_f64(a, b, n, shift);
+        case GD_DIFF: return gd_diff_f64(a, b, n, shift);
+        case GD_MOMENTS: return gd_moments_f64(a, b, n, shift);
+        default: return gd_stats_f64(a, b, n, shift);
+        }
+    }
+    default: {
+        const uint16_t *a = (const uint16_t *)x + start;
+        uint16_t *b = y ? (uint16_t *)y + start : NULL;
+        switch (pass) {
+        case GD_COPY: return gd_copy_bf16(a, b, n, (float)shift);
+        case GD_DIFF: return gd_diff_bf16_rounded(a, b, n, (float)shift);
+        case GD_MOMENTS: return gd_moments_bf16(a, b, n, (float)shift);
+        default: return gd_stats_bf16(a, b, n, (float)shift);
+        }
+    }
     }
 }
 
-/* For each of `ntensors` contiguous tensors of one dtype: sumsq[t] and maxabs[t].
- * Returns 0, or -1 if the scratch memory could not be allocated (outputs untouched). */
-int gd_fused_stats(int64_t ntensors, const void *const *ptrs, const int64_t *numels, int32_t dtype,
-                   double *sumsq, double *maxabs, int32_t nthreads) {
-    int64_t nitems = 0;
-    for (int64_t t = 0; t < ntensors; t++) nitems += (numels[t] + GD_CHUNK - 1) / GD_CHUNK;
-    int64_t *owner = malloc(sizeof(int64_t) * (size_t)(nitems ? nitems : 1));
-    int64_t *start = malloc(sizeof(int64_t) * (size_t)(nitems ? nitems : 1));
-    gd_part *parts = malloc(sizeof(gd_part) * (size_t)(nitems ? nitems : 1));
-    if (!owner || !start || !parts) {
-        free(owner); free(start); free(parts);
+/* Run `pass` over `ntensors` contiguous tensors of one dtype.
+ *   x[t], y[t]: data pointers (y only for GD_COPY, written, and GD_DIFF, read; else NULL).
+ *   out: ntensors rows of 6 doubles: sum of squares, max-abs, sum, NaN count, Inf count, shift.
+ *        For GD_MOMENTS the sums are of x - shift, where shift is the tensor's first entry
+ *        when finite (else 0); the other passes fill only the first two columns.
+ * Returns 0, or -1 if scratch memory could not be allocated (then nothing was written). */
+int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
+            int32_t dtype, double *out, int32_t nthreads) {
+    int64_t nitems = 0, total = 0;
+    for (int64_t t = 0; t < ntensors; t++) {
+        nitems += (numels[t] + GD_CHUNK - 1) / GD_CHUNK;
+        total += numels[t];
+    }
+    size_t room = (size_t)(nitems ? nitems : 1);
+    int64_t *owner = malloc(sizeof(int64_t) * room);
+    int64_t *start = malloc(sizeof(int64_t) * room);
+    gd_part *parts = malloc(sizeof(gd_part) * room);
+    double *shift = malloc(sizeof(double) * (size_t)(ntensors ? ntensors : 1));
+    if (!owner || !start || !parts || !shift) {
+        free(owner); free(start); free(parts); free(shift);
         return -1;
     }
     int64_t j = 0;
-    for (int64_t t = 0; t < ntensors; t++)
+    for (int64_t t = 0; t < ntensors; t++) {
+        shift[t] = pass == GD_MOMENTS ? gd_shift(x[t], dtype, numels[t]) : 0.0;
         for (int64_t s = 0; s < numels[t]; s += GD_CHUNK) { owner[j] = t; start[j] = s; j++; }
+    }
+    int threads = nthreads > 0 ? nthreads : 1;
 
-#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (nitems > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (total >= GD_PARALLEL_MIN && nitems > 1)
     for (int64_t k = 0; k < nitems; k++) {
         int64_t t = owner[k];
         int64_t n = numels[t] - start[k];
-        parts[k] = gd_chunk(ptrs[t], dtype, start[k], n < GD_CHUNK ? n : GD_CHUNK);
+        parts[k] = gd_chunk(pass, dtype, x[t], y ? y[t] : NULL, start[k], n < GD_CHUNK ? n : GD_CHUNK, shift[t]);
     }
 
-    for (int64_t t = 0; t < ntensors; t++) { sumsq[t] = 0.0; maxabs[t] = 0.0; }
-    for (int64_t k = 0; k < nitems; k++) { /* in chunk order: the same sum for any thread count */
-        sumsq[owner[k]] += parts[k].sumsq;
-        if (parts[k].maxabs > maxabs[owner[k]]) maxabs[owner[k]] = parts[k].maxabs;
+    for (int64_t t = 0; t < ntensors; t++) {
+        double *row = out + 6 * t;
+        row[0] = row[1] = row[2] = row[3] = row[4] = 0.0;
     }
-    free(owner); free(start); free(parts);
+    for (int64_t k = 0; k < nitems; k++) { /* in chunk order: the same sums for any thread count */
+        double *row = out + 6 * owner[k];
+        row[0] += parts[k].sumsq;
+        if (parts[k].maxabs > row[1]) row[1] = parts[k].maxabs;
+        row[2] += parts[k].sum;
+        row[3] += parts[k].nan;
+        row[4] += parts[k].inf;
+    }
+    for (int64_t t = 0; t < ntensors; t++) out[6 * t + 5] = shift[t]; /* so that mean = shift + sum / n */
+    free(owner); free(start); free(parts); free(shift);
     return 0;
 }

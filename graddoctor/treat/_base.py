@@ -185,7 +185,13 @@ def scale_(grads: Grads, coef: Tensor) -> None:
     """Multiply every present gradient by the 0-d tensor `coef`, one `_foreach_mul_` per group. No sync.
 
     This is the multiplication of `torch.nn.utils.clip_grads_with_norm_`, so the results agree bit for bit.
+    PyTorch multiplies even by 1, because on an accelerator asking whether the coefficient
+    is 1 would wait for the device. A CPU coefficient is already in host memory, so there a
+    coefficient of exactly 1 (no clipping, the common step) skips the pass over the
+    gradients: x * 1.0 == x for every float, so the result is the same bit for bit.
     """
+    if coef.device.type == "cpu" and coef.numel() == 1 and float(coef) == 1.0:
+        return
     for (device, _), idx in group_present(grads).items():
         torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
 
