@@ -8,6 +8,7 @@ from ._config import WatchConfig
 from ._errors import ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, RunNotFoundError
 from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
+from ._native import status as native_status
 from ._watch import Watch, watch
 from ._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "watch", "Watch", "WatchConfig", "open_run", "Run", "History", "TensorStats", "tensor_stats", "l2_norms",
+    "native_status",
     "check", "format_check", "CheckReport", "CheckThresholds", "LayerProfile",
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
     "diagnose", "Finding", "DiagnoseConfig",
