@@ -195,20 +195,3 @@ def test_moments_with_nan_inf_and_tiny_tensors(native):
     one = native.moments(torch.tensor([2.5]))
     assert one[:3] == (2.5, 0.0, 2.5) and math.isnan(one[3])  # Tensor.std of one entry is NaN
     assert all(math.isnan(v) for v in native.moments(torch.zeros(0)))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("coef", [0.3183099, 1e-7, 0.999999, math.nan])
-def test_scale_equals_foreach_mul_bit_for_bit(native, dtype, coef):
-    g = torch.Generator().manual_seed(4)
-    ts = [(torch.randn(n, generator=g) * 100).to(dtype) for n in (70001, 513, 0, 3)]
-    ref = [t.clone() for t in ts]
-    factor = torch.tensor(coef, dtype=torch.float32)  # clip coefficients are float32 0-d tensors
-    torch._foreach_mul_(ref, factor)
-    assert native.scale_(ts, float(factor))
-    assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(ts, ref))
-
-
-def test_scale_is_not_offered_for_half_types(native):
-    t = torch.ones(3, dtype=torch.bfloat16)
-    assert not native.scale_([t], 0.5) and torch.equal(t, torch.ones(3, dtype=torch.bfloat16))

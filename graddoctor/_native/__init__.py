@@ -116,7 +116,7 @@ def _compile(flags: tuple[str, ...], target: Path) -> Optional[str]:
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.gd_pass.argtypes = [ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_double]
+                            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
     lib.gd_pass.restype = ctypes.c_int
     return lib
 
@@ -147,7 +147,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 # The passes of fused_stats.c, and the columns of the rows it writes per tensor.
-_STATS, _COPY, _DIFF, _MOMENTS, _SCALE = 0, 1, 2, 3, 4
+_STATS, _COPY, _DIFF, _MOMENTS = 0, 1, 2, 3
 SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
 _numels_cache: dict[tuple, Tensor] = {}
 
@@ -169,7 +169,7 @@ def _pointers(tensors: Sequence[Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None, factor: float = 0.0) -> Optional[Tensor]:
+def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
     """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
     if not supports(xs) or (ys is not None and not (supports(ys) and ys[0].dtype == xs[0].dtype and
                                                     all(a.shape == b.shape for a, b in zip(xs, ys)))):
@@ -181,8 +181,8 @@ def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None
         numels = _numels_cache.setdefault(key, torch.tensor(key, dtype=torch.int64))
     out = torch.empty((n, 6), dtype=torch.float64)
     code = _lib.gd_pass(pass_, n, _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
-                        numels.data_ptr(), _DTYPE_CODES[xs[0].dtype], out.data_ptr(), torch.get_num_threads(), factor)
-    return out if code == 0 else None  # -1: no scratch memory, -2: not offered; the caller takes the PyTorch path
+                        numels.data_ptr(), _DTYPE_CODES[xs[0].dtype], out.data_ptr(), torch.get_num_threads())
+    return out if code == 0 else None  # -1: no scratch memory; the caller takes the PyTorch path
 
 
 def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
@@ -205,17 +205,6 @@ def diff_sumsq(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
     """float64 [n] sums of squares of `a - b` (the difference in the tensors' dtype), nothing written."""
     rows = _run(_DIFF, a, b)
     return None if rows is None else rows[:, SUMSQ]
-
-
-def scale_(tensors: Sequence[Tensor], factor: float) -> bool:
-    """Multiply float32/float64 CPU tensors in place by `factor` in one threaded pass; False if not done.
-
-    Each entry becomes `x * factor` rounded once in the tensor's dtype, which is what
-    `torch._foreach_mul_` with a 0-d float32 factor computes, so results agree bit for bit.
-    """
-    if not tensors or tensors[0].dtype not in (torch.float32, torch.float64):
-        return False
-    return _run(_SCALE, tensors, factor=factor) is not None
 
 
 def moments(x: Tensor) -> Optional[tuple[float, float, float, float]]:

@@ -14,7 +14,6 @@
  *   GD_COPY     y := x, and the sum of squares of x                  (weight snapshot + weight norm)
  *   GD_DIFF     sum of squares of (x - y), the difference in x's type (update norm)
  *   GD_MOMENTS  shifted sum and sum of squares, max-abs, NaN and Inf counts (input batches)
- *   GD_SCALE    x := x * c (clipping; float32/float64 only: one IEEE multiply, as PyTorch's mul_)
  *
  * Work is split into chunks of GD_CHUNK elements spread over OpenMP threads (the
  * libgomp.so.1 PyTorch has already loaded, so its thread pool is shared). Chunks
@@ -33,7 +32,7 @@
 #include <string.h>
 
 enum { GD_F32 = 0, GD_F64 = 1, GD_BF16 = 2 };
-enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3, GD_SCALE = 4 };
+enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3 };
 
 #define GD_CHUNK 65536          /* elements per work item: large enough to amortize scheduling */
 #define GD_BLOCK 512            /* partial sums move into double every GD_BLOCK elements */
@@ -84,13 +83,6 @@ static inline float gd_bf16_to_float(uint16_t h) {
     GD_UNUSED static gd_part gd_diff_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                    \
         GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]) - (ACC)LOAD(y[i]); s += v * v;)                         \
     }                                                                                                   \
-    GD_UNUSED static gd_part gd_scale_##SUFFIX(TYPE *x, TYPE *y, int64_t n, ACC c) {                   \
-        (void)y;                                                                                        \
-        gd_part p = {0.0, 0.0, 0.0, 0.0, 0.0};                                                          \
-        _Pragma("omp simd")                                                                             \
-        for (int64_t i = 0; i < n; i++) x[i] = x[i] * c;                                                \
-        return p;                                                                                       \
-    }                                                                                                   \
     GD_UNUSED static gd_part gd_moments_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                 \
         (void)y;                                                                                        \
         GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]); ACC a = v < 0 ? -v : v; ACC d = v - shift;             \
@@ -137,7 +129,6 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
         case GD_COPY: return gd_copy_f32(a, b, n, (float)shift);
         case GD_DIFF: return gd_diff_f32(a, b, n, (float)shift);
         case GD_MOMENTS: return gd_moments_f32(a, b, n, (float)shift);
-        case GD_SCALE: return gd_scale_f32((float *)a, b, n, (float)shift);
         default: return gd_stats_f32(a, b, n, (float)shift);
         }
     }
@@ -148,7 +139,6 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
         case GD_COPY: return gd_copy_f64(a, b, n, shift);
         case GD_DIFF: return gd_diff_f64(a, b, n, shift);
         case GD_MOMENTS: return gd_moments_f64(a, b, n, shift);
-        case GD_SCALE: return gd_scale_f64((double *)a, b, n, shift);
         default: return gd_stats_f64(a, b, n, shift);
         }
     }
@@ -170,12 +160,9 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
  *   out: ntensors rows of 6 doubles: sum of squares, max-abs, sum, NaN count, Inf count, shift.
  *        For GD_MOMENTS the sums are of x - shift, where shift is the tensor's first entry
  *        when finite (else 0); the other passes fill only the first two columns.
- *   factor: the multiplier of GD_SCALE (ignored by the other passes).
- * Returns 0; -1 if scratch memory could not be allocated, -2 for GD_SCALE on bfloat16
- * (then nothing was written). */
+ * Returns 0, or -1 if scratch memory could not be allocated (then nothing was written). */
 int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
-            int32_t dtype, double *out, int32_t nthreads, double factor) {
-    if (pass == GD_SCALE && dtype == GD_BF16) return -2; /* not offered: the caller uses PyTorch */
+            int32_t dtype, double *out, int32_t nthreads) {
     int64_t nitems = 0, total = 0;
     for (int64_t t = 0; t < ntensors; t++) {
         nitems += (numels[t] + GD_CHUNK - 1) / GD_CHUNK;
@@ -192,7 +179,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
     }
     int64_t j = 0;
     for (int64_t t = 0; t < ntensors; t++) {
-        shift[t] = pass == GD_MOMENTS ? gd_shift(x[t], dtype, numels[t]) : pass == GD_SCALE ? factor : 0.0;
+        shift[t] = pass == GD_MOMENTS ? gd_shift(x[t], dtype, numels[t]) : 0.0;
         for (int64_t s = 0; s < numels[t]; s += GD_CHUNK) { owner[j] = t; start[j] = s; j++; }
     }
     int threads = nthreads > 0 ? nthreads : 1;

@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _native
 from .._errors import GradDoctorError
 from .._stats import TensorStats, tensor_stats
 
@@ -190,18 +189,11 @@ def scale_(grads: Grads, coef: Tensor) -> None:
     is 1 would wait for the device. A CPU coefficient is already in host memory, so there a
     coefficient of exactly 1 (no clipping, the common step) skips the pass over the
     gradients: x * 1.0 == x for every float, so the result is the same bit for bit.
-    On the CPU the native kernel (graddoctor._native) does the multiplication in one threaded
-    pass, with the same single rounding per entry as `_foreach_mul_`.
     """
-    on_cpu = coef.device.type == "cpu" and coef.numel() == 1
-    factor = float(coef) if on_cpu else None
-    if factor == 1.0:
+    if coef.device.type == "cpu" and coef.numel() == 1 and float(coef) == 1.0:
         return
     for (device, _), idx in group_present(grads).items():
-        group = [grads[i] for i in idx]
-        if factor is not None and device.type == "cpu" and _native.scale_(group, factor):
-            continue
-        torch._foreach_mul_(group, coef.to(device))
+        torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
 
 
 def scale_each_(grads: Grads, coefs: Tensor) -> None:
