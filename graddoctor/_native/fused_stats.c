@@ -36,7 +36,7 @@ enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3 };
 
 #define GD_CHUNK 65536          /* elements per work item: large enough to amortize scheduling */
 #define GD_BLOCK 512            /* partial sums move into double every GD_BLOCK elements */
-#define GD_PARALLEL_MIN 262144  /* below this many elements in all, threads cost more than they save */
+#define GD_PARALLEL_MIN 131072  /* below this many elements in all, threads cost more than they save */
 
 /* One chunk's results. `sum`, `nan` and `inf` are filled by GD_MOMENTS only. */
 typedef struct { double sumsq, maxabs, sum, nan, inf; } gd_part;
