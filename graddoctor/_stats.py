@@ -52,8 +52,9 @@ class TensorStats:
       norm: float32 [P], L2 norm of each tensor (NaN where the tensor was None).
       maxabs: float32 [P], largest absolute entry (NaN where the tensor has a NaN or was None).
       nonfinite: int64 [P], count of NaN/+-Inf entries (-1 where the tensor was None).
-      total_norm: float32 0-d, L2 norm over all present tensors, exactly as
-        `torch.nn.utils.get_total_norm` forms it (norm of the stacked norms).
+      total_norm: float32 0-d, L2 norm over all present tensors, formed as
+        `torch.nn.utils.get_total_norm` does (norm of the stacked norms; bit for bit
+        equal to it on the PyTorch path, equal to rounding with the native kernel).
       present: host-side tuple, True where the tensor was not None.
     """
 

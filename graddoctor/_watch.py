@@ -119,12 +119,18 @@ class Watch:
         self._snapshot: Optional[tuple[int, list[Tensor]]] = None
         self._snapshot_buffers: Optional[list[Tensor]] = None
         self._input_handle = None
+        self._update_handle = None
         self._writer: Optional[RunWriter] = None
         if self.recording:
             self._writer = self._open_writer(model)
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
             self._maybe_install_activation_hooks()
+        if optimizer is not None and (self.recording or self._sharded):
+            # The update norm is taken right after the optimizer step that made the update, so a
+            # sample costs one step (copy, step, difference) instead of two; without an optimizer
+            # (or if its step is skipped) the next `step()` takes it instead.
+            self._update_handle = optimizer.register_step_post_hook(lambda *_: self._record_update())
         self.live = None  # live diagnosis (graddoctor.diagnose._live): rules run on host data at each flush
         if self.recording and self.config.live_diagnosis:
             from .diagnose._live import attach
@@ -347,8 +353,9 @@ class Watch:
         if self.recording:
             self._remove_activation_hooks()
             self.flush()
-        if self._input_handle is not None:
-            self._input_handle.remove()
+        for handle in (self._input_handle, self._update_handle):
+            if handle is not None:
+                handle.remove()
         if self._writer is not None:
             self._writer.close()
         self.closed = True

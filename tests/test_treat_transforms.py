@@ -371,3 +371,17 @@ def test_chain_agc_then_norm_measures_again():
     treat.Guard(gd.chain(gd.agc(0.05), gd.clip_norm(0.1)), named).step()
     for (_, p), r in zip(named, ref):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_clip_norm_on_cpu_skips_the_multiply_when_nothing_is_clipped():
+    # PyTorch multiplies by a coefficient of 1 (no branch, for accelerators); on the CPU the
+    # coefficient is in host memory, so graddoctor skips that pass: same values, no write.
+    params = make_params(5, scale=0.01)
+    ref = clone_grads(params)
+    torch.nn.utils.clip_grad_norm_(ref, 1e3)
+    versions = [p.grad._version for p in params]
+    run_guard(gd.clip_norm(1e3), params)
+    assert [p.grad._version for p in params] == versions  # not written at all
+    assert all(torch.equal(p.grad, r.grad) for p, r in zip(params, ref))
+    run_guard(gd.clip_norm(1e-3), params)  # a real clip still writes every gradient
+    assert all(p.grad._version > v for p, v in zip(params, versions) if p.grad.numel())

@@ -93,13 +93,14 @@ def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
     assert inputs[0, 0] == pytest.approx(max(float(x.abs().max()) for x in xs))  # max over micro-batches
 
 
-def test_update_and_weight_norms_with_param_groups(tmp_path):
+@pytest.mark.parametrize("give_optimizer", [True, False])  # taken in its step post-hook, or at the next step()
+def test_update_and_weight_norms_with_param_groups(tmp_path, stats_path, give_optimizer):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
                            {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 0.01}])
     updates, weights = [], []
-    with gd.watch(model, opt, tmp_path, sample_every=2) as w:
+    with gd.watch(model, opt if give_optimizer else None, tmp_path, sample_every=2) as w:
         for step in range(4):
             opt.zero_grad()
             model(torch.randn(5, 6)).pow(2).mean().backward()
@@ -110,7 +111,7 @@ def test_update_and_weight_norms_with_param_groups(tmp_path):
                 weights.append([float(torch.linalg.vector_norm(b)) for b in before])
                 updates.append([float(torch.linalg.vector_norm(p.detach() - b)) for p, b in zip(model.parameters(), before)])
     run = gd.open_run(tmp_path)
-    assert run.meta["lr"] == [0.1, 0.01]
+    assert run.meta["lr"] == ([0.1, 0.01] if give_optimizer else None)
     for i, name in enumerate(run.tensors):
         h = run.tensor_history(name)
         assert h.sample_steps.tolist() == [0, 2] and h.update_steps.tolist() == [0, 2]
@@ -164,3 +165,20 @@ def test_nan_loss_is_kept(tmp_path):
         w.step()
     loss = gd.open_run(tmp_path).loss()[1]
     assert math.isnan(loss[0]) and loss[1] == math.inf and math.isnan(loss[2])
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])  # 300: pixel-like values far from zero
+def test_input_batch_statistics_match_direct_computation(tmp_path, stats_path, offset):
+    torch.manual_seed(1)
+    model = mlp()
+    xs = [torch.randn(64, 6) * 3 + offset for _ in range(3)]
+    xs[2][5, 1] = float("nan")
+    with gd.watch(model, run_dir=tmp_path) as w:
+        for x in xs:
+            model(x).nan_to_num().pow(2).mean().backward()
+            w.step()
+    _, inputs = gd.open_run(tmp_path).inputs()
+    for row, x in zip(inputs[:2], xs[:2]):
+        d = x.double()
+        np.testing.assert_allclose(row, [float(d.abs().max()), 0.0, float(d.mean()), float(d.std())], rtol=1e-5)
+    assert math.isnan(inputs[2, 0]) and inputs[2, 1] == 1 and math.isnan(inputs[2, 2])

@@ -79,9 +79,11 @@ def clip_norm(max_norm: float = 1.0) -> GradientTransform:
     """Scale all gradients by `min(1, max_norm / (total_norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
 
     The total norm is `stats.total_norm`, which `tensor_stats` forms as `get_total_norm` does,
-    so no second pass is made. The result equals `clip_grad_norm_` bit for bit on float32
-    gradients; on other dtypes PyTorch takes the norm in the gradient's dtype and graddoctor
-    in float32, so they agree to that dtype's rounding.
+    so no second pass is made. With PyTorch's norm ops (accelerators, or GRADDOCTOR_NATIVE=0)
+    the result equals `clip_grad_norm_` bit for bit on float32 gradients; the CPU's native
+    kernel sums squares in float64 blocks, so there they agree to ~1e-7 relative. On other
+    dtypes PyTorch takes the norm in the gradient's dtype and graddoctor in float32, so they
+    agree to that dtype's rounding. On a CPU a coefficient of exactly 1 skips the multiply.
 
     Host syncs per step: 0. Records `clip_norm.coef`.
 
