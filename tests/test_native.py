@@ -195,3 +195,15 @@ def test_moments_with_nan_inf_and_tiny_tensors(native):
     one = native.moments(torch.tensor([2.5]))
     assert one[:3] == (2.5, 0.0, 2.5) and math.isnan(one[3])  # Tensor.std of one entry is NaN
     assert all(math.isnan(v) for v in native.moments(torch.zeros(0)))
+
+
+def test_a_compiler_without_openmp_still_builds_a_vectorized_kernel(native, tmp_path):
+    # A stand-in for Apple's clang: refuses -fopenmp, accepts everything else.
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; done\n'
+                    'exec cc "$@"\n')
+    fake.chmod(0o755)
+    out = run_python(PROBE, CC=str(fake), GRADDOCTOR_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(tmp_path))
+    status, values = out.strip().splitlines()
+    assert "built with -O3 -march=native -fopenmp-simd" in status
+    assert values == "5.0 4.0"
