@@ -104,7 +104,7 @@ def input_row(x: Tensor) -> Tensor:
     """One row of `INPUT_FIELDS` for an input batch, on its device. No host sync."""
     x = x.detach()
     if x.device.type == "cpu":  # the native kernel: all four from one read, no temporaries
-        row = _native.moments(x if x.is_contiguous() else x.contiguous())
+        row = _native.moments(x)  # None where the kernel cannot read x (then the PyTorch ops below)
         if row is not None:
             return torch.tensor(row, dtype=torch.float32)
     x = x if x.dtype == torch.float32 else x.float()

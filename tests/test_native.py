@@ -207,3 +207,22 @@ def test_a_compiler_without_openmp_still_builds_a_vectorized_kernel(native, tmp_
     status, values = out.strip().splitlines()
     assert "built with -O3 -march=native -fopenmp-simd" in status
     assert values == "5.0 4.0"
+
+
+def test_channels_last_tensors_are_read_in_place(native):
+    g = torch.Generator().manual_seed(6)
+    ts = [torch.randn(8, 3, 5, 7, generator=g).to(memory_format=torch.channels_last),
+          torch.randn(2, 3, 4, 5, 6, generator=g).to(memory_format=torch.channels_last_3d)]
+    assert not any(t.is_contiguous() for t in ts)
+    sumsq, maxabs = native.sumsq_maxabs(ts)
+    for t, s, m in zip(ts, sumsq.tolist(), maxabs.tolist()):
+        assert s == pytest.approx(oracle(t)[0], rel=1e-6) and m == oracle(t)[1]
+    snap = [torch.empty_like(t) for t in ts]  # empty_like keeps the memory format
+    native.copy_sumsq(ts, snap)
+    assert all(torch.equal(a, b) for a, b in zip(ts, snap))
+    # different layouts of the same shape do not correspond entry for entry: refused
+    assert native.diff_sumsq([ts[0]], [ts[0].contiguous()]) is None
+    want = moments_oracle(ts[0])
+    got = native.moments(ts[0])
+    assert got[0] == want[0] and got[2] == pytest.approx(want[2], rel=1e-6, abs=1e-9)
+    assert got[3] == pytest.approx(want[3], rel=1e-6)

@@ -182,3 +182,19 @@ def test_input_batch_statistics_match_direct_computation(tmp_path, stats_path, o
         d = x.double()
         np.testing.assert_allclose(row, [float(d.abs().max()), 0.0, float(d.mean()), float(d.std())], rtol=1e-5)
     assert math.isnan(inputs[2, 0]) and inputs[2, 1] == 1 and math.isnan(inputs[2, 2])
+
+
+def test_channels_last_conv_net_matches_a_naive_loop(tmp_path, stats_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(5, 3, 8, 8).to(memory_format=torch.channels_last)
+    with gd.watch(model, run_dir=tmp_path) as w:
+        model(x).pow(2).mean().backward()
+        assert not model[0].weight.grad.is_contiguous()  # the case under test: channels-last gradients
+        expected = [(float(p.grad.double().norm()), float(p.grad.double().abs().max())) for p in model.parameters()]
+        w.step()
+    run = gd.open_run(tmp_path)
+    for name, (norm, maxabs) in zip(run.tensors, expected):
+        h = run.tensor_history(name)
+        assert h.grad_norm[0] == pytest.approx(norm, rel=1e-5) and h.grad_maxabs[0] == pytest.approx(maxabs, rel=1e-6)

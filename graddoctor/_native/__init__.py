@@ -16,7 +16,8 @@ headers and compiles in well under a second. The OpenMP runtime it links is the
 When it is not used (everything still works, on the PyTorch path):
 - `GRADDOCTOR_NATIVE=0` in the environment, or `set_enabled(False)`;
 - no working C compiler (the reason is kept in `status()`);
-- tensors that are not on the CPU, not contiguous, or not float32/float64/bfloat16.
+- tensors that are not on the CPU, not dense (contiguous or channels-last), or not
+  float32/float64/bfloat16.
 
 Results differ from PyTorch's `_foreach_norm` only in rounding: squares are summed in
 blocks and the block sums in float64, which is closer to the exact value than
@@ -158,16 +159,27 @@ _numels_cache: dict[tuple, Tensor] = {}
 
 
 def supports(tensors: Sequence[Tensor]) -> bool:
-    """Whether the kernels can read these tensors (one dtype, CPU, contiguous, float32/float64/bfloat16)."""
+    """Whether the kernels can read these tensors (one dtype, CPU, dense, float32/float64/bfloat16)."""
     if not _enabled or not tensors:
         return False
     dtype = tensors[0].dtype
     if dtype not in _DTYPE_CODES or (_lib is None and _load() is None):
         return False
     for t in tensors:  # a plain loop: this runs every step, and generator overhead shows here
-        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+        if not (t.is_cpu and t.dtype == dtype and _dense(t)):
             return False
     return True
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether `t`'s entries fill exactly `numel` consecutive slots from `data_ptr()`.
+
+    Norms, maxima and counts do not depend on the order of the entries, so a
+    channels-last gradient (what a conv net trained in channels_last gets) is read
+    as it lies in memory, with no copy.
+    """
+    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
 
 
 def _pointers(tensors: Sequence[Tensor]):
@@ -177,7 +189,7 @@ def _pointers(tensors: Sequence[Tensor]):
 def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
     """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
     if not supports(xs) or (ys is not None and not (supports(ys) and ys[0].dtype == xs[0].dtype and
-                                                    all(a.shape == b.shape for a, b in zip(xs, ys)))):
+                                                    all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(xs, ys)))):
         return None
     n = len(xs)
     key = tuple(t.numel() for t in xs)
