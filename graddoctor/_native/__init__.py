@@ -1,4 +1,7 @@
-"""The optional native kernel: sum of squares and max-abs of CPU tensors in one read.
+"""The optional native kernels: every statistic watch needs from a CPU tensor, in one read of it.
+
+Passes (see fused_stats.c): `sumsq_maxabs` (gradients), `copy_sumsq` (weight snapshot
+and weight norms), `diff_sumsq` (update norms), `moments` (input batches).
 
 Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
 PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
@@ -186,16 +189,28 @@ def _pointers(tensors: Sequence[Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
-    """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
-    if not supports(xs) or (ys is not None and not (supports(ys) and ys[0].dtype == xs[0].dtype and
-                                                    all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(xs, ys)))):
-        return None
-    n = len(xs)
+def _same_layout(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> bool:
+    """Whether entry i of every x lies where entry i of its y does (so they pair up in memory)."""
+    return (len(xs) == len(ys) and supports(ys) and ys[0].dtype == xs[0].dtype
+            and all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(xs, ys)))
+
+
+def _numels(xs: Sequence[Tensor]) -> Tensor:
     key = tuple(t.numel() for t in xs)
     numels = _numels_cache.get(key)
     if numels is None:  # the same model gives the same sizes every step: build the array once
-        numels = _numels_cache.setdefault(key, torch.tensor(key, dtype=torch.int64))
+        if len(_numels_cache) >= 256:  # inputs of varying size (sequence lengths) must not grow it forever
+            _numels_cache.clear()
+        numels = _numels_cache[key] = torch.tensor(key, dtype=torch.int64)
+    return numels
+
+
+def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
+    """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
+    if not supports(xs) or (ys is not None and not _same_layout(xs, ys)):
+        return None
+    n = len(xs)
+    numels = _numels(xs)
     out = torch.empty((n, 6), dtype=torch.float64)
     code = _lib.gd_pass(pass_, n, _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
                         numels.data_ptr(), _DTYPE_CODES[xs[0].dtype], out.data_ptr(), torch.get_num_threads())
@@ -239,5 +254,5 @@ def moments(x: Tensor) -> Optional[tuple[float, float, float, float]]:
         return math.nan, math.nan, math.nan, math.nan
     mean = shift + total / n
     var = (sumsq - total * total / n) / (n - 1) if n > 1 else math.nan
-    std = math.nan if math.isnan(var) else math.sqrt(max(var, 0.0))  # rounding may leave var at -0.0...
+    std = math.nan if math.isnan(var) else math.sqrt(max(var, 0.0))  # rounding can leave var a hair below 0
     return (math.nan if nan else maxabs), nan + inf, mean, std
