@@ -26,7 +26,8 @@ class History:
     """One tensor's or one layer's history. Arrays are aligned on `steps` unless named `*_steps`.
 
     grad_nonfinite is -1 on steps where the tensor had no gradient (then grad_norm is NaN).
-    weight_norm/update_norm are sampled every `sample_every` steps, at `sample_steps`.
+    weight_norm is recorded every `weight_every` steps (default every step), at `sample_steps`;
+    update_norm every `sample_every` steps, at `update_steps`.
     """
 
     name: str

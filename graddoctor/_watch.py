@@ -257,11 +257,14 @@ class Watch:
         self._push("grad_maxabs", s, stats.maxabs)
         self._push("grad_nonfinite", s, stats.nonfinite)
         self._record_update()
-        if s % self.config.sample_every == 0:
-            weights = [p.detach() for p in self.params]
+        weights = [p.detach() for p in self.params]
+        if s % self.config.sample_every == 0:  # the snapshot's copy also yields the weight norms
             snapshot, norms = self._snapshot_weights(weights)
-            self._push("weight_norm", s, norms)
             self._snapshot = (s, snapshot)
+            if s % self.config.weight_every == 0:
+                self._push("weight_norm", s, norms)
+        elif s % self.config.weight_every == 0:
+            self._push("weight_norm", s, l2_norms(weights, self.stats_device))
         if self._act_handles:
             self._push("act", s, self._activation_matrix())
             self._remove_activation_hooks()

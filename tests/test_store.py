@@ -65,7 +65,8 @@ def test_watch_round_trip_matches_the_gradients(tmp_path):
     layer = run.layer_history("0")
     assert layer.grad_nonfinite.tolist() == [0, 0, 0, 1, 0, 0, 0]
     assert math.isnan(layer.grad_norm[3]) and math.isnan(run.global_norm()[1][3])
-    assert layer.sample_steps.tolist() == [0]  # sample_every=10 by default
+    assert layer.sample_steps.tolist() == list(range(7))  # weight norms: every step by default
+    assert layer.update_steps.tolist() == [0]  # update norms: sample_every=10 by default
 
 
 def test_sigkill_leaves_every_flushed_step(tmp_path):

@@ -94,27 +94,31 @@ def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("give_optimizer", [True, False])  # taken in its step post-hook, or at the next step()
-def test_update_and_weight_norms_with_param_groups(tmp_path, stats_path, give_optimizer):
+@pytest.mark.parametrize("weight_every", [1, 3])  # 1: every step (the default)
+def test_update_and_weight_norms_with_param_groups(tmp_path, stats_path, give_optimizer, weight_every):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
                            {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 0.01}])
     updates, weights = [], []
-    with gd.watch(model, opt if give_optimizer else None, tmp_path, sample_every=2) as w:
-        for step in range(4):
+    options = {} if weight_every == 1 else {"weight_every": weight_every}
+    with gd.watch(model, opt if give_optimizer else None, tmp_path, sample_every=2, **options) as w:
+        for step in range(7):
             opt.zero_grad()
             model(torch.randn(5, 6)).pow(2).mean().backward()
             before = [p.detach().clone() for p in model.parameters()]
             w.step()
             opt.step()
-            if step % 2 == 0:
+            if step % weight_every == 0:
                 weights.append([float(torch.linalg.vector_norm(b)) for b in before])
+            if step % 2 == 0:
                 updates.append([float(torch.linalg.vector_norm(p.detach() - b)) for p, b in zip(model.parameters(), before)])
     run = gd.open_run(tmp_path)
     assert run.meta["lr"] == ([0.1, 0.01] if give_optimizer else None)
     for i, name in enumerate(run.tensors):
         h = run.tensor_history(name)
-        assert h.sample_steps.tolist() == [0, 2] and h.update_steps.tolist() == [0, 2]
+        assert h.sample_steps.tolist() == list(range(0, 7, weight_every))
+        assert h.update_steps.tolist() == [0, 2, 4, 6]
         np.testing.assert_allclose(h.weight_norm, [u[i] for u in weights], rtol=1e-5)
         np.testing.assert_allclose(h.update_norm, [u[i] for u in updates], rtol=1e-4)
 
