@@ -49,8 +49,8 @@ def write_store(run_dir: Path, T: int, P: int, M: int = 20, chunk: int = 50, see
         chunks = [("loss", steps, loss), ("grad_total_norm", steps, np.sqrt((g.astype(np.float64) ** 2).sum(1, keepdims=True)).astype(np.float32)),
                   ("grad_norm", steps, g), ("grad_maxabs", steps, g / 10), ("grad_nonfinite", steps, np.zeros((n, P), np.int64)),
                   ("input", steps, np.tile(np.array([4.0, 0, 0, 1], np.float32), (n, 1)))]
-        samp = steps[steps % 10 == 0]
-        chunks += [("weight_norm", samp, np.tile(base_w, (len(samp), 1))),
+        samp = steps[steps % 10 == 0]  # watch's defaults: weight norms every step, update norms every 10
+        chunks += [("weight_norm", steps, np.tile(base_w, (n, 1))),
                    ("update_norm", samp, np.tile(base_w * 1e-3, (len(samp), 1)))]
         a = steps[steps % 25 == 0]
         act = np.tile(np.array([0.5, 1.0, np.nan, 0.4, 0.02, 0.0], np.float32), (len(a), M))
