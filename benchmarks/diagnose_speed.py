@@ -87,12 +87,17 @@ def live_flush_cost(run_dir: Path, T: int, repeats: int) -> float:
         return timed(lambda: live(fake_watch, T - 50, T - 1, chunks), repeats)[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def store_arguments(description: str) -> argparse.Namespace:
+    """--steps, --tensors, --repeats: the synthetic store's size and how often each timing runs."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = store_arguments(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         t = time.perf_counter()

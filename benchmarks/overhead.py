@@ -17,13 +17,8 @@ Variants, each on its own copy of the same model, stepped in turn (interleaved, 
 clip_grad_norm_ and the guard (at 1.0 this workload clips ~90% of steps; at 100, ~1%). The run
 prints how many steps clip_grad_norm_ actually clipped, and whether the native kernel was used.
 
-With --isolated, only the gradient-processing call is timed, on one set of gradients, interleaved:
-  clip_grad_norm_(params, 1.0)  vs  watch.step(loss) (no guard)  vs  watch.step(loss) with guard=clip_norm(1.0)
-(the watch flushes every 50 calls as in training, so its flush cost is included, amortized). Whole
-steps on a shared machine vary by several percent; the isolated costs are what the ratio is made of.
-
-Usage: python benchmarks/overhead.py [--set watch|guard|all] [--max-norm 1.0] [--steps 200] [--device cpu|cuda]
-                                    [--isolated]
+Usage: python benchmarks/overhead.py [--set watch|guard|all] [--max-norm 1.0] [--weight-every N] [--steps 200]
+                                    [--device cpu|cuda]
 Prints a markdown table of medians and ratios.
 """
 from __future__ import annotations
@@ -82,36 +77,6 @@ class Variant:
                 self.clipped += bool(norm > self.max_norm)
 
 
-def isolated(args, base: nn.Module, x: torch.Tensor, y: torch.Tensor, tmp: str) -> None:
-    """Median time of the post-backward call alone: clip_grad_norm_ vs watch.step (+ guard)."""
-    model = copy.deepcopy(base)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    params = list(model.parameters())
-    plain = gd.watch(model, opt, f"{tmp}/plain", activation_every=0)
-    guarded = gd.watch(model, opt, f"{tmp}/guarded", activation_every=0, guard=gd.clip_norm(1.0))
-    calls = {"clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
-             "watch.step": lambda: plain.step(loss), "watch.step + guard(clip_norm)": lambda: guarded.step(loss)}
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for i in range(args.warmup + args.steps):
-        for name in names[i % 3:] + names[:i % 3]:
-            sync(args.device)
-            t0 = time.perf_counter()
-            calls[name]()
-            sync(args.device)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    plain.close()
-    guarded.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print("| post-backward call | median (ms) | ratio to clip_grad_norm_ |")
-    print("| --- | ---: | ---: |")
-    for name, m in med.items():
-        print(f"| {name} | {m * 1e3:.3f} | {m / med['clip_grad_norm_']:.2f} |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -120,7 +85,6 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--isolated", action="store_true", help="time only the post-backward call")
     ap.add_argument("--set", choices=["watch", "guard", "all"], default="watch",
                     help="watch: baseline, clip_grad_norm_, watch, watch(default) (issue 2's budget); "
                          "guard: baseline, clip_grad_norm_, watch+guard, watch(default)+guard (issue 4's); all: the six")
@@ -136,12 +100,6 @@ def main() -> None:
     base = make_model(args.depth, args.width, args.device)
     x = torch.randn(args.batch, args.width, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
-    if args.isolated:
-        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-              f"model={args.depth}x{args.width} calls={args.steps} (after {args.warmup} warm-up)")
-        with tempfile.TemporaryDirectory() as tmp:
-            isolated(args, base, x, y, tmp)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         m = args.max_norm
         extra = {} if args.weight_every is None else {"weight_every": args.weight_every}

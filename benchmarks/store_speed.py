@@ -7,8 +7,6 @@ Usage: python benchmarks/store_speed.py [--steps 100000] [--tensors 200] [--repe
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,24 +14,11 @@ from pathlib import Path
 import graddoctor as gd
 from graddoctor._store import STORE_NAME
 
-from diagnose_speed import write_store
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from diagnose_speed import store_arguments, timed, write_store
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100_000)
-    ap.add_argument("--tensors", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = store_arguments(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         t0 = time.perf_counter()
@@ -43,9 +28,9 @@ def main() -> None:
         run0 = gd.open_run(run_dir)
         layer, tensor = run0.layers[len(run0.layers) // 2], run0.tensors[len(run0.tensors) // 2]
         rows = [("write the store (all flushes)", write_s),
-                ("open_run + layer_history(one layer)", median_seconds(lambda: gd.open_run(run_dir).layer_history(layer), args.repeats)),
-                ("open_run + tensor_history(one tensor)", median_seconds(lambda: gd.open_run(run_dir).tensor_history(tensor), args.repeats)),
-                ("open_run + loss()", median_seconds(lambda: gd.open_run(run_dir).loss(), args.repeats))]
+                ("open_run + layer_history(one layer)", timed(lambda: gd.open_run(run_dir).layer_history(layer), args.repeats)[0]),
+                ("open_run + tensor_history(one tensor)", timed(lambda: gd.open_run(run_dir).tensor_history(tensor), args.repeats)[0]),
+                ("open_run + loss()", timed(lambda: gd.open_run(run_dir).loss(), args.repeats)[0])]
     print(f"store: {args.steps} steps x {args.tensors} tensors, {size / 2**20:.0f} MiB on disk "
           f"({size / args.steps / args.tensors:.1f} bytes per step per tensor)")
     print("| work | median seconds |")

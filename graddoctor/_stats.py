@@ -101,6 +101,12 @@ def _maxabs(ts: list[Tensor], device: torch.device) -> Tensor:
     return torch.maximum(torch.stack([hi for _, hi in lo_hi]), torch.stack([lo for lo, _ in lo_hi]).neg())
 
 
+def _native_norm_maxabs(ts: list[Tensor], device: torch.device) -> Optional[tuple[Tensor, Tensor]]:
+    """float32 L2 norms and max-abs from the native kernel (one read), or None where it cannot read `ts`."""
+    native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
+    return None if native is None else (native[0].sqrt().float(), native[1].float())
+
+
 def _nonfinite_counts(ts: list[Tensor], norm: Tensor, device: torch.device) -> Tensor:
     """Count of NaN/Inf entries per tensor: `count_nonzero(t * 0)`, as 0*x is 0 for finite x, else NaN.
 
@@ -124,9 +130,9 @@ def _measure_local(tensors: list[Tensor], stats_device: torch.device):
     parts, order = [], []
     for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
         ts = [tensors[i] for i in idx]
-        native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
+        native = _native_norm_maxabs(ts, device)
         if native is not None:
-            norm, maxabs = native[0].sqrt().float(), native[1].float()
+            norm, maxabs = native
         else:
             norm = torch.stack(_foreach_l2(ts)).float()
             maxabs = _maxabs(ts, device).float()
@@ -227,8 +233,8 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
     out: list[Optional[Tensor]] = [None] * len(locals_)
     for (device, _dtype), idx in _group_by_device_dtype(locals_).items():
         ts = [locals_[i] for i in idx]
-        native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
-        norms = native[0].sqrt().float().unbind() if native is not None else _foreach_l2(ts)
+        native = _native_norm_maxabs(ts, device)
+        norms = native[0].unbind() if native is not None else _foreach_l2(ts)
         for j, i in enumerate(idx):
             out[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
     if not out:

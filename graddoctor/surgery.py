@@ -80,6 +80,19 @@ def _replace_sequential(model: nn.Module, name: str, new: nn.Sequential) -> nn.M
     return model
 
 
+def _rebuild_sequentials(model: nn.Module,
+                         rebuild: Callable[[str, nn.Sequential], Optional[list[nn.Module]]]) -> nn.Module:
+    """Replace each `nn.Sequential` by `nn.Sequential(*rebuild(name, seq))` where that is not None.
+
+    Innermost first, so the names of the outer ones stay valid while inner ones are replaced.
+    """
+    for seq_name, seq in reversed(_sequentials(model)):
+        out = rebuild(seq_name, seq)
+        if out is not None:
+            model = _replace_sequential(model, seq_name, nn.Sequential(*out))
+    return model
+
+
 def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
     if isinstance(layer, nn.Linear):
         n = layer.out_features
@@ -103,7 +116,8 @@ def add_norm(model: nn.Module, kind: str = "batch") -> tuple[nn.Module, list[str
     if kind not in ("batch", "layer"):
         raise SurgeryNotApplicableError(f"kind={kind!r} is not allowed: use 'batch' or 'layer'")
     changes: list[str] = []
-    for seq_name, seq in reversed(_sequentials(model)):  # innermost first, so outer names stay valid
+
+    def with_norms(seq_name: str, seq: nn.Sequential) -> Optional[list[nn.Module]]:
         children = list(seq.named_children())
         out: list[nn.Module] = []
         for i, (child_name, m) in enumerate(children):
@@ -114,8 +128,9 @@ def add_norm(model: nn.Module, kind: str = "batch") -> tuple[nn.Module, list[str
                 out.append(norm)
                 prefix = f"{seq_name}." if seq_name else ""
                 changes.append(f"{prefix}{child_name}: {type(norm).__name__} inserted before {type(nxt).__name__}")
-        if len(out) != len(children):
-            model = _replace_sequential(model, seq_name, nn.Sequential(*out))
+        return out if len(out) != len(children) else None
+
+    model = _rebuild_sequentials(model, with_norms)
     if not changes:
         raise SurgeryNotApplicableError(f"{type(model).__name__} has no Linear/Conv followed directly by an "
                                         "activation inside an nn.Sequential, so there is nowhere to add a norm")
@@ -190,9 +205,10 @@ def add_residual(model: nn.Module, mode: str = "zero") -> tuple[nn.Module, list[
     if mode not in ("zero", "rezero"):
         raise SurgeryNotApplicableError(f"mode={mode!r} is not allowed: use 'zero' or 'rezero'")
     changes: list[str] = []
-    for seq_name, seq in reversed(_sequentials(model)):
+
+    def with_skips(seq_name: str, seq: nn.Sequential) -> Optional[list[nn.Module]]:
         if any(isinstance(m, Residual) for m in seq.children()):
-            continue
+            return None  # already has skip connections: never wrap twice
         out: list[nn.Module] = []
         for seg in _segments(list(seq.children())):
             if isinstance(seg[-1], WEIGHT_LAYERS) and all(_keeps_shape(m) for m in seg):
@@ -200,8 +216,9 @@ def add_residual(model: nn.Module, mode: str = "zero") -> tuple[nn.Module, list[
                 changes.append(f"{seq_name or '<model>'}[{len(out) - 1}]: Residual({', '.join(type(m).__name__ for m in seg)})")
             else:
                 out.extend(seg)
-        if any(isinstance(m, Residual) for m in out):
-            model = _replace_sequential(model, seq_name, nn.Sequential(*out))
+        return out if any(isinstance(m, Residual) for m in out) else None
+
+    model = _rebuild_sequentials(model, with_skips)
     if not changes:
         raise SurgeryNotApplicableError(f"{type(model).__name__} has no shape-preserving block (Linear(n, n) or a "
                                         "same-padded Conv with equal channels) inside an nn.Sequential")

@@ -12,18 +12,6 @@ import torch
 from graddoctor import _native
 
 
-@pytest.fixture
-def native():
-    previous = _native.set_enabled(True)
-    if _native.sumsq_maxabs([torch.ones(1)]) is None:
-        _native.set_enabled(previous)
-        if os.environ.get("CI"):
-            pytest.fail(f"the native kernel must build in CI: {_native.status()}")
-        pytest.skip(_native.status())
-    yield _native
-    _native.set_enabled(previous)
-
-
 def oracle(t: torch.Tensor) -> tuple[float, float]:
     """Sum of squares and max-abs in float64, one element type at a time, the obvious way."""
     d = t.double()
