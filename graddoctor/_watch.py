@@ -100,6 +100,8 @@ class Watch:
         self.params = [p for _, p in named]
         self.stats_device = self.params[0].to_local().device if isinstance(self.params[0], DTensor) else self.params[0].device
         self.rank = _rank()
+        if self.stats_device.type == "cpu":
+            _native.prepare()  # a first build compiles (under a second): here, not inside the first step
         self._sharded = any(isinstance(p, DTensor) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
         from .treat._guard import as_guard  # treat builds on watch; imported late to keep watch importable alone

@@ -77,6 +77,12 @@ def status() -> str:
     return _status
 
 
+def prepare() -> None:
+    """Build (first use on this CPU) and load the kernel now, so no training step waits for the compiler."""
+    if _enabled:
+        _load()
+
+
 def _cache_dir() -> Path:
     if os.environ.get("GRADDOCTOR_CACHE_DIR"):
         return Path(os.environ["GRADDOCTOR_CACHE_DIR"])
