@@ -104,9 +104,9 @@ def input_row(x: Tensor) -> Tensor:
     """One row of `INPUT_FIELDS` for an input batch, on its device. No host sync."""
     x = x.detach()
     if x.device.type == "cpu":  # the native kernel: all four from one read, no temporaries
-        row = _native.moments(x)  # None where the kernel cannot read x (then the PyTorch ops below)
+        row = _native.input_row(x)  # None where the kernel cannot read x (then the PyTorch ops below)
         if row is not None:
-            return torch.tensor(row, dtype=torch.float32)
+            return row
     x = x if x.dtype == torch.float32 else x.float()
     if x.numel() == 0:
         return x.new_full((len(INPUT_FIELDS),), math.nan)

@@ -6,9 +6,12 @@ the watcher buffers until its next flush.
 
 How the pass is fused (the pattern of `torch.nn.utils.clip_grad_norm_`):
 - tensors are grouped by (device, dtype);
-- on the CPU, a group of contiguous float32/float64/bfloat16 tensors is measured
-  by the native kernel (`graddoctor._native`): one read of each tensor gives its
-  L2 norm and max-abs. Everything below is the PyTorch path, used elsewhere and
+- on the CPU, a list of dense float32/float64/bfloat16 tensors is measured by the
+  native kernel (`graddoctor._native`): one read of each tensor gives its L2 norm
+  and max-abs, and one call returns every statistic finished, because inside a
+  training step each further tensor op costs tens of microseconds (BENCHMARKS.md).
+  Lists it cannot take whole (missing gradients, mixed dtypes) go by group of
+  (device, dtype). Everything below is the PyTorch path, used elsewhere and
   whenever the kernel is off or unavailable;
 - each group gets one `torch._foreach_norm` call for the L2 norms;
 - max-abs uses the fused `_foreach_norm(ord=inf)` on CUDA; on the CPU that
@@ -178,6 +181,10 @@ def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device
     Returns:
       A `TensorStats` whose vectors have one entry per input, None entries included.
     """
+    if stats_device.type == "cpu":  # the common CPU case, in one native call and three tensor ops
+        native = _native.grad_stats(tensors)  # None unless all are plain dense CPU tensors of one dtype
+        if native is not None:
+            return TensorStats(*native, present=(True,) * len(tensors))
     present = tuple(t is not None for t in tensors)
     locals_: list[Tensor] = [t for t in tensors if t is not None]
     groups: list[tuple] = []
@@ -229,6 +236,10 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
     The cheap companion of `tensor_stats` for weights and updates, where max-abs
     and non-finite counts are not needed.
     """
+    if stats_device.type == "cpu":
+        native = _native.norms(tensors)  # one call, no per-tensor ops, where the kernel can read them all
+        if native is not None:
+            return native
     locals_, groups = zip(*(_local_and_reduce_groups(t.detach()) for t in tensors)) if tensors else ((), ())
     out: list[Optional[Tensor]] = [None] * len(locals_)
     for (device, _dtype), idx in _group_by_device_dtype(locals_).items():

@@ -183,7 +183,9 @@ class Watch:
         x = first_tensor(args, kwargs)
         if x is None or not torch.is_grad_enabled():
             return
-        row = input_row(x).to(self.stats_device, non_blocking=True)
+        row = input_row(x)
+        if row.device != self.stats_device:
+            row = row.to(self.stats_device, non_blocking=True)
         if self._input_acc is None:
             self._input_acc = row
         else:  # gradient accumulation: max of max-abs, sum of non-finite counts, last mean/std
@@ -259,7 +261,7 @@ class Watch:
         self._push("grad_maxabs", s, stats.maxabs)
         self._push("grad_nonfinite", s, stats.nonfinite)
         self._record_update()
-        weights = [p.detach() for p in self.params]
+        weights = self.params  # read, never written: the native kernel needs no detached views
         if s % self.config.sample_every == 0:  # the snapshot's copy also yields the weight norms
             snapshot, norms = self._snapshot_weights(weights)
             self._snapshot = (s, snapshot)
@@ -283,13 +285,13 @@ class Watch:
         permanent second copy of a large model costs memory.
         """
         if self.stats_device.type != "cpu" or self._sharded:
-            return [w.clone() for w in weights], l2_norms(weights, self.stats_device)
+            return [w.detach().clone() for w in weights], l2_norms(weights, self.stats_device)
         if self._snapshot_buffers is None:
-            self._snapshot_buffers = [torch.empty_like(w) for w in weights]
-        sumsq = _native.copy_sumsq(weights, self._snapshot_buffers)
-        if sumsq is not None:
-            return self._snapshot_buffers, sumsq.sqrt().float()
-        torch._foreach_copy_(self._snapshot_buffers, weights)
+            self._snapshot_buffers = [torch.empty_like(w, requires_grad=False) for w in weights]
+        norms = _native.copy_norms(weights, self._snapshot_buffers)
+        if norms is not None:
+            return self._snapshot_buffers, norms
+        torch._foreach_copy_(self._snapshot_buffers, [w.detach() for w in weights])
         return self._snapshot_buffers, l2_norms(weights, self.stats_device)
 
     def _record_update(self) -> None:
@@ -297,12 +299,11 @@ class Watch:
         if self._snapshot is None:
             return
         s, snap = self._snapshot
-        weights = [p.detach() for p in self.params]
-        sumsq = None if self._sharded else _native.diff_sumsq(weights, snap)  # one read of each, nothing written
-        if sumsq is not None:
-            self._push("update_norm", s, sumsq.sqrt().float())
+        norms = None if self._sharded else _native.diff_norms(self.params, snap)  # one read of each, nothing written
+        if norms is not None:
+            self._push("update_norm", s, norms)
         else:
-            torch._foreach_sub_(snap, weights)  # in place: no second copy of the weights
+            torch._foreach_sub_(snap, [p.detach() for p in self.params])  # in place: no second copy of the weights
             self._push("update_norm", s, l2_norms(snap, self.stats_device))
         self._snapshot = None
 

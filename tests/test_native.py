@@ -75,6 +75,13 @@ def test_unsupported_tensors_are_refused(native):
     assert native.sumsq_maxabs([torch.ones(3), torch.ones(3, dtype=torch.float64)]) is None  # mixed dtypes
     assert native.sumsq_maxabs([torch.ones(3, dtype=torch.int64)]) is None
     assert native.sumsq_maxabs([]) is None
+    assert native.grad_stats([torch.ones(3), None]) is None  # a missing gradient: the grouped path takes it
+
+    class Wrapped(torch.Tensor):  # a subclass (as DTensor is) may hold no flat data at data_ptr()
+        pass
+
+    assert native.grad_stats([torch.ones(3).as_subclass(Wrapped)]) is None
+    assert native.norms([torch.nn.Parameter(torch.ones(3))]).item() == pytest.approx(3 ** 0.5)  # parameters are plain
 
 
 def test_views_with_an_offset_are_read_from_their_start(native):
@@ -136,21 +143,49 @@ def test_copy_and_diff_passes_match_pytorch(native, dtype):
     g = torch.Generator().manual_seed(2)
     src = [torch.randn(n, generator=g).to(dtype) for n in (70001, 513, 0, 3)]
     dst = [torch.full_like(t, 7.0) for t in src]
-    sumsq = native.copy_sumsq(src, dst)
+    norms = native.copy_norms(src, dst)
+    assert norms.dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(src, dst))  # the snapshot is an exact copy
-    for t, s in zip(src, sumsq.tolist()):
-        assert s == pytest.approx(oracle(t)[0], rel=1e-6)
+    for t, n in zip(src, norms.tolist()):
+        assert n == pytest.approx(math.sqrt(oracle(t)[0]), rel=1e-6)
     moved = [(t.double() + 1e-2 * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(dtype) for t in src]
-    got = native.diff_sumsq(moved, src)
-    for a, b, s in zip(moved, src, got.tolist()):
+    got = native.diff_norms(moved, src)
+    for a, b, n in zip(moved, src, got.tolist()):
         # the oracle: PyTorch's own difference in the tensors' dtype (rounded as it rounds), then float64
-        assert s == pytest.approx(oracle(a - b)[0], rel=1e-6)
+        assert n == pytest.approx(math.sqrt(oracle(a - b)[0]), rel=1e-6)
+    assert native.norms(src).tolist() == norms.tolist()  # the plain weight-norm pass agrees with the copy's
 
 
 def test_copy_and_diff_refuse_mismatched_lists(native):
     a = [torch.ones(3)]
-    assert native.copy_sumsq(a, [torch.ones(4)]) is None
-    assert native.diff_sumsq(a, [torch.ones(3, dtype=torch.float64)]) is None
+    assert native.copy_norms(a, [torch.ones(4)]) is None
+    assert native.diff_norms(a, [torch.ones(3, dtype=torch.float64)]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grad_stats_match_float64_oracle_with_nan_and_inf(native, dtype):
+    g = torch.Generator().manual_seed(7)
+    ts = [(torch.randn(n, generator=g) * (i + 1)).to(dtype) for i, n in enumerate((70000, 513, 1, 0, 300))]
+    ts[0][123] = math.nan
+    ts[0][9] = math.inf
+    ts[2][0] = -math.inf
+    ts[4][[3, 4, 5]] = math.nan
+    norm, maxabs, count, total = native.grad_stats(ts)
+    assert norm.dtype == maxabs.dtype == total.dtype == torch.float32 and count.dtype == torch.int64
+    assert total.dim() == 0
+    for t, n, m, c in zip(ts, norm.tolist(), maxabs.tolist(), count.tolist()):
+        d = t.double()
+        assert c == int((~torch.isfinite(d)).sum())  # the naive count of NaN and Inf entries
+        if torch.isnan(d).any():
+            assert math.isnan(n) and math.isnan(m)
+        else:
+            want = math.sqrt(float((d * d).sum()))
+            assert n == pytest.approx(want, rel=1e-6) or (math.isinf(n) and math.isinf(want))
+            assert m == (float(d.abs().max()) if d.numel() else 0.0)
+    assert math.isnan(total.item())  # a NaN norm makes the total NaN, as torch.nn.utils.get_total_norm's
+    clean = [t for t in ts if torch.isfinite(t.double()).all()]
+    want = torch.linalg.vector_norm(torch.stack(native.grad_stats(clean)[0].unbind()).double()).item()
+    assert native.grad_stats(clean)[3].item() == pytest.approx(want, rel=1e-6)
 
 
 def moments_oracle(x: torch.Tensor):
@@ -162,27 +197,27 @@ def moments_oracle(x: torch.Tensor):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: a batch whose mean is far from zero
-def test_moments_match_float64_oracle(native, dtype, offset):
+def test_input_row_matches_float64_oracle(native, dtype, offset):
     x = (torch.randn(256, 700, generator=torch.Generator().manual_seed(3)) + offset).to(dtype)
-    got = native.moments(x)
+    got = native.input_row(x).tolist()
     want = moments_oracle(x)
     assert got[0] == want[0] and got[1] == want[1]
     assert got[2] == pytest.approx(want[2], rel=1e-6)
     assert got[3] == pytest.approx(want[3], rel=1e-4)  # unshifted sums would lose every digit at 1e4
 
 
-def test_moments_with_nan_inf_and_tiny_tensors(native):
+def test_input_row_with_nan_inf_and_tiny_tensors(native):
     x = torch.randn(1000)
     x[5], x[17], x[999] = math.nan, math.inf, -math.inf
-    maxabs, count, mean, std = native.moments(x)
+    maxabs, count, mean, std = native.input_row(x).tolist()
     assert math.isnan(maxabs) and count == 3 and math.isnan(mean) and math.isnan(std)
     y = torch.randn(1000)
     y[0] = math.inf  # the first entry is the shift: an Inf there must not poison the finite rest
-    maxabs, count, mean, std = native.moments(y)
+    maxabs, count, mean, std = native.input_row(y).tolist()
     assert math.isinf(maxabs) and count == 1 and math.isinf(mean)
-    one = native.moments(torch.tensor([2.5]))
-    assert one[:3] == (2.5, 0.0, 2.5) and math.isnan(one[3])  # Tensor.std of one entry is NaN
-    assert all(math.isnan(v) for v in native.moments(torch.zeros(0)))
+    one = native.input_row(torch.tensor([2.5])).tolist()
+    assert one[:3] == [2.5, 0.0, 2.5] and math.isnan(one[3])  # Tensor.std of one entry is NaN
+    assert all(math.isnan(v) for v in native.input_row(torch.zeros(0)).tolist())
 
 
 def test_a_compiler_without_openmp_still_builds_a_vectorized_kernel(native, tmp_path):
@@ -206,11 +241,11 @@ def test_channels_last_tensors_are_read_in_place(native):
     for t, s, m in zip(ts, sumsq.tolist(), maxabs.tolist()):
         assert s == pytest.approx(oracle(t)[0], rel=1e-6) and m == oracle(t)[1]
     snap = [torch.empty_like(t) for t in ts]  # empty_like keeps the memory format
-    native.copy_sumsq(ts, snap)
+    native.copy_norms(ts, snap)
     assert all(torch.equal(a, b) for a, b in zip(ts, snap))
     # different layouts of the same shape do not correspond entry for entry: refused
-    assert native.diff_sumsq([ts[0]], [ts[0].contiguous()]) is None
+    assert native.diff_norms([ts[0]], [ts[0].contiguous()]) is None
     want = moments_oracle(ts[0])
-    got = native.moments(ts[0])
+    got = native.input_row(ts[0]).tolist()
     assert got[0] == want[0] and got[2] == pytest.approx(want[2], rel=1e-6, abs=1e-9)
     assert got[3] == pytest.approx(want[3], rel=1e-6)

@@ -55,8 +55,8 @@ def test_l1_penalty_gradient_is_sign():
     treat.l1_penalty(model, 0.3).backward()
     torch.testing.assert_close(model.weight.grad, 0.3 * model.weight.detach().sign())
     assert model.bias.grad is None  # biases are left out unless include_bias=True
-    assert float(treat.l1_penalty(model, 0.3, include_bias=True)) == pytest.approx(
-        0.3 * float(model.weight.abs().sum() + model.bias.abs().sum()), rel=1e-6)
+    assert treat.l1_penalty(model, 0.3, include_bias=True).item() == pytest.approx(
+        0.3 * (model.weight.abs().sum() + model.bias.abs().sum()).item(), rel=1e-6)
 
 
 def test_remedies_cover_exactly_the_shared_ids():

@@ -1,7 +1,8 @@
 """The optional native kernels: every statistic watch needs from a CPU tensor, in one read of it.
 
-Passes (see fused_stats.c): `sumsq_maxabs` (gradients), `copy_sumsq` (weight snapshot
-and weight norms), `diff_sumsq` (update norms), `moments` (input batches).
+Entry points (see fused_stats.c): `grad_stats` (a step's gradients), `norms` (weight
+norms), `copy_norms` (weight snapshot and its norms), `diff_norms` (update norms),
+`input_row` (input batches), and `sumsq_maxabs` (the raw float64 sums, for tests).
 
 Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
 PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
@@ -19,8 +20,8 @@ headers and compiles in well under a second. The OpenMP runtime it links is the
 When it is not used (everything still works, on the PyTorch path):
 - `GRADDOCTOR_NATIVE=0` in the environment, or `set_enabled(False)`;
 - no working C compiler (the reason is kept in `status()`);
-- tensors that are not on the CPU, not dense (contiguous or channels-last), or not
-  float32/float64/bfloat16.
+- tensors that are not on the CPU, not dense (contiguous or channels-last), not
+  float32/float64/bfloat16, or a tensor subclass (a DTensor's local shard is read, not the DTensor).
 
 Results differ from PyTorch's `_foreach_norm` only in rounding: squares are summed in
 blocks and the block sums in float64, which is closer to the exact value than
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import subprocess
@@ -130,9 +130,13 @@ def _compile(flags: tuple[str, ...], target: Path) -> Optional[str]:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.gd_pass.argtypes = [ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
-    lib.gd_pass.restype = ctypes.c_int
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.gd_pass.argtypes = [i32, i64, p, p, p, i32, p, i32]
+    lib.gd_norms.argtypes = [i32, i64, p, p, p, i32, p, i32]
+    lib.gd_grad_stats.argtypes = [i64, p, p, i32, p, p, p, p, i32]
+    lib.gd_input_row.argtypes = [p, i64, i32, p, i32]
+    for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row):
+        f.restype = ctypes.c_int
     return lib
 
 
@@ -161,21 +165,23 @@ def _load() -> Optional[ctypes.CDLL]:
     return None
 
 
-# The passes of fused_stats.c, and the columns of the rows it writes per tensor.
+# The passes of fused_stats.c, and the columns of the rows gd_pass writes per tensor.
 _STATS, _COPY, _DIFF, _MOMENTS = 0, 1, 2, 3
 SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
 _numels_cache: dict[tuple, Tensor] = {}
+# Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def supports(tensors: Sequence[Tensor]) -> bool:
-    """Whether the kernels can read these tensors (one dtype, CPU, dense, float32/float64/bfloat16)."""
+    """Whether the kernels can read these tensors (plain tensors of one dtype, CPU, dense, float32/float64/bfloat16)."""
     if not _enabled or not tensors:
         return False
-    dtype = tensors[0].dtype
+    dtype = getattr(tensors[0], "dtype", None)
     if dtype not in _DTYPE_CODES or (_lib is None and _load() is None):
         return False
     for t in tensors:  # a plain loop: this runs every step, and generator overhead shows here
-        if not (t.is_cpu and t.dtype == dtype and _dense(t)):
+        if not (type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == dtype and _dense(t)):
             return False
     return True
 
@@ -211,54 +217,73 @@ def _numels(xs: Sequence[Tensor]) -> Tensor:
     return numels
 
 
-def _run(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
-    """float64 [n, 6] rows (see the column names above), or None where the kernels cannot be used."""
-    if not supports(xs) or (ys is not None and not _same_layout(xs, ys)):
-        return None
-    n = len(xs)
-    numels = _numels(xs)
-    out = torch.empty((n, 6), dtype=torch.float64)
-    code = _lib.gd_pass(pass_, n, _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
-                        numels.data_ptr(), _DTYPE_CODES[xs[0].dtype], out.data_ptr(), torch.get_num_threads())
-    return out if code == 0 else None  # -1: no scratch memory; the caller takes the PyTorch path
-
-
 def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
     """float64 [n] sums of squares and [n] max-abs of each tensor, from one read of each.
 
     None when the kernel cannot be used for these tensors (see `supports`). A NaN entry
     makes its tensor's sum of squares NaN, an Inf makes it Inf; max-abs skips NaN.
     """
-    rows = _run(_STATS, tensors)
-    return None if rows is None else (rows[:, SUMSQ], rows[:, MAXABS])
+    if not supports(tensors):
+        return None
+    rows = torch.empty((len(tensors), 6), dtype=torch.float64)
+    code = _lib.gd_pass(_STATS, len(tensors), _pointers(tensors), None, _numels(tensors).data_ptr(),  # type: ignore[union-attr]
+                        _DTYPE_CODES[tensors[0].dtype], rows.data_ptr(), torch.get_num_threads())
+    return None if code else (rows[:, SUMSQ], rows[:, MAXABS])  # -1: no scratch memory
 
 
-def copy_sumsq(src: Sequence[Tensor], dst: Sequence[Tensor]) -> Optional[Tensor]:
-    """Copy each `src` tensor into `dst` and return float64 [n] sums of squares of `src` (one read)."""
-    rows = _run(_COPY, src, dst)
-    return None if rows is None else rows[:, SUMSQ]
+def grad_stats(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """A step's gradient statistics from one read of each tensor, ready to store.
+
+    Returns float32 [n] L2 norms, float32 [n] max-abs (NaN where a tensor holds a NaN),
+    int64 [n] counts of NaN/Inf entries, and the float32 0-d total norm (the L2 norm of the
+    norms); or None when the kernel cannot read these tensors (see `supports`).
+    """
+    if not supports(tensors):
+        return None
+    n = len(tensors)
+    floats = torch.empty(2 * n + 1, dtype=torch.float32)  # norms, max-abs, total: one allocation
+    count = torch.empty(n, dtype=torch.int64)
+    code = _lib.gd_grad_stats(n, _pointers(tensors), _numels(tensors).data_ptr(),  # type: ignore[union-attr]
+                              _DTYPE_CODES[tensors[0].dtype], floats.data_ptr(), floats.data_ptr() + 4 * n,
+                              count.data_ptr(), floats.data_ptr() + 8 * n, torch.get_num_threads())
+    return None if code else (floats[:n], floats[n:2 * n], count, floats[2 * n])
 
 
-def diff_sumsq(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
-    """float64 [n] sums of squares of `a - b` (the difference in the tensors' dtype), nothing written."""
-    rows = _run(_DIFF, a, b)
-    return None if rows is None else rows[:, SUMSQ]
+def _norms(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]]) -> Optional[Tensor]:
+    if not supports(xs) or (ys is not None and not _same_layout(xs, ys)):
+        return None
+    norm = torch.empty(len(xs), dtype=torch.float32)
+    code = _lib.gd_norms(pass_, len(xs), _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
+                         _numels(xs).data_ptr(), _DTYPE_CODES[xs[0].dtype], norm.data_ptr(), torch.get_num_threads())
+    return None if code else norm
 
 
-def moments(x: Tensor) -> Optional[tuple[float, float, float, float]]:
-    """(max-abs, non-finite count, mean, std) of one tensor from one read, as host floats.
+def norms(tensors: Sequence[Tensor]) -> Optional[Tensor]:
+    """float32 [n] L2 norms of the tensors (one read of each), or None where the kernel cannot read them."""
+    return _norms(_STATS, tensors, None)
+
+
+def copy_norms(src: Sequence[Tensor], dst: Sequence[Tensor]) -> Optional[Tensor]:
+    """Copy each `src` tensor into `dst` and return float32 [n] L2 norms of `src` (one read of each)."""
+    return _norms(_COPY, src, dst)
+
+
+def diff_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
+    """float32 [n] L2 norms of `a - b` (the difference taken in the tensors' dtype), nothing written."""
+    return _norms(_DIFF, a, b)
+
+
+def input_row(x: Tensor) -> Optional[Tensor]:
+    """float32 [4]: max-abs, NaN/Inf count, mean, unbiased std of one tensor, from one read.
 
     Max-abs is NaN if `x` holds a NaN; mean and std are NaN or Inf if it holds a NaN or Inf,
-    as PyTorch's would be. std is the unbiased one (NaN for a single entry), as `Tensor.std`.
+    as PyTorch's would be; std is NaN for a single entry (as `Tensor.std`); an empty tensor
+    gives four NaNs. Mean and variance are summed after subtracting the first entry, so a
+    batch far from zero keeps its digits. None where the kernel cannot read `x`.
     """
-    rows = _run(_MOMENTS, [x])
-    if rows is None:
+    if not supports((x,)):
         return None
-    sumsq, maxabs, total, nan, inf, shift = rows[0].tolist()
-    n = x.numel()
-    if n == 0:
-        return math.nan, math.nan, math.nan, math.nan
-    mean = shift + total / n
-    var = (sumsq - total * total / n) / (n - 1) if n > 1 else math.nan
-    std = math.nan if math.isnan(var) else math.sqrt(max(var, 0.0))  # rounding can leave var a hair below 0
-    return (math.nan if nan else maxabs), nan + inf, mean, std
+    row = torch.empty(4, dtype=torch.float32)
+    code = _lib.gd_input_row(x.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], row.data_ptr(),  # type: ignore[union-attr]
+                             torch.get_num_threads())
+    return None if code else row

@@ -207,3 +207,74 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
     free(owner); free(start); free(parts); free(shift);
     return 0;
 }
+
+/* The entry points below finish the rows of gd_pass into what `watch` stores, so that
+ * Python needs no further tensor ops on them. Inside a training step every op counts: the
+ * data of the step has just pushed the interpreter's own memory out of the caches, and a
+ * tensor op that takes 3 us in a loop measured 20-50 us there (BENCHMARKS.md). */
+
+/* Per-tensor L2 norms, rounded to float32, for GD_STATS, GD_COPY or GD_DIFF (see gd_pass). */
+int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
+             int32_t dtype, float *norm, int32_t nthreads) {
+    double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
+    if (!rows || gd_pass(pass, ntensors, x, y, numels, dtype, rows, nthreads) != 0) {
+        free(rows);
+        return -1;
+    }
+    for (int64_t t = 0; t < ntensors; t++) norm[t] = (float)__builtin_sqrt(rows[6 * t]);
+    free(rows);
+    return 0;
+}
+
+/* A gradient step's statistics:
+ *   norm[t]   L2 norm, rounded to float32;
+ *   maxabs[t] largest |entry| as float32, NaN where the tensor holds a NaN (its sum of squares is NaN);
+ *   count[t]  number of NaN and Inf entries. A finite sum of squares means there are none, so only
+ *             tensors whose sum is not finite are read again (GD_MOMENTS) to count them;
+ *   total[0]  L2 norm of the float32 norms, as torch.nn.utils.get_total_norm forms it from them.
+ * Returns 0, or -1 if scratch memory could not be allocated. */
+int gd_grad_stats(int64_t ntensors, const void *const *x, const int64_t *numels, int32_t dtype,
+                  float *norm, float *maxabs, int64_t *count, float *total, int32_t nthreads) {
+    double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
+    if (!rows || gd_pass(GD_STATS, ntensors, x, NULL, numels, dtype, rows, nthreads) != 0) {
+        free(rows);
+        return -1;
+    }
+    double sq = 0.0;
+    int failed = 0;
+    for (int64_t t = 0; t < ntensors; t++) {
+        double s = rows[6 * t];
+        norm[t] = (float)__builtin_sqrt(s);
+        maxabs[t] = s != s ? (float)s : (float)rows[6 * t + 1];
+        count[t] = 0;
+        if (s - s != 0.0) { /* NaN or Inf: count the entries */
+            double one[6];
+            if (gd_pass(GD_MOMENTS, 1, &x[t], NULL, &numels[t], dtype, one, nthreads) != 0) failed = 1;
+            count[t] = (int64_t)(one[3] + one[4]);
+        }
+        sq += (double)norm[t] * (double)norm[t];
+    }
+    total[0] = (float)__builtin_sqrt(sq);
+    free(rows);
+    return failed ? -1 : 0;
+}
+
+/* One input batch's row of watch's INPUT_FIELDS, as float32: max-abs (NaN if the batch holds a
+ * NaN), count of NaN and Inf entries, mean, and unbiased standard deviation (NaN for one entry),
+ * all from one GD_MOMENTS read. An empty batch gives four NaNs. */
+int gd_input_row(const void *x, int64_t n, int32_t dtype, float *row, int32_t nthreads) {
+    const double nan = __builtin_nan("");
+    double m[6];
+    if (n == 0) {
+        row[0] = row[1] = row[2] = row[3] = (float)nan;
+        return 0;
+    }
+    if (gd_pass(GD_MOMENTS, 1, &x, NULL, &n, dtype, m, nthreads) != 0) return -1;
+    double sumsq = m[0], maxabs = m[1], sum = m[2], nans = m[3], infs = m[4], shift = m[5];
+    double var = n > 1 ? (sumsq - sum * sum / (double)n) / (double)(n - 1) : nan;
+    row[0] = (float)(nans > 0 ? nan : maxabs);
+    row[1] = (float)(nans + infs);
+    row[2] = (float)(shift + sum / (double)n);
+    row[3] = (float)(var != var ? nan : __builtin_sqrt(var > 0.0 ? var : 0.0)); /* rounding can leave var a hair below 0 */
+    return 0;
+}
