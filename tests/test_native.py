@@ -249,3 +249,30 @@ def test_channels_last_tensors_are_read_in_place(native):
     got = native.input_row(ts[0]).tolist()
     assert got[0] == want[0] and got[2] == pytest.approx(want[2], rel=1e-6, abs=1e-9)
     assert got[3] == pytest.approx(want[3], rel=1e-6)
+
+
+def test_scale_is_pytorchs_float32_multiply_and_reads_the_weights_along(native):
+    g = torch.Generator().manual_seed(8)
+    sizes = (0, 1, 511, 513, 65537, 3 * 65536 + 5)
+    grads = [torch.randn(n, generator=g) for n in sizes]
+    weights = [torch.randn(n, generator=g) * 3 for n in sizes]
+    coef = torch.tensor(0.1234567, dtype=torch.float32)
+    want = [t.clone() for t in grads]
+    torch._foreach_mul_(want, coef)  # what clip_grads_with_norm_ does
+    versions = [t._version for t in grads]
+    norms = native.scale_(grads, float(coef), weights)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))  # bit for bit
+    assert all(t._version > v for t, v in zip(grads, versions))  # autograd is told of the write
+    for w, n in zip(weights, norms.tolist()):
+        assert n == pytest.approx(math.sqrt(oracle(w)[0]), rel=1e-6)
+    torch._foreach_mul_(want, 3.0)
+    assert native.scale_(grads, 3.0).numel() == 0 and all(torch.equal(a, b) for a, b in zip(grads, want))
+
+
+def test_scale_refuses_what_it_cannot_write_exactly(native):
+    a = torch.ones(4)
+    assert native.scale_([a.to(torch.bfloat16)], 0.5) is None  # PyTorch rounds bf16 products its own way
+    assert native.scale_([torch.ones(4, requires_grad=True)], 0.5) is None  # in a graph: autograd must see it
+    assert native.scale_([a], 0.5, [torch.ones(5)]) is None  # weights of other sizes
+    assert native.scale_([a, None], 0.5) is None
+    assert a.tolist() == [1.0] * 4  # a refusal changes nothing

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -148,3 +149,28 @@ def test_watch_accepts_a_guard_only_for_its_own_parameters():
         assert w.guard is ready
     with pytest.raises(gd.GradDoctorError, match="not the watched model"):
         gd.watch(model, guard=treat.Guard(gd.clip_norm(1.0), small_model(1).parameters()))
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, 0.5])  # clips every step, never, some steps
+def test_weight_norms_under_a_clipping_guard_are_the_weights_of_each_step(tmp_path, stats_path, max_norm):
+    # On the CPU a clipped step reads the weights inside the guard's multiply; the stored
+    # norms must still be those of the weights each step's gradients were computed with.
+    model = small_model(4)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    want, clipped = [], 0
+    with gd.watch(model, opt, tmp_path, guard=gd.clip_norm(max_norm), sample_every=3) as w:
+        for step in range(8):
+            x, y = batch(step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            want.append([float(torch.linalg.vector_norm(p.detach().double())) for p in model.parameters()])
+            total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            clipped += bool(total > max_norm)
+            w.step()
+            opt.step()
+    assert clipped == {1e-3: 8, 1e3: 0}.get(max_norm, clipped)
+    run = gd.open_run(tmp_path)
+    for i, name in enumerate(run.tensors):
+        h = run.tensor_history(name)
+        assert h.sample_steps.tolist() == list(range(8))
+        np.testing.assert_allclose(h.weight_norm, [u[i] for u in want], rtol=1e-6)

@@ -2,7 +2,8 @@
 
 Entry points (see fused_stats.c): `grad_stats` (a step's gradients), `norms` (weight
 norms), `copy_norms` (weight snapshot and its norms), `diff_norms` (update norms),
-`input_row` (input batches), and `sumsq_maxabs` (the raw float64 sums, for tests).
+`input_row` (input batches), `scale_` (a clipping multiply, optionally reading the weight
+norms in the same pass), and `sumsq_maxabs` (the raw float64 sums, for tests).
 
 Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
 PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
@@ -41,6 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 _SOURCE = Path(__file__).with_name("fused_stats.c")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -131,8 +133,9 @@ def _compile(flags: tuple[str, ...], target: Path) -> Optional[str]:
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.gd_pass.argtypes = [i32, i64, p, p, p, i32, p, i32]
-    lib.gd_norms.argtypes = [i32, i64, p, p, p, i32, p, i32]
+    f64 = ctypes.c_double
+    lib.gd_pass.argtypes = [i32, i64, p, p, p, i32, f64, p, i32]
+    lib.gd_norms.argtypes = [i32, i64, p, p, p, i32, f64, p, i32]
     lib.gd_grad_stats.argtypes = [i64, p, p, i32, p, p, p, p, i32]
     lib.gd_input_row.argtypes = [p, i64, i32, p, i32]
     for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row):
@@ -166,7 +169,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 # The passes of fused_stats.c, and the columns of the rows gd_pass writes per tensor.
-_STATS, _COPY, _DIFF, _MOMENTS = 0, 1, 2, 3
+_STATS, _COPY, _DIFF, _MOMENTS, _SCALE = 0, 1, 2, 3, 4
 SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
 _numels_cache: dict[tuple, Tensor] = {}
 # Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
@@ -207,8 +210,8 @@ def _same_layout(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> bool:
             and all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(xs, ys)))
 
 
-def _numels(xs: Sequence[Tensor]) -> Tensor:
-    key = tuple(t.numel() for t in xs)
+def _numels(xs: Sequence[Tensor], key: Optional[tuple] = None) -> Tensor:
+    key = key or tuple(t.numel() for t in xs)
     numels = _numels_cache.get(key)
     if numels is None:  # the same model gives the same sizes every step: build the array once
         if len(_numels_cache) >= 256:  # inputs of varying size (sequence lengths) must not grow it forever
@@ -227,7 +230,7 @@ def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
         return None
     rows = torch.empty((len(tensors), 6), dtype=torch.float64)
     code = _lib.gd_pass(_STATS, len(tensors), _pointers(tensors), None, _numels(tensors).data_ptr(),  # type: ignore[union-attr]
-                        _DTYPE_CODES[tensors[0].dtype], rows.data_ptr(), torch.get_num_threads())
+                        _DTYPE_CODES[tensors[0].dtype], 1.0, rows.data_ptr(), torch.get_num_threads())
     return None if code else (rows[:, SUMSQ], rows[:, MAXABS])  # -1: no scratch memory
 
 
@@ -254,7 +257,7 @@ def _norms(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]]) -> 
         return None
     norm = torch.empty(len(xs), dtype=torch.float32)
     code = _lib.gd_norms(pass_, len(xs), _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
-                         _numels(xs).data_ptr(), _DTYPE_CODES[xs[0].dtype], norm.data_ptr(), torch.get_num_threads())
+                         _numels(xs).data_ptr(), _DTYPE_CODES[xs[0].dtype], 1.0, norm.data_ptr(), torch.get_num_threads())
     return None if code else norm
 
 
@@ -271,6 +274,38 @@ def copy_norms(src: Sequence[Tensor], dst: Sequence[Tensor]) -> Optional[Tensor]
 def diff_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
     """float32 [n] L2 norms of `a - b` (the difference taken in the tensors' dtype), nothing written."""
     return _norms(_DIFF, a, b)
+
+
+def scale_(tensors: Sequence[Tensor], coef: float, weights: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
+    """Multiply float32 tensors in place by `coef`; with `weights`, take their L2 norms in the same pass.
+
+    Each product is one float32 multiply, as `torch._foreach_mul_` by a float32 coefficient
+    makes it, so the result is the same bit for bit (`coef` must be a float32 value). Measured
+    inside a training step it is faster than `_foreach_mul_` (BENCHMARKS.md); with `weights`,
+    a clipped step's weight norms cost a second stream in the multiply's pass instead of a
+    pass of their own.
+
+    Returns None when the kernel cannot take these lists (nothing was changed; `weights` need
+    the same sizes, in order, and float32 too; tensors that require grad are left to PyTorch);
+    else float32 [n] norms of `weights`, or an empty tensor when no weights were given. The
+    tensors' version counters are bumped, as an in-place PyTorch op would bump them.
+    """
+    if not supports(tensors) or tensors[0].dtype != torch.float32 or any([t.requires_grad for t in tensors]):
+        return None  # a tensor in an autograd graph (create_graph=True) must be scaled by an op autograd sees
+    key = tuple(t.numel() for t in tensors)
+    if weights is not None and (not supports(weights) or weights[0].dtype != torch.float32
+                                or tuple(w.numel() for w in weights) != key):
+        return None
+    n = len(tensors) if weights is not None else 0
+    norm = torch.empty(n, dtype=torch.float32)
+    code = _lib.gd_norms(_SCALE, len(tensors), _pointers(weights) if weights is not None else None,  # type: ignore[union-attr]
+                         _pointers(tensors), _numels(tensors, key).data_ptr(), _DTYPE_CODES[torch.float32],
+                         coef, norm.data_ptr() if n else None, torch.get_num_threads())
+    if code:
+        return None
+    increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would
+    return norm
+
 
 
 def input_row(x: Tensor) -> Optional[Tensor]:

@@ -14,6 +14,8 @@
  *   GD_COPY     y := x, and the sum of squares of x                  (weight snapshot + weight norm)
  *   GD_DIFF     sum of squares of (x - y), the difference in x's type (update norm)
  *   GD_MOMENTS  shifted sum and sum of squares, max-abs, NaN and Inf counts (input batches)
+ *   GD_SCALE    y *= scale (float32), and the sum of squares of x when x is given
+ *               (a clipping multiply that takes the weight norms along: one pass, not two)
  *
  * Work is split into chunks of GD_CHUNK elements spread over OpenMP threads (the
  * libgomp.so.1 PyTorch has already loaded, so its thread pool is shared). Chunks
@@ -32,7 +34,7 @@
 #include <string.h>
 
 enum { GD_F32 = 0, GD_F64 = 1, GD_BF16 = 2 };
-enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3 };
+enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3, GD_SCALE = 4 };
 
 #define GD_CHUNK 65536          /* elements per work item: large enough to amortize scheduling */
 #define GD_BLOCK 512            /* partial sums move into double every GD_BLOCK elements */
@@ -90,6 +92,19 @@ static inline float gd_bf16_to_float(uint16_t h) {
     }
 
 GD_KERNELS(f32, float, float, GD_IDENTITY, __builtin_inff())
+
+/* GD_SCALE, float32 only. y[i] * c is one float multiply, as PyTorch's `_foreach_mul_` by a
+ * float32 coefficient makes it, so the scaled gradients are the same bit for bit. */
+static gd_part gd_scale_norm_f32(const float *x, float *y, int64_t n, float shift) {
+    GD_BLOCKED(float, y[i] *= shift; float v = x[i]; s += v * v;)
+}
+
+static gd_part gd_scale_f32(float *y, int64_t n, float c) {
+    gd_part p = {0.0, 0.0, 0.0, 0.0, 0.0};
+    _Pragma("omp simd")
+    for (int64_t i = 0; i < n; i++) y[i] *= c;
+    return p;
+}
 GD_KERNELS(f64, double, double, GD_IDENTITY, __builtin_inf())
 GD_KERNELS(bf16, uint16_t, float, gd_bf16_to_float, __builtin_inff())
 
@@ -123,9 +138,10 @@ static double gd_shift(const void *x, int32_t dtype, int64_t n) {
 static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int64_t start, int64_t n, double shift) {
     switch (dtype) {
     case GD_F32: {
-        const float *a = (const float *)x + start;
+        const float *a = x ? (const float *)x + start : NULL;
         float *b = y ? (float *)y + start : NULL;
         switch (pass) {
+        case GD_SCALE: return a ? gd_scale_norm_f32(a, b, n, (float)shift) : gd_scale_f32(b, n, (float)shift);
         case GD_COPY: return gd_copy_f32(a, b, n, (float)shift);
         case GD_DIFF: return gd_diff_f32(a, b, n, (float)shift);
         case GD_MOMENTS: return gd_moments_f32(a, b, n, (float)shift);
@@ -156,13 +172,15 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
 }
 
 /* Run `pass` over `ntensors` contiguous tensors of one dtype.
- *   x[t], y[t]: data pointers (y only for GD_COPY, written, and GD_DIFF, read; else NULL).
+ *   x[t], y[t]: data pointers (y only for GD_COPY and GD_SCALE, written, and GD_DIFF, read;
+ *               else NULL; x may be NULL for GD_SCALE alone).
+ *   scale: GD_SCALE's coefficient (ignored by the other passes).
  *   out: ntensors rows of 6 doubles: sum of squares, max-abs, sum, NaN count, Inf count, shift.
  *        For GD_MOMENTS the sums are of x - shift, where shift is the tensor's first entry
  *        when finite (else 0); the other passes fill only the first two columns.
  * Returns 0, or -1 if scratch memory could not be allocated (then nothing was written). */
 int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
-            int32_t dtype, double *out, int32_t nthreads) {
+            int32_t dtype, double scale, double *out, int32_t nthreads) {
     int64_t nitems = 0, total = 0;
     for (int64_t t = 0; t < ntensors; t++) {
         nitems += (numels[t] + GD_CHUNK - 1) / GD_CHUNK;
@@ -179,7 +197,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
     }
     int64_t j = 0;
     for (int64_t t = 0; t < ntensors; t++) {
-        shift[t] = pass == GD_MOMENTS ? gd_shift(x[t], dtype, numels[t]) : 0.0;
+        shift[t] = pass == GD_MOMENTS ? gd_shift(x[t], dtype, numels[t]) : pass == GD_SCALE ? scale : 0.0;
         for (int64_t s = 0; s < numels[t]; s += GD_CHUNK) { owner[j] = t; start[j] = s; j++; }
     }
     int threads = nthreads > 0 ? nthreads : 1;
@@ -188,7 +206,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
     for (int64_t k = 0; k < nitems; k++) {
         int64_t t = owner[k];
         int64_t n = numels[t] - start[k];
-        parts[k] = gd_chunk(pass, dtype, x[t], y ? y[t] : NULL, start[k], n < GD_CHUNK ? n : GD_CHUNK, shift[t]);
+        parts[k] = gd_chunk(pass, dtype, x ? x[t] : NULL, y ? y[t] : NULL, start[k], n < GD_CHUNK ? n : GD_CHUNK, shift[t]);
     }
 
     for (int64_t t = 0; t < ntensors; t++) {
@@ -213,15 +231,16 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
  * data of the step has just pushed the interpreter's own memory out of the caches, and a
  * tensor op that takes 3 us in a loop measured 20-50 us there (BENCHMARKS.md). */
 
-/* Per-tensor L2 norms, rounded to float32, for GD_STATS, GD_COPY or GD_DIFF (see gd_pass). */
+/* Per-tensor L2 norms of x, rounded to float32, for GD_STATS, GD_COPY, GD_DIFF or GD_SCALE (see gd_pass);
+ * `norm` may be NULL (GD_SCALE without x: the pass is wanted for its writes only). */
 int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
-             int32_t dtype, float *norm, int32_t nthreads) {
+             int32_t dtype, double scale, float *norm, int32_t nthreads) {
     double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
-    if (!rows || gd_pass(pass, ntensors, x, y, numels, dtype, rows, nthreads) != 0) {
+    if (!rows || gd_pass(pass, ntensors, x, y, numels, dtype, scale, rows, nthreads) != 0) {
         free(rows);
         return -1;
     }
-    for (int64_t t = 0; t < ntensors; t++) norm[t] = (float)__builtin_sqrt(rows[6 * t]);
+    for (int64_t t = 0; norm && t < ntensors; t++) norm[t] = (float)__builtin_sqrt(rows[6 * t]);
     free(rows);
     return 0;
 }
@@ -236,7 +255,7 @@ int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *
 int gd_grad_stats(int64_t ntensors, const void *const *x, const int64_t *numels, int32_t dtype,
                   float *norm, float *maxabs, int64_t *count, float *total, int32_t nthreads) {
     double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
-    if (!rows || gd_pass(GD_STATS, ntensors, x, NULL, numels, dtype, rows, nthreads) != 0) {
+    if (!rows || gd_pass(GD_STATS, ntensors, x, NULL, numels, dtype, 1.0, rows, nthreads) != 0) {
         free(rows);
         return -1;
     }
@@ -249,7 +268,7 @@ int gd_grad_stats(int64_t ntensors, const void *const *x, const int64_t *numels,
         count[t] = 0;
         if (s - s != 0.0) { /* NaN or Inf: count the entries */
             double one[6];
-            if (gd_pass(GD_MOMENTS, 1, &x[t], NULL, &numels[t], dtype, one, nthreads) != 0) failed = 1;
+            if (gd_pass(GD_MOMENTS, 1, &x[t], NULL, &numels[t], dtype, 1.0, one, nthreads) != 0) failed = 1;
             count[t] = (int64_t)(one[3] + one[4]);
         }
         sq += (double)norm[t] * (double)norm[t];
@@ -269,7 +288,7 @@ int gd_input_row(const void *x, int64_t n, int32_t dtype, float *row, int32_t nt
         row[0] = row[1] = row[2] = row[3] = (float)nan;
         return 0;
     }
-    if (gd_pass(GD_MOMENTS, 1, &x, NULL, &n, dtype, m, nthreads) != 0) return -1;
+    if (gd_pass(GD_MOMENTS, 1, &x, NULL, &n, dtype, 1.0, m, nthreads) != 0) return -1;
     double sumsq = m[0], maxabs = m[1], sum = m[2], nans = m[3], infs = m[4], shift = m[5];
     double var = n > 1 ? (sumsq - sum * sum / (double)n) / (double)(n - 1) : nan;
     row[0] = (float)(nans > 0 ? nan : maxabs);

@@ -79,7 +79,7 @@ class Guard:
             for p in self.params:
                 p.grad = None
             self.skipped_total += 1
-        else:
+        elif new is not grads:  # transforms work in place and hand back the same list; else set what changed
             for p, g in zip(self.params, new):
                 if g is not p.grad:
                     p.grad = g
