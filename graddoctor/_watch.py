@@ -33,7 +33,7 @@ from . import _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
 from ._errors import ConfigError, NoGradientsError
-from ._stats import DTensor, TensorStats, l2_norms, tensor_stats
+from ._stats import DTensor, TensorStats, grad_and_weight_stats, l2_norms, tensor_stats
 from ._store import RunWriter
 
 
@@ -104,9 +104,7 @@ class Watch:
             _native.prepare()  # a first build compiles (under a second): here, not inside the first step
         self._sharded = any(isinstance(p, DTensor) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
-        from .treat._base import weight_norms_along  # treat builds on watch; imported late to keep watch importable alone
-        from .treat._guard import as_guard
-        self._weight_norms_along = weight_norms_along
+        from .treat._guard import as_guard  # treat builds on watch; imported late to keep watch importable alone
         # guard: a gradient transform run on the stats of every step (see graddoctor.treat.Guard)
         self.guard = as_guard(guard, self.params, self.names)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -240,23 +238,23 @@ class Watch:
         s = self.step_index
         stats = None
         # With a guard every rank computes the stats: each DDP rank must apply the same clipping.
-        if self.recording or self._sharded or self.guard is not None:
-            stats = tensor_stats([p.grad for p in self.params], self.stats_device)
+        weight_norms = None
+        # Sharded gradients: the weight/update norms are all-reduces too, so every rank computes
+        # them (rank 0 alone keeps them, see `_push`).
+        measure_weights = self.recording or self._sharded
+        if measure_weights or self.guard is not None:
+            grads = [p.grad for p in self.params]
+            # A step whose weight norms are due (and not taken by a sample's snapshot copy) reads
+            # each weight beside its gradient, in the gradients' pass.
+            if measure_weights and s % self.config.weight_every == 0 and s % self.config.sample_every != 0:
+                stats, weight_norms = grad_and_weight_stats(grads, self.params, self.stats_device)
+            else:
+                stats = tensor_stats(grads, self.stats_device)
             self.latest = stats
-        weights_due = False
-        if self.recording or self._sharded:
-            # Sharded gradients: the sampled weight/update norms are all-reduces too, so every
-            # rank computes them (rank 0 alone keeps them, see `_push`).
-            weights_due = self._record(s, stats, loss)
+        if measure_weights:
+            self._record(s, stats, loss, weight_norms)
         if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
-            # A guard that scales the gradients on the CPU reads the weights in the same pass.
-            with self._weight_norms_along(self.params if weights_due else None) as along:
-                self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
-            if along is not None and along.norms is not None:
-                self._push("weight_norm", s, along.norms)
-                weights_due = False
-        if weights_due:
-            self._push("weight_norm", s, l2_norms(self.params, self.stats_device))
+            self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
         self.step_index += 1
         if self.recording:
             self._maybe_install_activation_hooks()
@@ -264,28 +262,25 @@ class Watch:
                 self.flush()
         return stats
 
-    def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float]) -> bool:
-        """Buffer step `s`'s statistics; True if its weight norms are due and still to be read."""
+    def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float], weight_norms: Optional[Tensor]) -> None:
+        """Buffer step `s`'s statistics (`weight_norms`: taken with the gradients, or None)."""
         self._push("loss", s, _loss_tensor(loss, self.stats_device))
         self._push("grad_total_norm", s, stats.total_norm.reshape(1))
         self._push("grad_norm", s, stats.norm)
         self._push("grad_maxabs", s, stats.maxabs)
         self._push("grad_nonfinite", s, stats.nonfinite)
         self._record_update()
-        weights_due = s % self.config.weight_every == 0
         if s % self.config.sample_every == 0:  # the snapshot's copy also yields the weight norms
-            snapshot, norms = self._snapshot_weights(self.params)
+            snapshot, weight_norms = self._snapshot_weights(self.params)
             self._snapshot = (s, snapshot)
-            if weights_due:
-                self._push("weight_norm", s, norms)
-                weights_due = False
+        if weight_norms is not None and s % self.config.weight_every == 0:
+            self._push("weight_norm", s, weight_norms)
         if self._act_handles:
             self._push("act", s, self._activation_matrix())
             self._remove_activation_hooks()
         if self._input_acc is not None:
             self._push("input", s, self._input_acc)
             self._input_acc = None
-        return weights_due
 
     def _snapshot_weights(self, weights: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """A copy of the weights (for the next update norm) and the weights' L2 norms.

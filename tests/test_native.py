@@ -170,7 +170,7 @@ def test_grad_stats_match_float64_oracle_with_nan_and_inf(native, dtype):
     ts[0][9] = math.inf
     ts[2][0] = -math.inf
     ts[4][[3, 4, 5]] = math.nan
-    norm, maxabs, count, total = native.grad_stats(ts)
+    norm, maxabs, count, total, _ = native.grad_stats(ts)
     assert norm.dtype == maxabs.dtype == total.dtype == torch.float32 and count.dtype == torch.int64
     assert total.dim() == 0
     for t, n, m, c in zip(ts, norm.tolist(), maxabs.tolist(), count.tolist()):
@@ -251,28 +251,39 @@ def test_channels_last_tensors_are_read_in_place(native):
     assert got[3] == pytest.approx(want[3], rel=1e-6)
 
 
-def test_scale_is_pytorchs_float32_multiply_and_reads_the_weights_along(native):
+def test_scale_is_pytorchs_float32_multiply(native):
     g = torch.Generator().manual_seed(8)
-    sizes = (0, 1, 511, 513, 65537, 3 * 65536 + 5)
-    grads = [torch.randn(n, generator=g) for n in sizes]
-    weights = [torch.randn(n, generator=g) * 3 for n in sizes]
+    grads = [torch.randn(n, generator=g) for n in (0, 1, 511, 513, 65537, 3 * 65536 + 5)]
     coef = torch.tensor(0.1234567, dtype=torch.float32)
     want = [t.clone() for t in grads]
     torch._foreach_mul_(want, coef)  # what clip_grads_with_norm_ does
     versions = [t._version for t in grads]
-    norms = native.scale_(grads, float(coef), weights)
+    assert native.scale_(grads, float(coef))
     assert all(torch.equal(a, b) for a, b in zip(grads, want))  # bit for bit
     assert all(t._version > v for t, v in zip(grads, versions))  # autograd is told of the write
-    for w, n in zip(weights, norms.tolist()):
-        assert n == pytest.approx(math.sqrt(oracle(w)[0]), rel=1e-6)
-    torch._foreach_mul_(want, 3.0)
-    assert native.scale_(grads, 3.0).numel() == 0 and all(torch.equal(a, b) for a, b in zip(grads, want))
 
 
 def test_scale_refuses_what_it_cannot_write_exactly(native):
     a = torch.ones(4)
-    assert native.scale_([a.to(torch.bfloat16)], 0.5) is None  # PyTorch rounds bf16 products its own way
-    assert native.scale_([torch.ones(4, requires_grad=True)], 0.5) is None  # in a graph: autograd must see it
-    assert native.scale_([a], 0.5, [torch.ones(5)]) is None  # weights of other sizes
-    assert native.scale_([a, None], 0.5) is None
+    assert not native.scale_([a.to(torch.bfloat16)], 0.5)  # PyTorch rounds bf16 products its own way
+    assert not native.scale_([torch.ones(4, requires_grad=True)], 0.5)  # in a graph: autograd must see it
+    assert not native.scale_([a, None], 0.5)
     assert a.tolist() == [1.0] * 4  # a refusal changes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grad_stats_reads_the_weights_beside_the_gradients(native, dtype):
+    g = torch.Generator().manual_seed(9)
+    sizes = (0, 1, 513, 65537, 3 * 65536 + 5)
+    grads = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    weights = [(torch.randn(n, generator=g) * 3).to(dtype) for n in sizes]
+    alone = native.grad_stats(grads)
+    both = native.grad_stats(grads, weights)
+    assert alone[4] is None
+    for a, b in zip(alone[:4], both[:4]):  # the gradients' statistics do not change
+        assert torch.equal(a, b)
+    for w, n in zip(weights, both[4].tolist()):
+        assert n == pytest.approx(math.sqrt(oracle(w)[0]), rel=1e-6)
+    # weights that do not pair up with the gradients are not read; the gradients still are
+    assert native.grad_stats(grads, weights[::-1])[4] is None
+    assert native.grad_stats(grads, [w.double() if dtype != torch.float64 else w.float() for w in weights])[4] is None

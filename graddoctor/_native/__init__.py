@@ -2,8 +2,8 @@
 
 Entry points (see fused_stats.c): `grad_stats` (a step's gradients), `norms` (weight
 norms), `copy_norms` (weight snapshot and its norms), `diff_norms` (update norms),
-`input_row` (input batches), `scale_` (a clipping multiply, optionally reading the weight
-norms in the same pass), and `sumsq_maxabs` (the raw float64 sums, for tests).
+`input_row` (input batches), `scale_` (a clipping multiply), and `sumsq_maxabs` (the raw
+float64 sums, for tests). `grad_stats` also takes the weight norms in the gradients' pass.
 
 Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
 PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
@@ -136,7 +136,7 @@ def _open(path: Path) -> ctypes.CDLL:
     f64 = ctypes.c_double
     lib.gd_pass.argtypes = [i32, i64, p, p, p, i32, f64, p, i32]
     lib.gd_norms.argtypes = [i32, i64, p, p, p, i32, f64, p, i32]
-    lib.gd_grad_stats.argtypes = [i64, p, p, i32, p, p, p, p, i32]
+    lib.gd_grad_stats.argtypes = [i64, p, p, p, i32, p, p, p, p, p, i32]
     lib.gd_input_row.argtypes = [p, i64, i32, p, i32]
     for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row):
         f.restype = ctypes.c_int
@@ -169,7 +169,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 # The passes of fused_stats.c, and the columns of the rows gd_pass writes per tensor.
-_STATS, _COPY, _DIFF, _MOMENTS, _SCALE = 0, 1, 2, 3, 4
+_STATS, _COPY, _DIFF, _MOMENTS, _SCALE = 0, 1, 2, 3, 4  # and GD_STATS2, used by gd_grad_stats
 SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
 _numels_cache: dict[tuple, Tensor] = {}
 # Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
@@ -234,22 +234,34 @@ def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
     return None if code else (rows[:, SUMSQ], rows[:, MAXABS])  # -1: no scratch memory
 
 
-def grad_stats(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+def grad_stats(tensors: Sequence[Tensor], weights: Optional[Sequence[Tensor]] = None
+               ) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]]:
     """A step's gradient statistics from one read of each tensor, ready to store.
 
     Returns float32 [n] L2 norms, float32 [n] max-abs (NaN where a tensor holds a NaN),
-    int64 [n] counts of NaN/Inf entries, and the float32 0-d total norm (the L2 norm of the
-    norms); or None when the kernel cannot read these tensors (see `supports`).
+    int64 [n] counts of NaN/Inf entries, the float32 0-d total norm (the L2 norm of the
+    norms), and float32 [n] L2 norms of `weights`, read side by side with the gradients in
+    the same pass (None if no weights were given, or if they do not pair up with the
+    tensors: same dtype and sizes, in order). None when the kernel cannot read `tensors`
+    (see `supports`).
     """
     if not supports(tensors):
         return None
     n = len(tensors)
-    floats = torch.empty(2 * n + 1, dtype=torch.float32)  # norms, max-abs, total: one allocation
+    key = tuple(t.numel() for t in tensors)
+    if weights is not None and not (supports(weights) and weights[0].dtype == tensors[0].dtype
+                                    and tuple(w.numel() for w in weights) == key):
+        weights = None
+    floats = torch.empty(3 * n + 1 if weights is not None else 2 * n + 1, dtype=torch.float32)  # one allocation
     count = torch.empty(n, dtype=torch.int64)
-    code = _lib.gd_grad_stats(n, _pointers(tensors), _numels(tensors).data_ptr(),  # type: ignore[union-attr]
-                              _DTYPE_CODES[tensors[0].dtype], floats.data_ptr(), floats.data_ptr() + 4 * n,
-                              count.data_ptr(), floats.data_ptr() + 8 * n, torch.get_num_threads())
-    return None if code else (floats[:n], floats[n:2 * n], count, floats[2 * n])
+    base = floats.data_ptr()
+    code = _lib.gd_grad_stats(n, _pointers(tensors), _pointers(weights) if weights is not None else None,  # type: ignore[union-attr]
+                              _numels(tensors, key).data_ptr(), _DTYPE_CODES[tensors[0].dtype], base, base + 4 * n,
+                              count.data_ptr(), base + 8 * n, base + 4 * (2 * n + 1) if weights is not None else None,
+                              torch.get_num_threads())
+    if code:
+        return None
+    return floats[:n], floats[n:2 * n], count, floats[2 * n], floats[2 * n + 1:] if weights is not None else None
 
 
 def _norms(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]]) -> Optional[Tensor]:
@@ -276,36 +288,23 @@ def diff_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Optional[Tensor]:
     return _norms(_DIFF, a, b)
 
 
-def scale_(tensors: Sequence[Tensor], coef: float, weights: Optional[Sequence[Tensor]] = None) -> Optional[Tensor]:
-    """Multiply float32 tensors in place by `coef`; with `weights`, take their L2 norms in the same pass.
+def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
+    """Multiply float32 tensors in place by `coef` (a float32 value); False if the kernel cannot.
 
     Each product is one float32 multiply, as `torch._foreach_mul_` by a float32 coefficient
-    makes it, so the result is the same bit for bit (`coef` must be a float32 value). Measured
-    inside a training step it is faster than `_foreach_mul_` (BENCHMARKS.md); with `weights`,
-    a clipped step's weight norms cost a second stream in the multiply's pass instead of a
-    pass of their own.
-
-    Returns None when the kernel cannot take these lists (nothing was changed; `weights` need
-    the same sizes, in order, and float32 too; tensors that require grad are left to PyTorch);
-    else float32 [n] norms of `weights`, or an empty tensor when no weights were given. The
-    tensors' version counters are bumped, as an in-place PyTorch op would bump them.
+    makes it, so the result is the same bit for bit; measured inside a training step it is
+    faster than `_foreach_mul_` (BENCHMARKS.md). Tensors that require grad are left to
+    PyTorch (autograd must see the op). The version counters are bumped, as an in-place
+    PyTorch op would bump them. On False nothing was changed.
     """
     if not supports(tensors) or tensors[0].dtype != torch.float32 or any([t.requires_grad for t in tensors]):
-        return None  # a tensor in an autograd graph (create_graph=True) must be scaled by an op autograd sees
-    key = tuple(t.numel() for t in tensors)
-    if weights is not None and (not supports(weights) or weights[0].dtype != torch.float32
-                                or tuple(w.numel() for w in weights) != key):
-        return None
-    n = len(tensors) if weights is not None else 0
-    norm = torch.empty(n, dtype=torch.float32)
-    code = _lib.gd_norms(_SCALE, len(tensors), _pointers(weights) if weights is not None else None,  # type: ignore[union-attr]
-                         _pointers(tensors), _numels(tensors, key).data_ptr(), _DTYPE_CODES[torch.float32],
-                         coef, norm.data_ptr() if n else None, torch.get_num_threads())
+        return False
+    code = _lib.gd_norms(_SCALE, len(tensors), None, _pointers(tensors), _numels(tensors).data_ptr(),  # type: ignore[union-attr]
+                         _DTYPE_CODES[torch.float32], coef, None, torch.get_num_threads())
     if code:
-        return None
+        return False
     increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would
-    return norm
-
+    return True
 
 
 def input_row(x: Tensor) -> Optional[Tensor]:

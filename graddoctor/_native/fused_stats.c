@@ -14,8 +14,9 @@
  *   GD_COPY     y := x, and the sum of squares of x                  (weight snapshot + weight norm)
  *   GD_DIFF     sum of squares of (x - y), the difference in x's type (update norm)
  *   GD_MOMENTS  shifted sum and sum of squares, max-abs, NaN and Inf counts (input batches)
- *   GD_SCALE    y *= scale (float32), and the sum of squares of x when x is given
- *               (a clipping multiply that takes the weight norms along: one pass, not two)
+ *   GD_STATS2   GD_STATS of x, and the sum of squares of y in the `sum` column
+ *               (a gradient and its weight read side by side: one pass, not two)
+ *   GD_SCALE    y *= scale, float32 only (a clipping multiply)
  *
  * Work is split into chunks of GD_CHUNK elements spread over OpenMP threads (the
  * libgomp.so.1 PyTorch has already loaded, so its thread pool is shared). Chunks
@@ -34,7 +35,7 @@
 #include <string.h>
 
 enum { GD_F32 = 0, GD_F64 = 1, GD_BF16 = 2 };
-enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3, GD_SCALE = 4 };
+enum { GD_STATS = 0, GD_COPY = 1, GD_DIFF = 2, GD_MOMENTS = 3, GD_SCALE = 4, GD_STATS2 = 5 };
 
 #define GD_CHUNK 65536          /* elements per work item: large enough to amortize scheduling */
 #define GD_BLOCK 512            /* partial sums move into double every GD_BLOCK elements */
@@ -79,6 +80,10 @@ static inline float gd_bf16_to_float(uint16_t h) {
         (void)y;                                                                                        \
         GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]); ACC a = v < 0 ? -v : v; s += v * v; m = a > m ? a : m;) \
     }                                                                                                   \
+    GD_UNUSED static gd_part gd_stats2_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                  \
+        GD_BLOCKED(ACC, ACC v = (ACC)LOAD(x[i]); ACC a = v < 0 ? -v : v; ACC u = (ACC)LOAD(y[i]);        \
+                   s += v * v; m = a > m ? a : m; t += u * u;)                                          \
+    }                                                                                                   \
     GD_UNUSED static gd_part gd_copy_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, ACC shift) {                    \
         GD_BLOCKED(ACC, y[i] = x[i]; ACC v = (ACC)LOAD(x[i]); s += v * v;)                              \
     }                                                                                                   \
@@ -95,10 +100,6 @@ GD_KERNELS(f32, float, float, GD_IDENTITY, __builtin_inff())
 
 /* GD_SCALE, float32 only. y[i] * c is one float multiply, as PyTorch's `_foreach_mul_` by a
  * float32 coefficient makes it, so the scaled gradients are the same bit for bit. */
-static gd_part gd_scale_norm_f32(const float *x, float *y, int64_t n, float shift) {
-    GD_BLOCKED(float, y[i] *= shift; float v = x[i]; s += v * v;)
-}
-
 static gd_part gd_scale_f32(float *y, int64_t n, float c) {
     gd_part p = {0.0, 0.0, 0.0, 0.0, 0.0};
     _Pragma("omp simd")
@@ -141,7 +142,8 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
         const float *a = x ? (const float *)x + start : NULL;
         float *b = y ? (float *)y + start : NULL;
         switch (pass) {
-        case GD_SCALE: return a ? gd_scale_norm_f32(a, b, n, (float)shift) : gd_scale_f32(b, n, (float)shift);
+        case GD_SCALE: return gd_scale_f32(b, n, (float)shift);
+        case GD_STATS2: return gd_stats2_f32(a, b, n, (float)shift);
         case GD_COPY: return gd_copy_f32(a, b, n, (float)shift);
         case GD_DIFF: return gd_diff_f32(a, b, n, (float)shift);
         case GD_MOMENTS: return gd_moments_f32(a, b, n, (float)shift);
@@ -155,6 +157,7 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
         case GD_COPY: return gd_copy_f64(a, b, n, shift);
         case GD_DIFF: return gd_diff_f64(a, b, n, shift);
         case GD_MOMENTS: return gd_moments_f64(a, b, n, shift);
+        case GD_STATS2: return gd_stats2_f64(a, b, n, shift);
         default: return gd_stats_f64(a, b, n, shift);
         }
     }
@@ -165,6 +168,7 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
         case GD_COPY: return gd_copy_bf16(a, b, n, (float)shift);
         case GD_DIFF: return gd_diff_bf16_rounded(a, b, n, (float)shift);
         case GD_MOMENTS: return gd_moments_bf16(a, b, n, (float)shift);
+        case GD_STATS2: return gd_stats2_bf16(a, b, n, (float)shift);
         default: return gd_stats_bf16(a, b, n, (float)shift);
         }
     }
@@ -172,8 +176,8 @@ static gd_part gd_chunk(int32_t pass, int32_t dtype, const void *x, void *y, int
 }
 
 /* Run `pass` over `ntensors` contiguous tensors of one dtype.
- *   x[t], y[t]: data pointers (y only for GD_COPY and GD_SCALE, written, and GD_DIFF, read;
- *               else NULL; x may be NULL for GD_SCALE alone).
+ *   x[t], y[t]: data pointers (y only for GD_COPY and GD_SCALE, written, and GD_DIFF and
+ *               GD_STATS2, read; else NULL; x is NULL for GD_SCALE).
  *   scale: GD_SCALE's coefficient (ignored by the other passes).
  *   out: ntensors rows of 6 doubles: sum of squares, max-abs, sum, NaN count, Inf count, shift.
  *        For GD_MOMENTS the sums are of x - shift, where shift is the tensor's first entry
@@ -232,7 +236,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
  * tensor op that takes 3 us in a loop measured 20-50 us there (BENCHMARKS.md). */
 
 /* Per-tensor L2 norms of x, rounded to float32, for GD_STATS, GD_COPY, GD_DIFF or GD_SCALE (see gd_pass);
- * `norm` may be NULL (GD_SCALE without x: the pass is wanted for its writes only). */
+ * `norm` may be NULL (GD_SCALE: the pass is wanted for its writes only). */
 int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
              int32_t dtype, double scale, float *norm, int32_t nthreads) {
     double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
@@ -245,17 +249,18 @@ int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *
     return 0;
 }
 
-/* A gradient step's statistics:
+/* A gradient step's statistics, and with w the L2 norms of the weights (wnorm, float32), read
+ * in the same pass (GD_STATS2; w[t] must have as many entries as x[t], in x's dtype):
  *   norm[t]   L2 norm, rounded to float32;
  *   maxabs[t] largest |entry| as float32, NaN where the tensor holds a NaN (its sum of squares is NaN);
  *   count[t]  number of NaN and Inf entries. A finite sum of squares means there are none, so only
  *             tensors whose sum is not finite are read again (GD_MOMENTS) to count them;
  *   total[0]  L2 norm of the float32 norms, as torch.nn.utils.get_total_norm forms it from them.
  * Returns 0, or -1 if scratch memory could not be allocated. */
-int gd_grad_stats(int64_t ntensors, const void *const *x, const int64_t *numels, int32_t dtype,
-                  float *norm, float *maxabs, int64_t *count, float *total, int32_t nthreads) {
+int gd_grad_stats(int64_t ntensors, const void *const *x, void *const *w, const int64_t *numels, int32_t dtype,
+                  float *norm, float *maxabs, int64_t *count, float *total, float *wnorm, int32_t nthreads) {
     double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
-    if (!rows || gd_pass(GD_STATS, ntensors, x, NULL, numels, dtype, 1.0, rows, nthreads) != 0) {
+    if (!rows || gd_pass(w ? GD_STATS2 : GD_STATS, ntensors, x, w, numels, dtype, 1.0, rows, nthreads) != 0) {
         free(rows);
         return -1;
     }
@@ -272,6 +277,7 @@ int gd_grad_stats(int64_t ntensors, const void *const *x, const int64_t *numels,
             count[t] = (int64_t)(one[3] + one[4]);
         }
         sq += (double)norm[t] * (double)norm[t];
+        if (w) wnorm[t] = (float)__builtin_sqrt(rows[6 * t + 2]);
     }
     total[0] = (float)__builtin_sqrt(sq);
     free(rows);

@@ -24,10 +24,8 @@ References:
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -184,34 +182,6 @@ def group_present(grads: Grads) -> dict[tuple, list[int]]:
     return groups
 
 
-class WeightNormsAlong:
-    """Weights whose L2 norms `watch` still needs this step, and the norms once a multiply took them."""
-
-    def __init__(self, weights: Sequence[Tensor]):
-        self.weights = weights
-        self.norms: Optional[Tensor] = None  # float32 [P], set by the `scale_` that read the weights
-
-
-_weights_along: ContextVar[Optional[WeightNormsAlong]] = ContextVar("graddoctor_weights_along", default=None)
-
-
-@contextmanager
-def weight_norms_along(weights: Optional[Sequence[Tensor]]) -> Iterator[Optional[WeightNormsAlong]]:
-    """Let a gradient multiply inside this block read `weights` for their norms in its own pass.
-
-    `watch` wraps its guard in this on a step whose weight norms are due: when a transform
-    scales the gradients on the CPU (a clipped step), the native multiply reads the weights
-    in the same pass, and a clipped step costs one pass over memory where it cost two. If no
-    multiply took them, `.norms` stays None and watch reads the weights itself.
-    """
-    along = WeightNormsAlong(weights) if weights is not None else None
-    token = _weights_along.set(along)
-    try:
-        yield along
-    finally:
-        _weights_along.reset(token)
-
-
 def scale_(grads: Grads, coef: Tensor) -> None:
     """Multiply every present gradient by the 0-d tensor `coef`, one `_foreach_mul_` per group. No sync.
 
@@ -220,28 +190,17 @@ def scale_(grads: Grads, coef: Tensor) -> None:
     is 1 would wait for the device. A CPU coefficient is already in host memory, so there a
     coefficient of exactly 1 (no clipping, the common step) skips the pass over the
     gradients: x * 1.0 == x for every float, so the result is the same bit for bit. Other
-    CPU float32 coefficients go to the native kernel (the same float32 products), which also
-    reads the weights of `weight_norms_along` in that pass.
+    CPU float32 coefficients go to the native kernel (the same float32 products, and faster
+    there than `_foreach_mul_`).
     """
     if coef.device.type == "cpu" and coef.numel() == 1:
         c = float(coef)
         if c == 1.0:
             return
-        if coef.dtype == torch.float32 and _native_scale(grads, c):
+        if coef.dtype == torch.float32 and _native.scale_(grads, c):  # type: ignore[arg-type]
             return
     for (device, _), idx in group_present(grads).items():
         torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
-
-
-def _native_scale(grads: Grads, coef: float) -> bool:
-    """Scale with the native kernel (taking the pending weight norms along); False if it cannot."""
-    along = _weights_along.get()
-    if along is not None and along.norms is None:
-        norms = _native.scale_(grads, coef, along.weights)  # type: ignore[arg-type]
-        if norms is not None:
-            along.norms = norms
-            return True
-    return _native.scale_(grads, coef) is not None  # type: ignore[arg-type]
 
 
 def scale_each_(grads: Grads, coefs: Tensor) -> None:
