@@ -265,7 +265,7 @@ class Watch:
     def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float], weight_norms: Optional[Tensor]) -> None:
         """Buffer step `s`'s statistics (`weight_norms`: taken with the gradients, or None)."""
         self._push("loss", s, _loss_tensor(loss, self.stats_device))
-        self._push("grad_total_norm", s, stats.total_norm.reshape(1))
+        self._push("grad_total_norm", s, stats.total_norm)
         self._push("grad_norm", s, stats.norm)
         self._push("grad_maxabs", s, stats.maxabs)
         self._push("grad_nonfinite", s, stats.nonfinite)
@@ -342,10 +342,14 @@ class Watch:
         if not self.recording or (not self._buf and not self._events):
             return
         series = list(self._buf.items())
-        tensors = [torch.stack(values) for _, (_, values) in series]
+        # Per-step scalars (loss, total norm) are buffered as 0-d tensors and stack to [n]; the
+        # store reshapes each chunk to [n, width]. Losses come in the model's dtype: float64 here.
+        tensors = [torch.stack(values).to(torch.float64) if name == "loss" else torch.stack(values)
+                   for name, (_, values) in series]
         event_tensors = [(j, k, v) for j, (_, _, d) in enumerate(self._events) for k, v in d.items() if isinstance(v, Tensor)]
         host = to_host(tensors + [v for _, _, v in event_tensors])
-        chunks = [(name, np.asarray(steps, dtype=np.int64), host[i]) for i, (name, (steps, _)) in enumerate(series)]
+        chunks = [(name, np.asarray(steps, dtype=np.int64), host[i].reshape(len(steps), -1))
+                  for i, (name, (steps, _)) in enumerate(series)]
         events = [(s, k, dict(d)) for s, k, d in self._events]
         for (j, key, _), value in zip(event_tensors, host[len(tensors):]):
             events[j][2][key] = value.tolist()
@@ -384,11 +388,19 @@ def json_shape(p: Tensor) -> str:
 
 
 def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor:
+    """The step's loss as a 0-d tensor on `device` (the first entry of a loss with several).
+
+    A tensor loss is only detached here (one op; it must not keep the autograd graph alive
+    until the flush); the flush makes the float64 column of all buffered losses at once.
+    """
     if loss is None:
-        return torch.full((1,), math.nan, dtype=torch.float64, device=device)
+        return torch.tensor(math.nan, dtype=torch.float64, device=device)
     if isinstance(loss, Tensor):
-        return loss.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64, non_blocking=True)
-    return torch.tensor([float(loss)], dtype=torch.float64, device=device)
+        value = loss.detach()
+        if value.dim() != 0:
+            value = value.reshape(-1)[0]
+        return value if value.device == device else value.to(device, non_blocking=True)
+    return torch.tensor(float(loss), dtype=torch.float64, device=device)
 
 
 def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
