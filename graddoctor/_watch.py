@@ -236,12 +236,11 @@ class Watch:
         if self.closed:
             raise RuntimeError("Watch.step() called after close(); create a new watch for a new run")
         s = self.step_index
-        stats = None
-        # With a guard every rank computes the stats: each DDP rank must apply the same clipping.
-        weight_norms = None
+        stats, weight_norms = None, None
         # Sharded gradients: the weight/update norms are all-reduces too, so every rank computes
         # them (rank 0 alone keeps them, see `_push`).
         measure_weights = self.recording or self._sharded
+        # With a guard every rank computes the stats: each DDP rank must apply the same clipping.
         if measure_weights or self.guard is not None:
             grads = [p.grad for p in self.params]
             # A step whose weight norms are due (and not taken by a sample's snapshot copy) reads

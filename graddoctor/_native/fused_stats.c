@@ -9,7 +9,7 @@
  * with no PyTorch headers: it compiles in a fraction of a second on first use
  * (graddoctor/_native/__init__.py) and is called through ctypes with raw pointers.
  *
- * Four passes, each over a list of contiguous tensors of one dtype:
+ * Six passes, each over a list of contiguous tensors of one dtype:
  *   GD_STATS    sum of squares and max-abs of x                      (gradients)
  *   GD_COPY     y := x, and the sum of squares of x                  (weight snapshot + weight norm)
  *   GD_DIFF     sum of squares of (x - y), the difference in x's type (update norm)
@@ -233,7 +233,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
 /* The entry points below finish the rows of gd_pass into what `watch` stores, so that
  * Python needs no further tensor ops on them. Inside a training step every op counts: the
  * data of the step has just pushed the interpreter's own memory out of the caches, and a
- * tensor op that takes 3 us in a loop measured 20-50 us there (BENCHMARKS.md). */
+ * small tensor op that takes 1-3 us in a loop measured tens of us there (BENCHMARKS.md). */
 
 /* Per-tensor L2 norms of x, rounded to float32, for GD_STATS, GD_COPY, GD_DIFF or GD_SCALE (see gd_pass);
  * `norm` may be NULL (GD_SCALE: the pass is wanted for its writes only). */

@@ -190,8 +190,8 @@ def scale_(grads: Grads, coef: Tensor) -> None:
     is 1 would wait for the device. A CPU coefficient is already in host memory, so there a
     coefficient of exactly 1 (no clipping, the common step) skips the pass over the
     gradients: x * 1.0 == x for every float, so the result is the same bit for bit. Other
-    CPU float32 coefficients go to the native kernel (the same float32 products, and faster
-    there than `_foreach_mul_`).
+    CPU float32 coefficients go to the native kernel (the same float32 products; inside a
+    training step never slower than `_foreach_mul_`, at times much faster: BENCHMARKS.md).
     """
     if coef.device.type == "cpu" and coef.numel() == 1:
         c = float(coef)
