@@ -292,10 +292,11 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
     """Multiply float32 tensors in place by `coef` (a float32 value); False if the kernel cannot.
 
     Each product is one float32 multiply, as `torch._foreach_mul_` by a float32 coefficient
-    makes it, so the result is the same bit for bit; measured inside a training step it was
-    never slower than `_foreach_mul_`, and at times several times faster (BENCHMARKS.md). Tensors that require grad are left to
-    PyTorch (autograd must see the op). The version counters are bumped, as an in-place
-    PyTorch op would bump them. On False nothing was changed.
+    makes it, so the result is the same bit for bit. Measured inside a training step it was
+    never slower than `_foreach_mul_`, and at times several times faster (BENCHMARKS.md).
+    Tensors that require grad are left to PyTorch (autograd must see the op). The version
+    counters are bumped, as an in-place PyTorch op would bump them. On False nothing was
+    changed.
     """
     if not supports(tensors) or tensors[0].dtype != torch.float32 or any([t.requires_grad for t in tensors]):
         return False
