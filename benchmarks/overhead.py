@@ -10,7 +10,7 @@ Variants, each on its own copy of the same model, stepped in turn (interleaved, 
   watch                 + gd.watch, activation stats off, no guard (so the guard's own cost shows)
   watch(default)        + gd.watch with its defaults (activation sampling, live diagnosis), no guard
   watch+guard           + gd.watch(guard=gd.clip_norm(1.0)), activation stats off: the guard reuses
-                          watch's total norm, so clipping costs one _foreach_mul_ per group (none on
+                          watch's total norm, so clipping costs one multiply pass per group (none on
                           a CPU step that does not clip: the coefficient is 1 and in host memory)
   watch(default)+guard  the same with watch's default activation sampling
 --set picks which run together (default: watch); --max-norm sets the clipping threshold of both

@@ -12,8 +12,8 @@ class WatchConfig:
     # Steps between host copies and store writes: the only sync points. A killed
     # run loses at most this many steps.
     flush_every: int = 50
-    # Weight L2 norms every k steps. 1 (every step) is what DESIGN.md asks for; each
-    # costs one read of all the weights (about 1.3% of the CPU benchmark step, BENCHMARKS.md).
+    # Weight L2 norms every k steps. 1 (every step) is what issue 2 asks for; each costs one
+    # read of all the weights (on the CPU beside the gradients: ~0.9% of the benchmark step).
     weight_every: int = 1
     # Update norms (so update/weight ratios) every k steps; each sample copies the weights
     # before the optimizer step and compares after it.

@@ -104,12 +104,6 @@ def _maxabs(ts: list[Tensor], device: torch.device) -> Tensor:
     return torch.maximum(torch.stack([hi for _, hi in lo_hi]), torch.stack([lo for lo, _ in lo_hi]).neg())
 
 
-def _native_norm_maxabs(ts: list[Tensor], device: torch.device) -> Optional[tuple[Tensor, Tensor]]:
-    """float32 L2 norms and max-abs from the native kernel (one read), or None where it cannot read `ts`."""
-    native = _native.sumsq_maxabs(ts) if device.type == "cpu" else None
-    return None if native is None else (native[0].sqrt().float(), native[1].float())
-
-
 def _nonfinite_counts(ts: list[Tensor], norm: Tensor, device: torch.device) -> Tensor:
     """Count of NaN/Inf entries per tensor: `count_nonzero(t * 0)`, as 0*x is 0 for finite x, else NaN.
 
@@ -133,13 +127,13 @@ def _measure_local(tensors: list[Tensor], stats_device: torch.device):
     parts, order = [], []
     for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
         ts = [tensors[i] for i in idx]
-        native = _native_norm_maxabs(ts, device)
+        native = _native.grad_stats(ts) if device.type == "cpu" else None
         if native is not None:
-            norm, maxabs = native
+            norm, maxabs, count = native[:3]
         else:
             norm = torch.stack(_foreach_l2(ts)).float()
             maxabs = _maxabs(ts, device).float()
-        count = _nonfinite_counts(ts, norm, device)
+            count = _nonfinite_counts(ts, norm, device)
         parts.append([v.to(stats_device, non_blocking=True) for v in (norm, maxabs, count)])
         order += idx
     if len(parts) == 1 and order == sorted(order):
@@ -181,10 +175,9 @@ def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device
     Returns:
       A `TensorStats` whose vectors have one entry per input, None entries included.
     """
-    if stats_device.type == "cpu":  # the common CPU case, in one native call and three tensor ops
-        native = _native.grad_stats(tensors)  # None unless all are plain dense CPU tensors of one dtype
-        if native is not None:
-            return TensorStats(*native[:4], present=(True,) * len(tensors))
+    whole = _native_whole_list(tensors, None, stats_device)
+    if whole is not None:
+        return whole[0]
     present = tuple(t is not None for t in tensors)
     locals_: list[Tensor] = [t for t in tensors if t is not None]
     groups: list[tuple] = []
@@ -207,6 +200,19 @@ def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device
     return TensorStats(*_scatter_missing(norm, maxabs, count, present), total, present)
 
 
+def _native_whole_list(tensors: Sequence[Optional[Tensor]], weights: Optional[Sequence[Tensor]],
+                       stats_device: torch.device) -> Optional[tuple[TensorStats, Optional[Tensor]]]:
+    """The common CPU case in one native call and a few tensor ops: all tensors present, plain,
+    dense, of one dtype. Inside a training step each tensor op costs tens of microseconds
+    (BENCHMARKS.md), so this skips the grouping below. None where it does not apply."""
+    if stats_device.type != "cpu":
+        return None
+    native = _native.grad_stats(tensors, weights)  # type: ignore[arg-type]
+    if native is None:
+        return None
+    return TensorStats(*native[:4], present=(True,) * len(tensors)), native[4]
+
+
 def grad_and_weight_stats(grads: Sequence[Optional[Tensor]], weights: Sequence[Tensor],
                           stats_device: torch.device) -> tuple[TensorStats, Tensor]:
     """`tensor_stats(grads)` and `l2_norms(weights)`. No host sync.
@@ -214,11 +220,10 @@ def grad_and_weight_stats(grads: Sequence[Optional[Tensor]], weights: Sequence[T
     On the CPU the native kernel reads each gradient and its weight side by side in one
     pass, which costs less than two passes one after the other (BENCHMARKS.md).
     """
-    if stats_device.type == "cpu":
-        native = _native.grad_stats(grads, weights)  # type: ignore[arg-type]
-        if native is not None:
-            stats = TensorStats(*native[:4], present=(True,) * len(grads))
-            return stats, native[4] if native[4] is not None else l2_norms(weights, stats_device)
+    whole = _native_whole_list(grads, weights, stats_device)
+    if whole is not None:
+        stats, weight_norms = whole
+        return stats, weight_norms if weight_norms is not None else l2_norms(weights, stats_device)
     return tensor_stats(grads, stats_device), l2_norms(weights, stats_device)
 
 
@@ -259,8 +264,8 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
     out: list[Optional[Tensor]] = [None] * len(locals_)
     for (device, _dtype), idx in _group_by_device_dtype(locals_).items():
         ts = [locals_[i] for i in idx]
-        native = _native_norm_maxabs(ts, device)
-        norms = native[0].unbind() if native is not None else _foreach_l2(ts)
+        native = _native.norms(ts) if device.type == "cpu" else None
+        norms = native.unbind() if native is not None else _foreach_l2(ts)
         for j, i in enumerate(idx):
             out[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
     if not out:

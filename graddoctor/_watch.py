@@ -304,7 +304,7 @@ class Watch:
         if self._snapshot is None:
             return
         s, snap = self._snapshot
-        norms = None if self._sharded else _native.diff_norms(self.params, snap)  # one read of each, nothing written
+        norms = _native.diff_norms(self.params, snap)  # one read of each, nothing written (None for DTensors)
         if norms is not None:
             self._push("update_norm", s, norms)
         else:

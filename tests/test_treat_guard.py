@@ -151,10 +151,11 @@ def test_watch_accepts_a_guard_only_for_its_own_parameters():
         gd.watch(model, guard=treat.Guard(gd.clip_norm(1.0), small_model(1).parameters()))
 
 
-@pytest.mark.parametrize("max_norm", [1e-3, 1e3, 0.5])  # clips every step, never, some steps
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, 0.4])  # clips every step, never, some steps
 def test_weight_norms_under_a_clipping_guard_are_the_weights_of_each_step(tmp_path, stats_path, max_norm):
-    # On the CPU a clipped step reads the weights inside the guard's multiply; the stored
-    # norms must still be those of the weights each step's gradients were computed with.
+    # On the CPU the weights are read beside the gradients, and the guard then scales the
+    # gradients in place; the stored norms must be those of the weights each step's
+    # gradients were computed with, whether the step was clipped or not.
     model = small_model(4)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     want, clipped = [], 0
@@ -168,7 +169,7 @@ def test_weight_norms_under_a_clipping_guard_are_the_weights_of_each_step(tmp_pa
             clipped += bool(total > max_norm)
             w.step()
             opt.step()
-    assert clipped == {1e-3: 8, 1e3: 0}.get(max_norm, clipped)
+    assert 0 < clipped < 8 if max_norm == 0.4 else clipped == {1e-3: 8, 1e3: 0}[max_norm]
     run = gd.open_run(tmp_path)
     for i, name in enumerate(run.tensors):
         h = run.tensor_history(name)

@@ -138,7 +138,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.gd_norms.argtypes = [i32, i64, p, p, p, i32, f64, p, i32]
     lib.gd_grad_stats.argtypes = [i64, p, p, p, i32, p, p, p, p, p, i32]
     lib.gd_input_row.argtypes = [p, i64, i32, p, i32]
-    for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row):
+    lib.gd_scale.argtypes = [i64, p, p, f64, i32]
+    for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row, lib.gd_scale):
         f.restype = ctypes.c_int
     return lib
 
@@ -168,9 +169,9 @@ def _load() -> Optional[ctypes.CDLL]:
     return None
 
 
-# The passes of fused_stats.c, and the columns of the rows gd_pass writes per tensor.
-_STATS, _COPY, _DIFF, _MOMENTS, _SCALE = 0, 1, 2, 3, 4  # and GD_STATS2, used by gd_grad_stats
-SUMSQ, MAXABS, SUM, NAN, INF, SHIFT = range(6)
+# The passes of fused_stats.c that gd_pass and gd_norms take here, and the columns of gd_pass's rows used here.
+_STATS, _COPY, _DIFF = 0, 1, 2
+SUMSQ, MAXABS = 0, 1
 _numels_cache: dict[tuple, Tensor] = {}
 # Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -300,8 +301,8 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
     """
     if not supports(tensors) or tensors[0].dtype != torch.float32 or any([t.requires_grad for t in tensors]):
         return False
-    code = _lib.gd_norms(_SCALE, len(tensors), None, _pointers(tensors), _numels(tensors).data_ptr(),  # type: ignore[union-attr]
-                         _DTYPE_CODES[torch.float32], coef, None, torch.get_num_threads())
+    code = _lib.gd_scale(len(tensors), _pointers(tensors), _numels(tensors).data_ptr(), coef,  # type: ignore[union-attr]
+                         torch.get_num_threads())
     if code:
         return False
     increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would

@@ -235,8 +235,7 @@ int gd_pass(int32_t pass, int64_t ntensors, const void *const *x, void *const *y
  * data of the step has just pushed the interpreter's own memory out of the caches, and a
  * small tensor op that takes 1-3 us in a loop measured tens of us there (BENCHMARKS.md). */
 
-/* Per-tensor L2 norms of x, rounded to float32, for GD_STATS, GD_COPY, GD_DIFF or GD_SCALE (see gd_pass);
- * `norm` may be NULL (GD_SCALE: the pass is wanted for its writes only). */
+/* Per-tensor L2 norms of x, rounded to float32, for GD_STATS, GD_COPY or GD_DIFF (see gd_pass). */
 int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *y, const int64_t *numels,
              int32_t dtype, double scale, float *norm, int32_t nthreads) {
     double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
@@ -244,9 +243,17 @@ int gd_norms(int32_t pass, int64_t ntensors, const void *const *x, void *const *
         free(rows);
         return -1;
     }
-    for (int64_t t = 0; norm && t < ntensors; t++) norm[t] = (float)__builtin_sqrt(rows[6 * t]);
+    for (int64_t t = 0; t < ntensors; t++) norm[t] = (float)__builtin_sqrt(rows[6 * t]);
     free(rows);
     return 0;
+}
+
+/* y[t] *= scale for float32 tensors (GD_SCALE): a clipping multiply. Returns 0, or -1 as gd_pass. */
+int gd_scale(int64_t ntensors, void *const *y, const int64_t *numels, double scale, int32_t nthreads) {
+    double *rows = malloc(sizeof(double) * 6 * (size_t)(ntensors ? ntensors : 1));
+    int code = rows ? gd_pass(GD_SCALE, ntensors, NULL, y, numels, GD_F32, scale, rows, nthreads) : -1;
+    free(rows);
+    return code;
 }
 
 /* A gradient step's statistics, and with w the L2 norms of the weights (wnorm, float32), read

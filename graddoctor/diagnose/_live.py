@@ -2,7 +2,8 @@
 
 `watch` attaches a `LiveDiagnosis` as a flush listener (WatchConfig.live_diagnosis, on by default).
 It receives the host arrays the flush just wrote (and reads the store only once, at the first flush,
-for the run's metadata), so it adds no host sync and no read-back: the flush already was the sync point. Each new finding is reported once: a `FindingWarning` through `warnings`,
+for the run's metadata), so it adds no host sync and no read-back: the flush already was the sync
+point. Each new finding is reported once: a `FindingWarning` through `warnings`,
 a `logging` warning on the "graddoctor" logger (when logging is configured), the optional `on_finding`
 callback, and an event of kind "finding" in the run store (its data is `Finding.to_dict()`).
 """

@@ -183,7 +183,7 @@ def group_present(grads: Grads) -> dict[tuple, list[int]]:
 
 
 def scale_(grads: Grads, coef: Tensor) -> None:
-    """Multiply every present gradient by the 0-d tensor `coef`, one `_foreach_mul_` per group. No sync.
+    """Multiply every present gradient by the 0-d tensor `coef`: one pass per group, no sync.
 
     This is the multiplication of `torch.nn.utils.clip_grads_with_norm_`, so the results agree bit for bit.
     PyTorch multiplies even by 1, because on an accelerator asking whether the coefficient
