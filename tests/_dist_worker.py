@@ -76,3 +76,10 @@ elif mode == "dtensor":
             f.write(gd._nonfinite_json.dumps(verdict))
 dist.barrier()
 dist.destroy_process_group()
+# Leave without interpreter finalization: there, objects still tied to gloo (the DTensors and the
+# device mesh) are torn down after their process group, and about 1 run in 50 aborted with
+# "terminate called without an active exception" after every result was written (measured on
+# this worker; the same race as pytorch/pytorch#179291 describes). Results are on disk by now.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
