@@ -37,8 +37,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+from array import array
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -172,22 +173,52 @@ def _load() -> Optional[ctypes.CDLL]:
 # The passes of fused_stats.c that gd_pass and gd_norms take here, and the columns of gd_pass's rows used here.
 _STATS, _COPY, _DIFF = 0, 1, 2
 SUMSQ, MAXABS = 0, 1
-_numels_cache: dict[tuple, Tensor] = {}
+
 # Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def supports(tensors: Sequence[Tensor]) -> bool:
-    """Whether the kernels can read these tensors (plain tensors of one dtype, CPU, dense, float32/float64/bfloat16)."""
+class _Scan(NamedTuple):
+    """What a kernel call needs of a list of tensors, gathered by `_scan` in one loop."""
+
+    pointers: array   # data pointers, unsigned 64-bit
+    numels: array     # entry counts, int64
+    dtype: torch.dtype
+
+    def args(self) -> tuple[int, int]:
+        """The addresses of the pointer and size arrays, for ctypes (valid while self lives)."""
+        return self.pointers.buffer_info()[0], self.numels.buffer_info()[0]
+
+
+def _scan(tensors: Sequence[Tensor], writable: bool = False) -> Optional[_Scan]:
+    """Check that the kernels can read `tensors`, and gather their data pointers and sizes.
+
+    Readable: plain tensors of one dtype (float32/float64/bfloat16), on the CPU, dense
+    (contiguous or channels-last). `writable` also refuses tensors that require grad, whose
+    in-place changes autograd must see. None where a tensor does not qualify.
+
+    One plain Python loop does it all, because inside a training step each attribute read
+    costs about a microsecond: the separate loops (check, sizes, ctypes pointer array) this
+    replaces cost ~120 us per list there, this one ~60 us (BENCHMARKS.md).
+    """
     if not _enabled or not tensors:
-        return False
+        return None
     dtype = getattr(tensors[0], "dtype", None)
     if dtype not in _DTYPE_CODES or (_lib is None and _load() is None):
-        return False
-    for t in tensors:  # a plain loop: this runs every step, and generator overhead shows here
-        if not (type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == dtype and _dense(t)):
-            return False
-    return True
+        return None
+    pointers, numels = [], []
+    for t in tensors:
+        if not (type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == dtype and (t.is_contiguous() or _dense(t))
+                and not (writable and t.requires_grad)):
+            return None
+        pointers.append(t.data_ptr())
+        numels.append(t.numel())
+    return _Scan(array("Q", pointers), array("q", numels), dtype)
+
+
+def supports(tensors: Sequence[Tensor]) -> bool:
+    """Whether the kernels can read these tensors (plain tensors of one dtype, CPU, dense, float32/float64/bfloat16)."""
+    return _scan(tensors) is not None
 
 
 def _dense(t: Tensor) -> bool:
@@ -201,24 +232,14 @@ def _dense(t: Tensor) -> bool:
             or t.is_contiguous(memory_format=torch.channels_last_3d))
 
 
-def _pointers(tensors: Sequence[Tensor]):
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-
-
-def _same_layout(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> bool:
-    """Whether entry i of every x lies where entry i of its y does (so they pair up in memory)."""
-    return (len(xs) == len(ys) and supports(ys) and ys[0].dtype == xs[0].dtype
-            and all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(xs, ys)))
-
-
-def _numels(xs: Sequence[Tensor], key: Optional[tuple] = None) -> Tensor:
-    key = key or tuple(t.numel() for t in xs)
-    numels = _numels_cache.get(key)
-    if numels is None:  # the same model gives the same sizes every step: build the array once
-        if len(_numels_cache) >= 256:  # inputs of varying size (sequence lengths) must not grow it forever
-            _numels_cache.clear()
-        numels = _numels_cache[key] = torch.tensor(key, dtype=torch.int64)
-    return numels
+def _pair(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Optional[tuple[_Scan, _Scan]]:
+    """Scans of `xs` and `ys` if entry i of every x lies where entry i of its y does (so they pair up in memory)."""
+    a, b = _scan(xs), _scan(ys)
+    if a is None or b is None or len(xs) != len(ys) or a.dtype != b.dtype:
+        return None
+    if not all(x.shape == y.shape and x.stride() == y.stride() for x, y in zip(xs, ys)):
+        return None
+    return a, b
 
 
 def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
@@ -227,11 +248,13 @@ def sumsq_maxabs(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
     None when the kernel cannot be used for these tensors (see `supports`). A NaN entry
     makes its tensor's sum of squares NaN, an Inf makes it Inf; max-abs skips NaN.
     """
-    if not supports(tensors):
+    scan = _scan(tensors)
+    if scan is None:
         return None
     rows = torch.empty((len(tensors), 6), dtype=torch.float64)
-    code = _lib.gd_pass(_STATS, len(tensors), _pointers(tensors), None, _numels(tensors).data_ptr(),  # type: ignore[union-attr]
-                        _DTYPE_CODES[tensors[0].dtype], 1.0, rows.data_ptr(), torch.get_num_threads())
+    pointers, numels = scan.args()
+    code = _lib.gd_pass(_STATS, len(tensors), pointers, None, numels,  # type: ignore[union-attr]
+                        _DTYPE_CODES[scan.dtype], 1.0, rows.data_ptr(), torch.get_num_threads())
     return None if code else (rows[:, SUMSQ], rows[:, MAXABS])  # -1: no scratch memory
 
 
@@ -246,31 +269,34 @@ def grad_stats(tensors: Sequence[Tensor], weights: Optional[Sequence[Tensor]] = 
     tensors: same dtype and sizes, in order). None when the kernel cannot read `tensors`
     (see `supports`).
     """
-    if not supports(tensors):
+    g = _scan(tensors)
+    if g is None:
         return None
+    w = _scan(weights) if weights is not None else None
+    if w is not None and (w.dtype != g.dtype or w.numels != g.numels):
+        w = None
     n = len(tensors)
-    key = tuple(t.numel() for t in tensors)
-    if weights is not None and not (supports(weights) and weights[0].dtype == tensors[0].dtype
-                                    and tuple(w.numel() for w in weights) == key):
-        weights = None
-    floats = torch.empty(3 * n + 1 if weights is not None else 2 * n + 1, dtype=torch.float32)  # one allocation
+    floats = torch.empty(3 * n + 1 if w is not None else 2 * n + 1, dtype=torch.float32)  # one allocation
     count = torch.empty(n, dtype=torch.int64)
     base = floats.data_ptr()
-    code = _lib.gd_grad_stats(n, _pointers(tensors), _pointers(weights) if weights is not None else None,  # type: ignore[union-attr]
-                              _numels(tensors, key).data_ptr(), _DTYPE_CODES[tensors[0].dtype], base, base + 4 * n,
-                              count.data_ptr(), base + 8 * n, base + 4 * (2 * n + 1) if weights is not None else None,
-                              torch.get_num_threads())
+    pointers, numels = g.args()
+    code = _lib.gd_grad_stats(n, pointers, w.args()[0] if w is not None else None, numels,  # type: ignore[union-attr]
+                              _DTYPE_CODES[g.dtype], base, base + 4 * n, count.data_ptr(), base + 8 * n,
+                              base + 4 * (2 * n + 1) if w is not None else None, torch.get_num_threads())
     if code:
         return None
-    return floats[:n], floats[n:2 * n], count, floats[2 * n], floats[2 * n + 1:] if weights is not None else None
+    return floats[:n], floats[n:2 * n], count, floats[2 * n], floats[2 * n + 1:] if w is not None else None
 
 
 def _norms(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]]) -> Optional[Tensor]:
-    if not supports(xs) or (ys is not None and not _same_layout(xs, ys)):
+    scans = _pair(xs, ys) if ys is not None else (_scan(xs), None)
+    if scans is None or scans[0] is None:
         return None
+    x, y = scans
     norm = torch.empty(len(xs), dtype=torch.float32)
-    code = _lib.gd_norms(pass_, len(xs), _pointers(xs), _pointers(ys) if ys is not None else None,  # type: ignore[union-attr]
-                         _numels(xs).data_ptr(), _DTYPE_CODES[xs[0].dtype], 1.0, norm.data_ptr(), torch.get_num_threads())
+    pointers, numels = x.args()
+    code = _lib.gd_norms(pass_, len(xs), pointers, y.args()[0] if y is not None else None,  # type: ignore[union-attr]
+                         numels, _DTYPE_CODES[x.dtype], 1.0, norm.data_ptr(), torch.get_num_threads())
     return None if code else norm
 
 
@@ -299,11 +325,11 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
     counters are bumped, as an in-place PyTorch op would bump them. On False nothing was
     changed.
     """
-    if not supports(tensors) or tensors[0].dtype != torch.float32 or any([t.requires_grad for t in tensors]):
+    scan = _scan(tensors, writable=True)
+    if scan is None or scan.dtype != torch.float32:
         return False
-    code = _lib.gd_scale(len(tensors), _pointers(tensors), _numels(tensors).data_ptr(), coef,  # type: ignore[union-attr]
-                         torch.get_num_threads())
-    if code:
+    pointers, numels = scan.args()
+    if _lib.gd_scale(len(tensors), pointers, numels, coef, torch.get_num_threads()):  # type: ignore[union-attr]
         return False
     increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would
     return True
