@@ -12,7 +12,7 @@ from ._native import status as native_status
 from ._watch import Watch, watch
 from ._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
-from . import init, surgery, treat
+from . import init, serve, surgery, treat
 from .lab import run_lab
 from .report import write_run_report
 from .treat import (Guard, agc, auto_clip, chain, clip_norm, clip_norm_per_tensor, clip_value, skip_nonfinite,
@@ -27,5 +27,5 @@ __all__ = [
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
     "diagnose", "Finding", "DiagnoseConfig",
     "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
-    "skip_nonfinite", "Guard", "run_lab", "write_run_report",
+    "skip_nonfinite", "Guard", "run_lab", "write_run_report", "serve",
 ]

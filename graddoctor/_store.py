@@ -3,7 +3,8 @@
 Schema (version 1):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
-      JSON values: schema_version, created, torch_version, config, model_class, world_size.
+      JSON values: schema_version, created, torch_version, config, model_class, world_size;
+      closed_at (a Unix time) once `Watch.close()` has written the last flush.
   tensors(idx INTEGER PRIMARY KEY, name TEXT, module TEXT, shape TEXT, numel INTEGER, dtype TEXT)
       one row per watched parameter tensor, in the order of every per-tensor vector.
   act_modules(idx INTEGER PRIMARY KEY, name TEXT, kind TEXT, lo REAL, hi REAL, relu_family INTEGER)
@@ -102,6 +103,7 @@ class RunWriter:
         with self._con:
             self._con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                   [(k, _nonfinite_json.dumps(v)) for k, v in meta.items()])
+            self._con.execute("DELETE FROM meta WHERE key='closed_at'")  # a run recorded again is open again
             self._con.execute("DELETE FROM tensors")
             self._con.executemany("INSERT INTO tensors VALUES (:idx, :name, :module, :shape, :numel, :dtype)", tensors)
             self._con.execute("DELETE FROM act_modules")

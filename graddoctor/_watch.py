@@ -21,6 +21,7 @@ statistics' all-reduce, as every rank does in `clip_grad_norm_`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -372,6 +373,7 @@ class Watch:
             if handle is not None:
                 handle.remove()
         if self._writer is not None:
+            self._writer.set_meta("closed_at", time.time())  # lets readers (graddoctor serve) tell a finished run
             self._writer.close()
         self.closed = True
 

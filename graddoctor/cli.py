@@ -55,6 +55,9 @@ COMMANDS += [register_lab, register_report]
 from .diagnose._cli import register as register_diagnose  # noqa: E402  (diagnose verb)
 COMMANDS += [register_diagnose]
 
+from .serve import register as register_serve  # noqa: E402  (serve verb: the live dashboard)
+COMMANDS += [register_serve]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graddoctor", description="Find, explain and fix vanishing and exploding gradients in PyTorch training.")

@@ -58,12 +58,17 @@ def run_page(run_dirs: Sequence[Path | str], title: Optional[str] = None) -> str
     body = [f"<h1>{H.esc(title or 'graddoctor run report')}</h1>",
             f"<p class=\"muted\">{len(run_dirs)} run(s) · generated "
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>"]
-    for rd in run_dirs:
-        figs = run_figures(rd)
-        body.append(f"<section><h2>{H.esc(rd)}</h2>" + (H.figures(figs) if figs else
-                    "<p class=\"muted\">this run recorded no training step yet: nothing to plot.</p>"))
-        items = findings_for(rd)
-        body.append(H.findings(items, str(rd)) if items is not None else
-                    "<p class=\"muted\">graddoctor.diagnose is not installed here: findings are not shown.</p>")
-        body.append("</section>")
+    body += [run_section(rd) for rd in run_dirs]
     return H.page(title or "graddoctor run report", "".join(body))
+
+
+def run_section(run_dir: Path | str) -> str:
+    """One run's section of the report (also the live dashboard's, see graddoctor.serve)."""
+    figs = run_figures(run_dir)
+    body = [f"<section><h2>{H.esc(run_dir)}</h2>" + (H.figures(figs) if figs else
+            "<p class=\"muted\">this run recorded no training step yet: nothing to plot.</p>")]
+    items = findings_for(run_dir)
+    body.append(H.findings(items, str(run_dir)) if items is not None else
+                "<p class=\"muted\">graddoctor.diagnose is not installed here: findings are not shown.</p>")
+    body.append("</section>")
+    return "".join(body)

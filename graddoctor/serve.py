@@ -1,0 +1,377 @@
+"""`serve`: a live local dashboard of runs while they are recorded.
+
+    graddoctor serve runs/exp1 [runs/exp2 ...] [--host 127.0.0.1] [--port 8765] [--refresh 5] [--busy 0.1]
+
+or from Python (a notebook, a test):
+
+    dash = graddoctor.serve.start(["runs/exp1"], port=0)   # port 0: any free port
+    print(dash.url)
+    ...
+    dash.stop()
+
+The page shows what `graddoctor report` writes (gradient-flow heat map, layer profiles, loss,
+activations, and diagnose's findings with their remedies) for the runs as they are now, and keeps
+itself current: every `refresh` seconds the browser asks for `/status` (a few indexed SQLite reads
+per run), and only when a run's store has changed does it fetch `/content` and swap it in place,
+keeping the scroll position. A run's plots are drawn again at most as often as keeps the server
+below `busy` (default 10%) of one core. So a run that stalls or blows up shows up on the page at the next
+flush of `watch` (every `flush_every` steps), with its finding.
+
+Why polling and whole sections: the store is written by another process, in WAL mode, so a
+read-only reader never blocks the training (DESIGN.md); and re-drawing the report's plots only
+when a flush has landed costs the server about as much as one `graddoctor report` per flush.
+
+Routes (GET): `/` the page; `/status` JSON (per run: whether it exists, last step, whether watch
+has closed it, when the store was last written; non-finite floats spelled "NaN"/"Infinity" as in
+the rest of graddoctor's JSON); `/content` the runs' sections as an HTML fragment. Nothing is
+fetched from the network: the page's plots are inline PNG, its script and style are inline.
+
+A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
+create it (start the dashboard before the training). A store that cannot be read is shown as an
+error on the page, and the server keeps serving the other runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ._errors import ConfigError, GradDoctorError
+from ._nonfinite_json import encode_nonfinite
+from ._store import STORE_NAME, open_store
+
+DEFAULT_PORT = 8765
+DEFAULT_REFRESH = 5.0
+DEFAULT_BUSY = 0.1  # the largest share of one core the server spends drawing (see Dashboard)
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Where one run stands, from a few cheap reads of its store (no series are decoded).
+
+    Keys: run, state ("waiting": no store yet; "live"; "closed": watch.close() ran; "error"),
+    steps (last recorded step + 1), events (interventions and findings written), findings and
+    critical (how many findings live diagnosis has written, and how many of them are critical),
+    updated (Unix time of the last write, from the store's files), version (changes whenever
+    anything is written), error (the reason, for state "error").
+    """
+    run_dir = Path(run_dir)
+    status: dict[str, Any] = {"run": str(run_dir), "state": "waiting", "steps": 0, "events": 0, "findings": 0,
+                              "critical": 0, "updated": None, "version": "waiting", "error": None}
+    if run_dir.exists() and not run_dir.is_dir():
+        return {**status, "state": "error", "version": "error",
+                "error": f"{str(run_dir)!r} is a file, not a run directory made by graddoctor.watch"}
+    if not (run_dir / STORE_NAME).exists():
+        return status
+    try:
+        con = open_store(run_dir)
+        try:
+            chunk_id = con.execute("SELECT max(rowid) FROM chunks").fetchone()[0] or 0
+            event_id = con.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+            last = con.execute("SELECT last_step FROM chunks WHERE series='loss' ORDER BY first_step DESC LIMIT 1"
+                               ).fetchone()
+            closed = con.execute("SELECT value FROM meta WHERE key='closed_at'").fetchone()
+            findings = [_severity(d) for (d,) in con.execute("SELECT data FROM events WHERE kind='finding'")]
+            created = con.execute("SELECT value FROM meta WHERE key='created'").fetchone()
+        finally:
+            con.close()
+    except (GradDoctorError, sqlite3.DatabaseError) as e:
+        return {**status, "state": "error", "version": "error", "error": str(e)}
+    files = [run_dir / STORE_NAME, run_dir / (STORE_NAME + "-wal")]
+    updated = max((f.stat().st_mtime for f in files if f.exists()), default=None)
+    return {**status, "state": "closed" if closed else "live", "steps": (last[0] + 1) if last else 0,
+            "events": event_id, "updated": updated,
+            "findings": len(findings), "critical": sum(sev == "critical" for sev in findings),
+            # `created` tells a run recorded again into the same directory (overwrite) from the old one.
+            "version": f"{created[0] if created else ''}:{chunk_id}:{event_id}:{bool(closed)}"}
+
+
+@dataclass
+class _Drawn:
+    """A run's section as last drawn."""
+
+    version: str    # the store's version it shows
+    html: str
+    at: float       # time.monotonic() when it was drawn
+    seconds: float  # how long drawing it took
+
+
+class Dashboard:
+    """What the server serves: the page, the status of the runs, and their sections (cached).
+
+    A run's section is drawn again only when its store changed, and then no sooner than the
+    drawing's own cost allows: with `busy=0.1`, a section that took 1 s to draw waits 9 s
+    before the next, so the server spends at most ~10% of a core drawing while the training
+    it watches runs beside it (a long run's heat map takes seconds: BENCHMARKS.md).
+    Drawing is serialized by a lock: the report's plots use pyplot, whose state is global, and
+    two browsers polling at once should cost one drawing, not two.
+    """
+
+    def __init__(self, run_dirs: Sequence[str | Path], refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY):
+        if not run_dirs:
+            raise ConfigError("no run directory given: pass at least one RUN_DIR")
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not (0 < refresh < math.inf):
+            raise ConfigError(f"refresh={refresh!r} is not allowed: use a number of seconds > 0")
+        if isinstance(busy, bool) or not isinstance(busy, (int, float)) or not (0 < busy <= 1):
+            raise ConfigError(f"busy={busy!r} is not allowed: use a share of one core, > 0 and <= 1")
+        self.run_dirs = [Path(r) for r in run_dirs]
+        for r in self.run_dirs:
+            if r.exists() and not r.is_dir():
+                raise ConfigError(f"{str(r)!r} is a file: give run directories made by graddoctor.watch")
+        self.refresh, self.busy = float(refresh), float(busy)
+        self._lock = threading.Lock()
+        self._drawn: dict[Path, _Drawn] = {}
+
+    def status(self) -> dict[str, Any]:
+        runs = [run_status(r) for r in self.run_dirs]
+        return {"runs": runs, "version": "|".join(r["version"] for r in runs), "text": _status_text(runs),
+                "critical": sum(r["critical"] for r in runs), "refresh": self.refresh}
+
+    def content(self) -> tuple[str, str]:
+        """The runs' sections, and the version they show (the status's version once all are current)."""
+        with self._lock:
+            parts = [self._section(s) for s in self.status()["runs"]]
+        return "".join(html for html, _ in parts), "|".join(version for _, version in parts)
+
+    def _section(self, status: dict[str, Any]) -> tuple[str, str]:
+        from .report import _html as H
+        run = Path(status["run"])
+        if status["state"] == "waiting":
+            return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">waiting for graddoctor.watch to write "
+                    f"<code>{H.esc(run / STORE_NAME)}</code> (its first flush)…</p></section>", status["version"])
+        if status["state"] == "error":
+            return _unreadable(run, status["error"]), status["version"]
+        last = self._drawn.get(run)
+        if last is not None and (last.version == status["version"]
+                                 or time.monotonic() - last.at < last.seconds * (1 / self.busy - 1)):
+            return last.html, last.version
+        from .report._pages import run_section
+        start = time.monotonic()
+        try:
+            html = run_section(run)
+        except (GradDoctorError, sqlite3.DatabaseError) as e:  # e.g. a store replaced mid-read
+            return _unreadable(run, str(e)), "error"
+        self._drawn[run] = _Drawn(status["version"], html, time.monotonic(), time.monotonic() - start)
+        return html, status["version"]
+
+    def page(self) -> str:
+        from .report import _html as H
+        status = self.status()
+        content, version = self.content()
+        return _PAGE.format(css=H.CSS + _CSS, status=H.esc(status["text"]), version=H.esc(version),
+                            bar_class="critical" if status["critical"] else "",
+                            refresh_ms=int(self.refresh * 1000), content=content,
+                            title=H.esc("graddoctor · " + ", ".join(str(r) for r in self.run_dirs)))
+
+
+def _unreadable(run: Path, reason: str) -> str:
+    from .report import _html as H
+    return f"<section><h2>{H.esc(run)}</h2><p class=\"no\">cannot read this run: {H.esc(reason)}</p></section>"
+
+
+def _severity(data: str) -> str:
+    try:
+        return str(json.loads(data).get("severity", ""))
+    except (ValueError, AttributeError):  # an event written by something else: count it, severity unknown
+        return ""
+
+
+def _status_text(runs: list[dict[str, Any]]) -> str:
+    parts = []
+    for r in runs:
+        if r["state"] == "waiting":
+            parts.append(f"{r['run']}: waiting for the first flush")
+        elif r["state"] == "error":
+            parts.append(f"{r['run']}: cannot be read")
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "?"
+            found = (f", {r['findings']} finding{'s' if r['findings'] != 1 else ''}"
+                     f"{' (' + str(r['critical']) + ' critical)' if r['critical'] else ''}" if r["findings"] else "")
+            parts.append(f"{r['run']}: {r['steps']} steps, {'finished' if r['state'] == 'closed' else 'live'}, "
+                         f"last written {when}{found}")
+    return " · ".join(parts)
+
+
+_CSS = """
+#bar{position:sticky;top:0;z-index:1;background:#1d1d1f;color:#fff;padding:6px 24px;font-size:13px}
+#bar b{margin-right:8px} #bar .err{color:#ff8a80} #bar.critical{background:#8e1b14}
+"""
+
+# The page's only script: poll /status, fetch /content when the version changed, swap it in place.
+# `data-version` is the version of the content on the page.
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>{title}</title><style>{css}</style></head>
+<body data-version="{version}">
+<div id="bar" class="{bar_class}"><b>graddoctor serve</b><span id="status">{status}</span></div>
+<main id="content">{content}</main>
+<script>
+(function () {{
+  const statusEl = document.getElementById("status"), content = document.getElementById("content");
+  async function poll() {{
+    try {{
+      const r = await fetch("status", {{cache: "no-store"}});
+      const s = await r.json();
+      if (s.version !== document.body.dataset.version) {{
+        // The answer says which version it shows: a run drawn a short while ago is not drawn
+        // again yet (see Dashboard), and is asked for again at the next poll.
+        const c = await fetch("content", {{cache: "no-store"}});
+        const html = await c.text(), shown = c.headers.get("X-Graddoctor-Version");
+        if (shown !== document.body.dataset.version) {{
+          const y = window.scrollY;
+          content.innerHTML = html;
+          window.scrollTo(0, y);
+          document.body.dataset.version = shown;
+        }}
+      }}
+      statusEl.textContent = s.text;
+      statusEl.className = "";
+      document.getElementById("bar").className = s.critical ? "critical" : "";
+    }} catch (e) {{
+      statusEl.textContent = "the graddoctor server does not answer (" + e.message + "); retrying";
+      statusEl.className = "err";
+    }}
+    setTimeout(poll, {refresh_ms});
+  }}
+  setTimeout(poll, {refresh_ms});
+}})();
+</script>
+</body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    dashboard: Dashboard  # set on the subclass made by `start`
+    verbose = False
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/":
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.dashboard.page())
+            elif path == "/status":
+                body = json.dumps(encode_nonfinite(self.dashboard.status()), allow_nan=False)
+                self._send(HTTPStatus.OK, "application/json", body)
+            elif path == "/content":
+                html, version = self.dashboard.content()
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", html, {"X-Graddoctor-Version": version})
+            else:
+                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
+                           f"no page {path!r}: this server has /, /status and /content\n")
+        except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
+            pass
+
+    def _send(self, code: HTTPStatus, kind: str, body: str, headers: Optional[dict[str, str]] = None) -> None:
+        data = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        if self.verbose:
+            super().log_message(format, *args)
+
+
+class Server:
+    """A running dashboard server (see `start`)."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: Optional[threading.Thread], dashboard: Dashboard):
+        self._httpd, self._thread, self.dashboard = httpd, thread, dashboard
+        host, port = httpd.server_address[:2]
+        self.host, self.port = str(host), int(port)
+        self.url = f"http://{'localhost' if self.host in ('127.0.0.1', '::1') else self.host}:{self.port}/"
+
+    def stop(self) -> None:
+        """Stop serving and free the port."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, busy: float, verbose: bool
+          ) -> tuple[ThreadingHTTPServer, Dashboard]:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port={port!r} is not allowed: use an integer from 1 to 65535, or 0 for any free port")
+    dashboard = Dashboard(run_dirs, refresh, busy)
+    handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose})
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise GradDoctorError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                              f"pick another --port, or 0 for any free port") from e
+    httpd.daemon_threads = True
+    return httpd, dashboard
+
+
+def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+          refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False) -> Server:
+    """Serve the dashboard from a background thread; returns the `Server` (`.url`, `.stop()`).
+
+    Args:
+      run_dirs: run directories written (or about to be written) by `graddoctor.watch`.
+      host: the address to listen on; the default serves this machine only.
+      port: the TCP port; 0 picks a free one (read it from `.port` / `.url`).
+      refresh: seconds between the page's status polls.
+      busy: the largest share of one core spent drawing sections (see `Dashboard`); 1: draw on every change.
+      verbose: log every request to stderr.
+    """
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose)
+    thread = threading.Thread(target=httpd.serve_forever, name="graddoctor-serve", daemon=True)
+    thread.start()
+    return Server(httpd, thread, dashboard)
+
+
+def serve_forever(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                  refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False) -> None:
+    """Serve the dashboard in this thread until interrupted (Ctrl-C); arguments as `start`."""
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose)
+    server = Server(httpd, None, dashboard)
+    print(f"graddoctor serve: {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """The `graddoctor serve` sub-command."""
+    p = sub.add_parser("serve", help="a live local dashboard of runs while they train (report views, findings)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories written by graddoctor.watch (one that does not exist yet is waited for)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
+                   help=f"seconds between the page's checks for new data (default {DEFAULT_REFRESH:g})")
+    p.add_argument("--busy", type=float, default=DEFAULT_BUSY,
+                   help=f"largest share of one core spent re-drawing plots (default {DEFAULT_BUSY:g}; 1: on every flush)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose)
+    return 0
+
+
+__all__ = ["start", "serve_forever", "Server", "Dashboard", "run_status"]

@@ -1,0 +1,272 @@
+"""`graddoctor serve`: the live dashboard, against real runs written while it serves.
+
+The status is checked against the store read independently (`open_run`), the findings on the page
+against `graddoctor.diagnose` run on the same store, and the page itself in a real headless
+Chromium (Debian's, driven by Playwright) while a training writes new flushes under it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graddoctor as gd
+from graddoctor import ConfigError, GradDoctorError, open_run
+from graddoctor.serve import Dashboard, run_status
+
+from test_browser_report import ARGS, CHROMIUM
+from test_lab_cli import ARTIFACTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _net(depth: int = 8, width: int = 32) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]  # deep sigmoid: gradients vanish toward the input
+    return nn.Sequential(*layers, nn.Linear(width, 4))
+
+
+class Trainer:
+    """A small real training, stepped in pieces so the dashboard can be checked between them."""
+
+    def __init__(self, run_dir: Path, flush_every: int = 10, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = _net()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.x, self.y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # live findings are warnings too; the test reads them from the store
+            self.watch = gd.watch(self.model, self.opt, run_dir, flush_every=flush_every)
+
+    def steps(self, n: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(n):
+                loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+                self.opt.zero_grad()
+                loss.backward()
+                self.watch.step(loss)
+                self.opt.step()
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def _strict_json(text: str):
+    def refuse(name):  # standard JSON only: NaN must arrive spelled, never as a bare NaN token
+        raise AssertionError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_status_follows_a_run_from_waiting_to_finished(tmp_path):
+    run_dir = tmp_path / "a"
+    assert run_status(run_dir)["state"] == "waiting"
+    t = Trainer(run_dir, flush_every=10)
+    t.steps(25)  # two flushes (steps 0-9, 10-19); 20-24 still buffered
+    s = run_status(run_dir)
+    with open_run(run_dir) as run:
+        assert s["steps"] == run.num_steps == 20
+    assert s["state"] == "live" and s["updated"] is not None
+    before = s["version"]
+    t.close()
+    s = run_status(run_dir)
+    with open_run(run_dir) as run:
+        assert s["steps"] == run.num_steps == 25
+    assert s["state"] == "closed" and s["version"] != before
+    with open_run(run_dir) as run:
+        live = [e["data"]["severity"] for e in run.events("finding")]
+    assert s["findings"] == len(live) and s["critical"] == live.count("critical")
+
+
+def test_a_run_recorded_again_is_live_again(tmp_path):
+    run_dir = tmp_path / "a"
+    t = Trainer(run_dir, flush_every=5)
+    t.steps(5)
+    t.close()
+    assert run_status(run_dir)["state"] == "closed"
+    model = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = gd.watch(model, None, run_dir, overwrite=True)
+    try:
+        assert run_status(run_dir)["state"] == "live"
+    finally:
+        w.close()
+
+
+def test_server_routes_and_cached_content(tmp_path):
+    t = Trainer(tmp_path / "a", flush_every=10)
+    t.steps(20)
+    with gd.serve.start([tmp_path / "a", tmp_path / "later"], port=0, refresh=1) as dash:
+        code, kind, body = _get(dash.url + "status")
+        assert code == 200 and kind == "application/json"
+        status = _strict_json(body)
+        assert [r["state"] for r in status["runs"]] == ["live", "waiting"]
+        assert status["runs"][0]["steps"] == 20
+        code, kind, page = _get(dash.url)
+        assert code == 200 and kind.startswith("text/html")
+        assert "figure class=\"plot\"" in page and "waiting for graddoctor.watch" in page
+        assert "http://" not in page.replace(dash.url, "") and "https://" not in page  # nothing from the network
+        first, version = dash.dashboard.content()
+        assert version == status["version"]
+        drawn_at = dash.dashboard._drawn[tmp_path / "a"].at
+        assert dash.dashboard.content()[0] == first  # the same store: served from the cache, not drawn again
+        assert dash.dashboard._drawn[tmp_path / "a"].at == drawn_at
+        t.steps(10)  # a new flush: the section is drawn again (busy=1: as soon as the store changed)
+        dash.dashboard.busy = 1.0
+        again, newer = dash.dashboard.content()
+        assert again != first and newer != version and newer == dash.dashboard.status()["version"]
+        code, _, body = _get(dash.url + "nope")
+        assert code == 404 and "/status" in body
+    t.close()
+
+
+def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
+    """With busy=b, a section that took d seconds to draw is drawn again no sooner than d(1/b - 1) later."""
+    t = Trainer(tmp_path / "a", flush_every=10)
+    t.steps(10)
+    dash = Dashboard([tmp_path / "a"], busy=1e-6)  # the wait is ~1e6 drawings: never, within this test
+    html, version = dash.content()
+    t.steps(10)
+    current = dash.status()["version"]
+    assert current != version
+    assert dash.content() == (html, version)  # stale on purpose, and says so: the page will ask again
+    dash.busy = 1.0
+    assert dash.content()[1] == current
+    t.close()
+
+
+def test_bad_options_are_refused_with_the_value(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="refresh=0"):
+        Dashboard([tmp_path], refresh=0)
+    with pytest.raises(ConfigError, match="refresh=nan"):
+        Dashboard([tmp_path], refresh=float("nan"))
+    with pytest.raises(ConfigError, match="busy=0"):
+        Dashboard([tmp_path], busy=0)
+    with pytest.raises(ConfigError, match="busy=1.5"):
+        Dashboard([tmp_path], busy=1.5)
+    with pytest.raises(ConfigError, match="is a file"):
+        Dashboard([tmp_path / "file"])
+    with pytest.raises(ConfigError, match="no run directory"):
+        Dashboard([])
+    with pytest.raises(ConfigError, match="port=70000"):
+        gd.serve.start([tmp_path], port=70000)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(GradDoctorError, match=f"cannot listen on 127.0.0.1:{port}"):
+            gd.serve.start([tmp_path], port=port)
+    finally:
+        busy.close()
+
+
+def test_a_corrupt_store_is_shown_and_the_other_runs_still_served(tmp_path):
+    t = Trainer(tmp_path / "good", flush_every=5)
+    t.steps(5)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sqlite3.connect(bad / "graddoctor.sqlite").execute("CREATE TABLE other(x)").connection.close()
+    with gd.serve.start([bad, tmp_path / "good"], port=0) as dash:
+        status = _strict_json(_get(dash.url + "status")[2])
+        assert status["runs"][0]["state"] == "error" and "missing tables" in status["runs"][0]["error"]
+        assert status["runs"][1]["state"] == "live" and status["runs"][1]["steps"] == 5
+        content = _get(dash.url + "content")[2]
+        assert "cannot read this run" in content and "figure class=\"plot\"" in content
+    t.close()
+
+
+def test_cli_serves_until_interrupted(tmp_path):
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path / "a"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("graddoctor serve: http://localhost:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2]
+        status = _strict_json(_get(url + "status")[2])
+        assert status["runs"][0]["state"] == "closed" and status["runs"][0]["steps"] == 5
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    bad = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path / "a"), "--refresh", "-1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "refresh=-1.0 is not allowed" in bad.stderr
+
+
+pytestmark_browser = pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
+                                        reason="Debian chromium is not installed (apt-get install chromium)")
+
+
+@pytestmark_browser
+def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
+    """Open the page before the run exists; train; the page fills in and follows without a reload."""
+    from playwright.sync_api import sync_playwright
+    run_dir = tmp_path / "deep-sigmoid"
+    errors, foreign = [], []
+    with gd.serve.start([run_dir], port=0, refresh=0.2, busy=1.0) as dash, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((dash.url, "data:")) else None)
+        page.goto(dash.url, wait_until="load")
+        assert "waiting for graddoctor.watch" in page.inner_text("#content")
+
+        t = Trainer(run_dir, flush_every=20)
+        t.steps(40)
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('40 steps')",
+                               timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('figure.plot img').length >= 3", timeout=60_000)
+        page.evaluate("() => { window.__same_document = true; }")  # survives only if the page is not reloaded
+        t.steps(40)
+        t.close()
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('80 steps, finished')",
+                               timeout=60_000)
+        page.wait_for_function("() => document.body.dataset.version.endsWith(':True')", timeout=60_000)
+        # the content shown is the store's final state, drawn after the last flush
+        assert page.evaluate("() => window.__same_document === true")
+        plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot img')].map(
+            i => ({complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))""")
+        assert len(plots) >= 3 and all(p["complete"] and p["w"] > 50 and p["h"] > 50 for p in plots), plots
+        codes = page.evaluate("() => [...document.querySelectorAll('.findings td:nth-child(2) code')].map(c => c.textContent)")
+        bar = page.evaluate("() => [document.getElementById('bar').className, document.getElementById('status').textContent]")
+        page.screenshot(path=str(ARTIFACTS / "serve-dashboard.png"))
+        browser.close()
+    expected = [f.code for f in gd.diagnose(str(run_dir))]
+    assert expected, "premise: the deep sigmoid run has findings"
+    assert codes == expected
+    with open_run(run_dir) as run:  # the status bar counts the findings live diagnosis wrote into the store
+        live = [e["data"]["severity"] for e in run.events("finding")]
+    assert live, "premise: live diagnosis wrote findings"
+    critical = live.count("critical")
+    assert f"{len(live)} finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
+    assert bar[0] == ("critical" if critical else "")
+    assert errors == [] and foreign == []
