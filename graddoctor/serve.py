@@ -156,8 +156,8 @@ class Dashboard:
         start = time.monotonic()
         try:
             html = run_section(run)
-        except (GradDoctorError, sqlite3.DatabaseError) as e:  # e.g. a store replaced mid-read
-            return _unreadable(run, str(e)), "error"
+        except Exception as e:  # noqa: BLE001 - one run that cannot be drawn must not take the page down
+            return _unreadable(run, f"{type(e).__name__}: {e}"), "error"
         self._drawn[run] = _Drawn(status["version"], html, time.monotonic(), time.monotonic() - start)
         return html, status["version"]
 

@@ -199,6 +199,21 @@ def test_a_corrupt_store_is_shown_and_the_other_runs_still_served(tmp_path):
     t.close()
 
 
+def test_a_run_that_cannot_be_drawn_is_shown_with_the_reason(tmp_path):
+    """A store whose gradient-norm blobs were cut short: its status reads, its plots cannot be drawn."""
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    con = sqlite3.connect(tmp_path / "a" / "graddoctor.sqlite")
+    with con:
+        con.execute("UPDATE chunks SET data = substr(data, 1, 7) WHERE series = 'grad_norm'")
+    con.close()
+    dash = Dashboard([tmp_path / "a"])
+    assert dash.status()["runs"][0]["state"] == "closed"
+    html, version = dash.content()
+    assert "cannot read this run: ValueError: buffer size" in html and version == "error", html
+
+
 def test_cli_serves_until_interrupted(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
