@@ -169,6 +169,11 @@ def read_series(con: sqlite3.Connection, series: str) -> tuple[np.ndarray, Optio
         raise CorruptStoreError(f"cannot read series {series!r} from the run store ({e})") from e
     if not rows:
         return np.zeros(0, dtype=np.int64), None
-    steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
-    data = np.concatenate([decode_array(r[1], r[3], r[2], r[4]) for r in rows])
+    try:
+        steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
+        data = np.concatenate([decode_array(r[1], r[3], r[2], r[4]) for r in rows])
+    except (ValueError, TypeError, zlib.error) as e:  # a blob cut short or overwritten: name what is broken
+        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e
+    if len(steps) != len(data):
+        raise CorruptStoreError(f"series {series!r} in the run store has {len(steps)} steps but {len(data)} rows")
     return steps, data

@@ -121,6 +121,19 @@ def test_corrupt_store_gives_clear_error(tmp_path):
         gd.open_run(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["substr(data, 1, 7)", "x''", "substr(steps, 1, 8)"])
+def test_a_damaged_chunk_gives_clear_error(tmp_path, damage):
+    """Blobs cut short or emptied (a disk fault, a stray write): the error names the series, not numpy."""
+    train(tmp_path, 3)
+    con = sqlite3.connect(tmp_path / STORE_NAME)
+    column = "steps" if "steps" in damage else "data"
+    with con:
+        con.execute(f"UPDATE chunks SET {column} = {damage} WHERE series = 'grad_norm'")
+    con.close()
+    with gd.open_run(tmp_path) as run, pytest.raises(gd.CorruptStoreError, match="series 'grad_norm'"):
+        run.series("grad_norm")
+
+
 def test_foreign_sqlite_file_is_refused(tmp_path):
     con = sqlite3.connect(tmp_path / STORE_NAME)
     con.execute("CREATE TABLE t(x)")
