@@ -27,7 +27,8 @@ the rest of graddoctor's JSON); `/content` the runs' sections as an HTML fragmen
 fetched from the network: the page's plots are inline PNG, its script and style are inline.
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
-create it (start the dashboard before the training). A store that cannot be read is shown as an
+create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
+shows every run found below it, and runs started later appear as they write their first flush. A store that cannot be read is shown as an
 error on the page, and the server keeps serving the other runs.
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ from ._store import STORE_NAME, open_store
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0
-DEFAULT_BUSY = 0.1  # the largest share of one core the server spends drawing (see Dashboard)
+DEFAULT_BUSY = 0.1  # the largest share of one core the server spends redrawing (see Dashboard)
+FIRST_DRAW_SECONDS = 1.0  # how long one answer may spend drawing runs not drawn before (see Dashboard.content)
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -93,22 +95,40 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             "version": f"{created[0] if created else ''}:{chunk_id}:{event_id}:{bool(closed)}"}
 
 
+# How deep below a folder of runs to look for stores: the lab's runs/lab/runs/<experiment>/<variant> is 3.
+FIND_DEPTH = 3
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """`path` if it is a run directory (or not written yet); else the runs in the folders below it.
+
+    A folder given to `serve` may be a single run or, as TensorBoard's log directory, a folder of
+    runs: a directory without a store of its own is searched up to FIND_DEPTH levels down, again
+    at every poll, so a run started later appears on the page. A folder with no run below it is
+    taken as a run that watch has not written yet.
+    """
+    path = Path(path)
+    if (path / STORE_NAME).exists() or not path.is_dir():
+        return [path]
+    found = sorted({store.parent for depth in range(1, FIND_DEPTH + 1)
+                    for store in path.glob("/".join(["*"] * depth + [STORE_NAME]))})
+    return found or [path]
+
+
 @dataclass
 class _Drawn:
     """A run's section as last drawn."""
 
     version: str    # the store's version it shows
     html: str
-    at: float       # time.monotonic() when it was drawn
-    seconds: float  # how long drawing it took
 
 
 class Dashboard:
     """What the server serves: the page, the status of the runs, and their sections (cached).
 
     A run's section is drawn again only when its store changed, and then no sooner than the
-    drawing's own cost allows: with `busy=0.1`, a section that took 1 s to draw waits 9 s
-    before the next, so the server spends at most ~10% of a core drawing while the training
+    last drawing's cost allows: with `busy=0.1`, after a drawing that took 1 s no run is drawn
+    again for 9 s, so the server spends at most ~10% of a core redrawing while the training
     it watches runs beside it (a long run's heat map takes seconds: BENCHMARKS.md).
     Drawing is serialized by a lock: the report's plots use pyplot, whose state is global, and
     two browsers polling at once should cost one drawing, not two.
@@ -128,15 +148,29 @@ class Dashboard:
         self.refresh, self.busy = float(refresh), float(busy)
         self._lock = threading.Lock()
         self._drawn: dict[Path, _Drawn] = {}
+        self._last_drawing = (0.0, 0.0)  # when the last drawing ended (time.monotonic()), and its seconds
+        self._drawing: dict[str, float] = {}  # the current answer's drawing budget (see `content`)
+        self.first_draw_seconds = FIRST_DRAW_SECONDS
+
+    def runs(self) -> list[Path]:
+        """The run directories shown now: each given one, or the runs found below a folder of runs."""
+        return [run for given in self.run_dirs for run in find_runs(given)]
 
     def status(self) -> dict[str, Any]:
-        runs = [run_status(r) for r in self.run_dirs]
+        runs = [run_status(r) for r in self.runs()]
         return {"runs": runs, "version": "|".join(r["version"] for r in runs), "text": _status_text(runs),
                 "critical": sum(r["critical"] for r in runs), "refresh": self.refresh}
 
     def content(self) -> tuple[str, str]:
-        """The runs' sections, and the version they show (the status's version once all are current)."""
+        """The runs' sections, and the version they show (the status's version once all are current).
+
+        One answer draws runs never drawn before for up to `first_draw_seconds` (at least one), and
+        redraws at most one changed run, when the busy budget allows; the others come from the cache
+        or as a placeholder (version "pending", which the page asks again for at once). So a folder
+        of many runs fills the page run by run instead of answering after minutes.
+        """
         with self._lock:
+            self._drawing = {"until": time.monotonic() + self.first_draw_seconds, "new": 0, "redrawn": 0}
             parts = [self._section(s) for s in self.status()["runs"]]
         return "".join(html for html, _ in parts), "|".join(version for _, version in parts)
 
@@ -148,17 +182,22 @@ class Dashboard:
                     f"<code>{H.esc(run / STORE_NAME)}</code> (its first flush)…</p></section>", status["version"])
         if status["state"] == "error":
             return _unreadable(run, status["error"]), status["version"]
-        last = self._drawn.get(run)
-        if last is not None and (last.version == status["version"]
-                                 or time.monotonic() - last.at < last.seconds * (1 / self.busy - 1)):
+        last, now, drawing = self._drawn.get(run), time.monotonic(), self._drawing
+        ended, seconds = self._last_drawing
+        if last is not None and (last.version == status["version"] or drawing["redrawn"]
+                                 or now < ended + seconds * (1 / self.busy - 1)):
             return last.html, last.version
+        if last is None and drawing["new"] and now >= drawing["until"]:
+            return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">drawing the runs one by one…</p></section>",
+                    "pending")
+        drawing["new" if last is None else "redrawn"] += 1
         from .report._pages import run_section
-        start = time.monotonic()
         try:
             html = run_section(run)
         except Exception as e:  # noqa: BLE001 - one run that cannot be drawn must not take the page down
             return _unreadable(run, f"{type(e).__name__}: {e}"), "error"
-        self._drawn[run] = _Drawn(status["version"], html, time.monotonic(), time.monotonic() - start)
+        self._drawn[run] = _Drawn(status["version"], html)
+        self._last_drawing = (time.monotonic(), time.monotonic() - now)
         return html, status["version"]
 
     def page(self) -> str:
@@ -215,13 +254,15 @@ _PAGE = """<!DOCTYPE html>
 <script>
 (function () {{
   const statusEl = document.getElementById("status"), content = document.getElementById("content");
+  // "pending" in the version: runs the server has not drawn yet, one answer at a time; ask again at once.
+  const pending = () => document.body.dataset.version.split("|").includes("pending");
   async function poll() {{
+    let answered = true;
     try {{
-      const r = await fetch("status", {{cache: "no-store"}});
-      const s = await r.json();
+      const s = await (await fetch("status", {{cache: "no-store"}})).json();
       if (s.version !== document.body.dataset.version) {{
-        // The answer says which version it shows: a run drawn a short while ago is not drawn
-        // again yet (see Dashboard), and is asked for again at the next poll.
+        // The answer says which version it shows: a changed run drawn again only when the
+        // server's drawing budget allows (see Dashboard) is asked for again at a later poll.
         const c = await fetch("content", {{cache: "no-store"}});
         const html = await c.text(), shown = c.headers.get("X-Graddoctor-Version");
         if (shown !== document.body.dataset.version) {{
@@ -237,10 +278,11 @@ _PAGE = """<!DOCTYPE html>
     }} catch (e) {{
       statusEl.textContent = "the graddoctor server does not answer (" + e.message + "); retrying";
       statusEl.className = "err";
+      answered = false;
     }}
-    setTimeout(poll, {refresh_ms});
+    setTimeout(poll, answered && pending() ? 0 : {refresh_ms});
   }}
-  setTimeout(poll, {refresh_ms});
+  setTimeout(poll, pending() ? 0 : {refresh_ms});
 }})();
 </script>
 </body></html>
@@ -358,7 +400,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """The `graddoctor serve` sub-command."""
     p = sub.add_parser("serve", help="a live local dashboard of runs while they train (report views, findings)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories written by graddoctor.watch (one that does not exist yet is waited for)")
+                   help="run directories written by graddoctor.watch, or folders of them (searched 3 levels down, "
+                        "again at every refresh); one that does not exist yet is waited for")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
@@ -374,4 +417,4 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["start", "serve_forever", "Server", "Dashboard", "run_status"]
+__all__ = ["start", "serve_forever", "Server", "Dashboard", "run_status", "find_runs"]

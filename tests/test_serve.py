@@ -130,9 +130,9 @@ def test_server_routes_and_cached_content(tmp_path):
         assert "http://" not in page.replace(dash.url, "") and "https://" not in page  # nothing from the network
         first, version = dash.dashboard.content()
         assert version == status["version"]
-        drawn_at = dash.dashboard._drawn[tmp_path / "a"].at
+        drawn = dash.dashboard._drawn[tmp_path / "a"]
         assert dash.dashboard.content()[0] == first  # the same store: served from the cache, not drawn again
-        assert dash.dashboard._drawn[tmp_path / "a"].at == drawn_at
+        assert dash.dashboard._drawn[tmp_path / "a"] is drawn
         t.steps(10)  # a new flush: the section is drawn again (busy=1: as soon as the store changed)
         dash.dashboard.busy = 1.0
         again, newer = dash.dashboard.content()
@@ -142,8 +142,44 @@ def test_server_routes_and_cached_content(tmp_path):
     t.close()
 
 
+def test_a_folder_of_runs_shows_every_run_below_it_and_new_ones(tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("exp1/relu", "exp1/sigmoid"):
+        t = Trainer(runs / name, flush_every=5)
+        t.steps(5)
+        t.close()
+    (runs / "notes").mkdir()  # a folder without runs is not a run
+    dash = Dashboard([runs], busy=1.0)
+    dash.first_draw_seconds = 600.0  # draw every run in one answer (the run-by-run fill is tested below)
+    assert [Path(r["run"]) for r in dash.status()["runs"]] == [runs / "exp1/relu", runs / "exp1/sigmoid"]
+    later = Trainer(runs / "exp2", flush_every=5)  # a run started while the dashboard serves
+    later.steps(5)
+    status = dash.status()
+    assert [Path(r["run"]) for r in status["runs"]] == [runs / "exp1/relu", runs / "exp1/sigmoid", runs / "exp2"]
+    assert [r["state"] for r in status["runs"]] == ["closed", "closed", "live"]
+    html, version = dash.content()
+    assert html.count("<section>") == 3 and version == status["version"]
+    later.close()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert [r["state"] for r in Dashboard([empty]).status()["runs"]] == ["waiting"]
+
+
+def test_a_folder_of_many_runs_fills_the_page_run_by_run(tmp_path):
+    for name in ("a", "b", "c"):
+        t = Trainer(tmp_path / name, flush_every=5)
+        t.steps(5)
+        t.close()
+    dash = Dashboard([tmp_path])
+    dash.first_draw_seconds = 0.0  # each answer draws one run not drawn before
+    final = dash.status()["version"]
+    versions = [dash.content()[1] for _ in range(3)]
+    assert [v.split("|").count("pending") for v in versions] == [2, 1, 0]
+    assert versions[-1] == final
+
+
 def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
-    """With busy=b, a section that took d seconds to draw is drawn again no sooner than d(1/b - 1) later."""
+    """With busy=b, after a drawing of d seconds no changed run is drawn again for d(1/b - 1)."""
     t = Trainer(tmp_path / "a", flush_every=10)
     t.steps(10)
     dash = Dashboard([tmp_path / "a"], busy=1e-6)  # the wait is ~1e6 drawings: never, within this test
@@ -285,3 +321,30 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     assert f"{len(live)} finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
     assert bar[0] == ("critical" if critical else "")
     assert errors == [] and foreign == []
+
+
+@pytestmark_browser
+def test_a_folder_of_runs_fills_in_chromium_run_by_run(tmp_path):
+    """Each answer draws one run (first_draw_seconds=0); the page asks again at once until all are drawn."""
+    from playwright.sync_api import sync_playwright
+    for name in ("a", "b", "c"):
+        t = Trainer(tmp_path / "runs" / name, flush_every=5)
+        t.steps(5)
+        t.close()
+    errors = []
+    with gd.serve.start([tmp_path / "runs"], port=0, refresh=30) as dash, sync_playwright() as p:
+        dash.dashboard.first_draw_seconds = 0.0
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(dash.url, wait_until="load")
+        first = page.evaluate("() => document.body.dataset.version")
+        assert first.split("|").count("pending") == 2  # the page itself drew one run
+        # refresh=30 s: filling in within the wait below is the page asking again at once, not polling
+        page.wait_for_function("() => !document.body.dataset.version.includes('pending')", timeout=20_000)
+        final = dash.dashboard.status()["version"]
+        assert page.evaluate("() => document.body.dataset.version") == final
+        assert page.evaluate("() => document.querySelectorAll('section figure.plot').length") >= 9
+        browser.close()
+    assert errors == []
