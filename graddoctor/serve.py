@@ -223,6 +223,17 @@ def _severity(data: str) -> str:
 
 
 def _status_text(runs: list[dict[str, Any]]) -> str:
+    """One line for the status bar: each run's state, or for more than 3 runs a summary of them."""
+    if len(runs) > 3:
+        states = [r["state"] for r in runs]
+        counts = ", ".join(f"{states.count(k)} {word}" for k, word in
+                           (("live", "live"), ("closed", "finished"), ("waiting", "waiting"), ("error", "unreadable"))
+                           if states.count(k))
+        found, critical = sum(r["findings"] for r in runs), sum(r["critical"] for r in runs)
+        latest = max((r["updated"] for r in runs if r["updated"]), default=None)
+        when = time.strftime("%H:%M:%S", time.localtime(latest)) if latest else "?"
+        return (f"{len(runs)} runs: {counts}; {found} finding{'s' if found != 1 else ''}"
+                f"{f' ({critical} critical)' if critical else ''}; last written {when}")
     parts = []
     for r in runs:
         if r["state"] == "waiting":

@@ -166,16 +166,18 @@ def test_a_folder_of_runs_shows_every_run_below_it_and_new_ones(tmp_path):
 
 
 def test_a_folder_of_many_runs_fills_the_page_run_by_run(tmp_path):
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         t = Trainer(tmp_path / name, flush_every=5)
         t.steps(5)
         t.close()
     dash = Dashboard([tmp_path])
     dash.first_draw_seconds = 0.0  # each answer draws one run not drawn before
-    final = dash.status()["version"]
-    versions = [dash.content()[1] for _ in range(3)]
-    assert [v.split("|").count("pending") for v in versions] == [2, 1, 0]
-    assert versions[-1] == final
+    status = dash.status()
+    found = sum(r["findings"] for r in status["runs"])
+    assert status["text"].startswith(f"4 runs: 4 finished; {found} finding")  # more than 3 runs: one summary
+    versions = [dash.content()[1] for _ in range(4)]
+    assert [v.split("|").count("pending") for v in versions] == [3, 2, 1, 0]
+    assert versions[-1] == status["version"]
 
 
 def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
