@@ -232,7 +232,7 @@ def _status_text(runs: list[dict[str, Any]]) -> str:
         found, critical = sum(r["findings"] for r in runs), sum(r["critical"] for r in runs)
         latest = max((r["updated"] for r in runs if r["updated"]), default=None)
         when = time.strftime("%H:%M:%S", time.localtime(latest)) if latest else "?"
-        return (f"{len(runs)} runs: {counts}; {found} finding{'s' if found != 1 else ''}"
+        return (f"{len(runs)} runs: {counts}; {found} live finding{'s' if found != 1 else ''}"
                 f"{f' ({critical} critical)' if critical else ''}; last written {when}")
     parts = []
     for r in runs:
@@ -242,7 +242,7 @@ def _status_text(runs: list[dict[str, Any]]) -> str:
             parts.append(f"{r['run']}: cannot be read")
         else:
             when = time.strftime("%H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "?"
-            found = (f", {r['findings']} finding{'s' if r['findings'] != 1 else ''}"
+            found = (f", {r['findings']} live finding{'s' if r['findings'] != 1 else ''}"
                      f"{' (' + str(r['critical']) + ' critical)' if r['critical'] else ''}" if r["findings"] else "")
             parts.append(f"{r['run']}: {r['steps']} steps, {'finished' if r['state'] == 'closed' else 'live'}, "
                          f"last written {when}{found}")

@@ -174,7 +174,7 @@ def test_a_folder_of_many_runs_fills_the_page_run_by_run(tmp_path):
     dash.first_draw_seconds = 0.0  # each answer draws one run not drawn before
     status = dash.status()
     found = sum(r["findings"] for r in status["runs"])
-    assert status["text"].startswith(f"4 runs: 4 finished; {found} finding")  # more than 3 runs: one summary
+    assert status["text"].startswith(f"4 runs: 4 finished; {found} live finding")  # more than 3 runs: one summary
     versions = [dash.content()[1] for _ in range(4)]
     assert [v.split("|").count("pending") for v in versions] == [3, 2, 1, 0]
     assert versions[-1] == status["version"]
@@ -320,7 +320,7 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
         live = [e["data"]["severity"] for e in run.events("finding")]
     assert live, "premise: live diagnosis wrote findings"
     critical = live.count("critical")
-    assert f"{len(live)} finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
+    assert f"{len(live)} live finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
     assert bar[0] == ("critical" if critical else "")
     assert errors == [] and foreign == []
 
