@@ -14,8 +14,8 @@ activations, and diagnose's findings with their remedies) for the runs as they a
 itself current: every `refresh` seconds the browser asks for `/status` (a few indexed SQLite reads
 per run), and only when a run's store has changed does it fetch `/content` and swap it in place,
 keeping the scroll position. A run's plots are drawn again at most as often as keeps the server
-below `busy` (default 10%) of one core. So a run that stalls or blows up shows up on the page at the next
-flush of `watch` (every `flush_every` steps), with its finding.
+below `busy` (default 10%) of one core. So a run that stalls or blows up shows up on the page at
+the next flush of `watch` (every `flush_every` steps), with its finding.
 
 Why polling and whole sections: the store is written by another process, in WAL mode, so a
 read-only reader never blocks the training (DESIGN.md); and re-drawing the report's plots only
@@ -28,8 +28,9 @@ fetched from the network: the page's plots are inline PNG, its script and style 
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
 create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
-shows every run found below it, and runs started later appear as they write their first flush. A store that cannot be read is shown as an
-error on the page, and the server keeps serving the other runs.
+shows every run found below it, and runs started later appear as they write their first flush.
+A store that cannot be read is shown as an error on the page, and the server keeps serving the
+other runs.
 """
 from __future__ import annotations
 
@@ -414,11 +415,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run directories written by graddoctor.watch, or folders of them (searched 3 levels down, "
                         "again at every refresh); one that does not exist yet is waited for")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
                    help=f"seconds between the page's checks for new data (default {DEFAULT_REFRESH:g})")
     p.add_argument("--busy", type=float, default=DEFAULT_BUSY,
-                   help=f"largest share of one core spent re-drawing plots (default {DEFAULT_BUSY:g}; 1: on every flush)")
+                   help=f"largest share of one core spent re-drawing plots "
+                        f"(default {DEFAULT_BUSY:g}; 1: on every flush)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 

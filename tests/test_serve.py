@@ -309,8 +309,10 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
         plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot img')].map(
             i => ({complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))""")
         assert len(plots) >= 3 and all(p["complete"] and p["w"] > 50 and p["h"] > 50 for p in plots), plots
-        codes = page.evaluate("() => [...document.querySelectorAll('.findings td:nth-child(2) code')].map(c => c.textContent)")
-        bar = page.evaluate("() => [document.getElementById('bar').className, document.getElementById('status').textContent]")
+        codes = page.evaluate(
+            "() => [...document.querySelectorAll('.findings td:nth-child(2) code')].map(c => c.textContent)")
+        bar = page.evaluate(
+            "() => [document.getElementById('bar').className, document.getElementById('status').textContent]")
         page.screenshot(path=str(ARTIFACTS / "serve-dashboard.png"))
         browser.close()
     expected = [f.code for f in gd.diagnose(str(run_dir))]
