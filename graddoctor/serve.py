@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 from ._errors import ConfigError, GradDoctorError
 from ._nonfinite_json import encode_nonfinite
-from ._store import STORE_NAME, open_store
+from ._store import STORE_NAME, open_store, store_path
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0
@@ -71,7 +71,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     if run_dir.exists() and not run_dir.is_dir():
         return {**status, "state": "error", "version": "error",
                 "error": f"{str(run_dir)!r} is a file, not a run directory made by graddoctor.watch"}
-    if not (run_dir / STORE_NAME).exists():
+    store = store_path(run_dir)
+    if not store.exists():
         return status
     try:
         con = open_store(run_dir)
@@ -87,7 +88,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             con.close()
     except (GradDoctorError, sqlite3.DatabaseError) as e:
         return {**status, "state": "error", "version": "error", "error": str(e)}
-    files = [run_dir / STORE_NAME, run_dir / (STORE_NAME + "-wal")]
+    files = [store, store.with_name(store.name + "-wal")]  # WAL mode: a flush lands in the -wal file first
     updated = max((f.stat().st_mtime for f in files if f.exists()), default=None)
     return {**status, "state": "closed" if closed else "live", "steps": (last[0] + 1) if last else 0,
             "events": event_id, "updated": updated,
@@ -109,7 +110,7 @@ def find_runs(path: str | Path) -> list[Path]:
     taken as a run that watch has not written yet.
     """
     path = Path(path)
-    if (path / STORE_NAME).exists() or not path.is_dir():
+    if store_path(path).exists() or not path.is_dir():
         return [path]
     found = sorted({store.parent for depth in range(1, FIND_DEPTH + 1)
                     for store in path.glob("/".join(["*"] * depth + [STORE_NAME]))})
@@ -150,7 +151,6 @@ class Dashboard:
         self._lock = threading.Lock()
         self._drawn: dict[Path, _Drawn] = {}
         self._last_drawing = (0.0, 0.0)  # when the last drawing ended (time.monotonic()), and its seconds
-        self._drawing: dict[str, float] = {}  # the current answer's drawing budget (see `content`)
         self.first_draw_seconds = FIRST_DRAW_SECONDS
 
     def runs(self) -> list[Path]:
@@ -171,27 +171,28 @@ class Dashboard:
         of many runs fills the page run by run instead of answering after minutes.
         """
         with self._lock:
-            self._drawing = {"until": time.monotonic() + self.first_draw_seconds, "new": 0, "redrawn": 0}
-            parts = [self._section(s) for s in self.status()["runs"]]
+            budget = {"until": time.monotonic() + self.first_draw_seconds, "new": 0, "redrawn": 0}
+            parts = [self._section(s, budget) for s in self.status()["runs"]]
         return "".join(html for html, _ in parts), "|".join(version for _, version in parts)
 
-    def _section(self, status: dict[str, Any]) -> tuple[str, str]:
+    def _section(self, status: dict[str, Any], budget: dict[str, float]) -> tuple[str, str]:
+        """One run's section and the version it shows; `budget` is this answer's (see `content`)."""
         from .report import _html as H
         run = Path(status["run"])
         if status["state"] == "waiting":
             return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">waiting for graddoctor.watch to write "
-                    f"<code>{H.esc(run / STORE_NAME)}</code> (its first flush)…</p></section>", status["version"])
+                    f"<code>{H.esc(store_path(run))}</code> (its first flush)…</p></section>", status["version"])
         if status["state"] == "error":
             return _unreadable(run, status["error"]), status["version"]
-        last, now, drawing = self._drawn.get(run), time.monotonic(), self._drawing
+        last, now = self._drawn.get(run), time.monotonic()
         ended, seconds = self._last_drawing
-        if last is not None and (last.version == status["version"] or drawing["redrawn"]
+        if last is not None and (last.version == status["version"] or budget["redrawn"]
                                  or now < ended + seconds * (1 / self.busy - 1)):
             return last.html, last.version
-        if last is None and drawing["new"] and now >= drawing["until"]:
+        if last is None and budget["new"] and now >= budget["until"]:
             return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">drawing the runs one by one…</p></section>",
                     "pending")
-        drawing["new" if last is None else "redrawn"] += 1
+        budget["new" if last is None else "redrawn"] += 1
         from .report._pages import run_section
         try:
             html = run_section(run)
