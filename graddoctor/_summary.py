@@ -1,6 +1,8 @@
 """`graddoctor runs summary`: a readable table of one run. format_* returns text; the CLI prints it."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ._run import Run
@@ -40,7 +42,13 @@ def format_summary(run: Run) -> str:
     """The summary table of a run as text."""
     steps, loss = run.loss()
     _, gnorm = run.global_norm()
+    closed = run.meta.get("closed_at")
+    state = (f"finished (watch closed it at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(closed))})"
+             if isinstance(closed, (int, float)) else
+             "not closed: still training, or the process ended without watch.close() (steps after the last "
+             "flush are lost)")
     lines = [f"run: {run.run_dir}",
+             f"state: {state}",
              f"steps: {len(steps)}   tensors: {len(run.tensors)}   layers: {len(run.layers)}   "
              f"activation modules: {len(run.activation_modules)}",
              f"last loss: {_fmt(float(loss[-1])) if len(loss) else 'none recorded'}",

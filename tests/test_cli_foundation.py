@@ -14,7 +14,7 @@ def run(*args, check=False):
 
 
 def test_help_for_every_command():
-    for args in ([], ["runs"], ["runs", "summary"], ["demo"], ["diagnose"], ["lab"], ["report"]):
+    for args in ([], ["runs"], ["runs", "summary"], ["demo"], ["diagnose"], ["lab"], ["report"], ["serve"]):
         out = run(*args, "--help")
         assert out.returncode == 0, out.stderr
         assert "usage: graddoctor" in out.stdout
@@ -32,7 +32,29 @@ def test_summary_of_a_run(tmp_path):
     out = run("runs", "summary", str(tmp_path / "sigmoid"))
     assert out.returncode == 0
     assert "steps: 5" in out.stdout and "non-finite steps: none" in out.stdout
+    assert "state: finished (watch closed it at" in out.stdout
     assert "gradient L2 norm per layer" in out.stdout and "18" in out.stdout
+
+
+def test_summary_of_a_run_that_was_not_closed(tmp_path):
+    """A run whose process ended without watch.close() (killed, or still training) says so."""
+    import torch
+    from torch import nn
+
+    import graddoctor as gd
+    from graddoctor._summary import format_summary
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    w = gd.watch(model, None, tmp_path, flush_every=2, live_diagnosis=False)
+    for _ in range(3):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        w.step(loss)
+    with gd.open_run(tmp_path) as r:  # read before close: steps 0-1 flushed, step 2 still buffered
+        text = format_summary(r)
+    assert "state: not closed" in text and "steps: 2 " in text
+    w.close()
+    with gd.open_run(tmp_path) as r:
+        assert "state: finished" in format_summary(r) and r.num_steps == 3
 
 
 @pytest.mark.parametrize("setup,message", [
