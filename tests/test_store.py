@@ -85,6 +85,7 @@ def test_sigkill_leaves_every_flushed_step(tmp_path):
     assert steps.tolist() == list(range(len(steps)))  # and nothing half-written
     assert len(steps) % 5 == 0
     assert np.isfinite(loss).all()
+    assert "closed_at" not in run.meta  # killed: watch.close() never ran, and readers can tell
 
 
 def test_reader_while_writer_is_running(tmp_path):
