@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -87,9 +88,10 @@ def live_flush_cost(run_dir: Path, T: int, repeats: int) -> float:
         return timed(lambda: live(fake_watch, T - 50, T - 1, chunks), repeats)[0]
 
 
-def store_arguments(description: str) -> argparse.Namespace:
-    """--steps, --tensors, --repeats: the synthetic store's size and how often each timing runs."""
-    ap = argparse.ArgumentParser(description=description)
+def store_arguments(description: str, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """--steps, --tensors, --repeats: the synthetic store's size and how often each timing runs
+    (added to `parser`, which may hold a script's own options)."""
+    ap = parser or argparse.ArgumentParser(description=description)
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)

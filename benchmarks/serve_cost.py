@@ -7,9 +7,14 @@ and of one `/content` answered from the cache (the store unchanged). The drawing
 often the dashboard draws a live run again (busy=0.1: a drawing of d seconds waits 9d).
 
     .venv/bin/python benchmarks/serve_cost.py [--steps 100000] [--tensors 200] [--repeats 5]
+    .venv/bin/python benchmarks/serve_cost.py --folder runs/lab    # a folder of recorded runs
+
+With --folder: how many runs the dashboard finds there, how long its first page takes (it draws
+about a second's worth of runs and leaves the rest pending), and how long filling in every run takes.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -44,8 +49,25 @@ def measure(run_dir: Path, repeats: int) -> dict[str, float]:
     return dict(status=status, drawing=drawing, cached=cached)
 
 
+def folder(path: Path) -> None:
+    dash = Dashboard([path])
+    t = time.perf_counter()
+    dash.page()
+    first = time.perf_counter() - t
+    answers = 1
+    while "pending" in dash.content()[1].split("|"):
+        answers += 1
+    print(f"{path}: {len(dash.runs())} runs; first page {first:.2f} s; "
+          f"every run drawn after {time.perf_counter() - t:.1f} s ({answers} answers)")
+
+
 def main() -> None:
-    args = store_arguments(__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=None, help="time the dashboard on this folder of runs instead")
+    args = store_arguments(parser.description, parser)
+    if args.folder is not None:
+        folder(args.folder)
+        return
     print("| store | /status (ms) | drawing a section (s) | /content from the cache (ms) | drawn again after (s, busy=0.1) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for steps, tensors in ((1000, 20), (args.steps, args.tensors)):
