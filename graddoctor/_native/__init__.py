@@ -176,12 +176,14 @@ SUMSQ, MAXABS = 0, 1
 
 # Plain tensors only: a tensor subclass (DTensor, a quantized wrapper) may have no flat data behind data_ptr().
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+# array.array type codes for the C side's `void *` and int64_t ("q", long long, is 64-bit everywhere).
+_POINTER_CODE = next(code for code in "QLI" if array(code).itemsize == ctypes.sizeof(ctypes.c_void_p))
 
 
 class _Scan(NamedTuple):
     """What a kernel call needs of a list of tensors, gathered by `_scan` in one loop."""
 
-    pointers: array   # data pointers, unsigned 64-bit
+    pointers: array   # data pointers, unsigned, of the platform's pointer size
     numels: array     # entry counts, int64
     dtype: torch.dtype
 
@@ -213,7 +215,7 @@ def _scan(tensors: Sequence[Tensor], writable: bool = False) -> Optional[_Scan]:
             return None
         pointers.append(t.data_ptr())
         numels.append(t.numel())
-    return _Scan(array("Q", pointers), array("q", numels), dtype)
+    return _Scan(array(_POINTER_CODE, pointers), array("q", numels), dtype)
 
 
 def supports(tensors: Sequence[Tensor]) -> bool:
