@@ -21,9 +21,10 @@ Why polling and whole sections: the store is written by another process, in WAL 
 read-only reader never blocks the training (DESIGN.md); and re-drawing the report's plots only
 when a flush has landed costs the server about as much as one `graddoctor report` per flush.
 
-Routes (GET): `/` the page; `/status` JSON (per run: whether it exists, last step, whether watch
-has closed it, when the store was last written; non-finite floats spelled "NaN"/"Infinity" as in
-the rest of graddoctor's JSON); `/content` the runs' sections as an HTML fragment. Nothing is
+Routes (GET): `/` the page; `/status` JSON (per run: whether it exists, last step, last loss and
+global gradient norm, whether watch has closed it, when the store was last written, live findings;
+non-finite floats spelled "NaN"/"Infinity" as in the rest of graddoctor's JSON); `/content` the
+runs' sections as an HTML fragment. Nothing is
 fetched from the network: the page's plots are inline PNG, its script and style are inline.
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
@@ -40,15 +41,16 @@ import math
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ._errors import ConfigError, GradDoctorError
+from ._errors import ConfigError, CorruptStoreError, GradDoctorError
 from ._nonfinite_json import encode_nonfinite
-from ._store import STORE_NAME, open_store, store_path
+from ._store import STORE_NAME, decode_array, open_store, store_path
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0
@@ -57,17 +59,20 @@ FIRST_DRAW_SECONDS = 1.0  # how long one answer may spend drawing runs not drawn
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
-    """Where one run stands, from a few cheap reads of its store (no series are decoded).
+    """Where one run stands, from a few cheap reads of its store (only the last chunk of two series is decoded).
 
     Keys: run, state ("waiting": no store yet; "live"; "closed": watch.close() ran; "error"),
-    steps (last recorded step + 1), events (interventions and findings written), findings and
+    steps (last recorded step + 1), loss and grad_norm (the last recorded loss and global gradient
+    norm; NaN and Inf kept, None before the first flush), events (interventions and findings
+    written), findings and
     critical (how many findings live diagnosis has written, and how many of them are critical),
     updated (Unix time of the last write, from the store's files), version (changes whenever
     anything is written), error (the reason, for state "error").
     """
     run_dir = Path(run_dir)
     status: dict[str, Any] = {"run": str(run_dir), "state": "waiting", "steps": 0, "events": 0, "findings": 0,
-                              "critical": 0, "updated": None, "version": "waiting", "error": None}
+                              "critical": 0, "loss": None, "grad_norm": None, "updated": None,
+                              "version": "waiting", "error": None}
     if run_dir.exists() and not run_dir.is_dir():
         return {**status, "state": "error", "version": "error",
                 "error": f"{str(run_dir)!r} is a file, not a run directory made by graddoctor.watch"}
@@ -81,6 +86,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             event_id = con.execute("SELECT max(id) FROM events").fetchone()[0] or 0
             last = con.execute("SELECT last_step FROM chunks WHERE series='loss' ORDER BY first_step DESC LIMIT 1"
                                ).fetchone()
+            loss, norm = _last_value(con, "loss"), _last_value(con, "grad_total_norm")
             closed = con.execute("SELECT value FROM meta WHERE key='closed_at'").fetchone()
             findings = [_severity(d) for (d,) in con.execute("SELECT data FROM events WHERE kind='finding'")]
             created = con.execute("SELECT value FROM meta WHERE key='created'").fetchone()
@@ -91,7 +97,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     files = [store, store.with_name(store.name + "-wal")]  # WAL mode: a flush lands in the -wal file first
     updated = max((f.stat().st_mtime for f in files if f.exists()), default=None)
     return {**status, "state": "closed" if closed else "live", "steps": (last[0] + 1) if last else 0,
-            "events": event_id, "updated": updated,
+            "events": event_id, "updated": updated, "loss": loss, "grad_norm": norm,
             "findings": len(findings), "critical": sum(sev == "critical" for sev in findings),
             # `created` tells a run recorded again into the same directory (overwrite) from the old one.
             "version": f"{created[0] if created else ''}:{chunk_id}:{event_id}:{bool(closed)}"}
@@ -212,6 +218,19 @@ class Dashboard:
                             title=H.esc("graddoctor · " + ", ".join(str(r) for r in self.run_dirs)))
 
 
+def _last_value(con: sqlite3.Connection, series: str) -> Optional[float]:
+    """The last recorded value of a one-column series (its newest chunk only), or None."""
+    row = con.execute("SELECT dtype, codec, width, data FROM chunks WHERE series=? ORDER BY first_step DESC LIMIT 1",
+                      (series,)).fetchone()
+    if row is None:
+        return None
+    try:
+        values = decode_array(*row)
+    except (ValueError, TypeError, zlib.error) as e:
+        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e
+    return float(values[-1, 0]) if len(values) else None
+
+
 def _unreadable(run: Path, reason: str) -> str:
     from .report import _html as H
     return f"<section><h2>{H.esc(run)}</h2><p class=\"no\">cannot read this run: {H.esc(reason)}</p></section>"
@@ -222,6 +241,11 @@ def _severity(data: str) -> str:
         return str(json.loads(data).get("severity", ""))
     except (ValueError, AttributeError):  # an event written by something else: count it, severity unknown
         return ""
+
+
+def _number(x: float) -> str:
+    from .report._html import fmt  # NaN and Inf spelled out, as everywhere in the report
+    return fmt(x)
 
 
 def _status_text(runs: list[dict[str, Any]]) -> str:
@@ -246,8 +270,10 @@ def _status_text(runs: list[dict[str, Any]]) -> str:
             when = time.strftime("%H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "?"
             found = (f", {r['findings']} live finding{'s' if r['findings'] != 1 else ''}"
                      f"{' (' + str(r['critical']) + ' critical)' if r['critical'] else ''}" if r["findings"] else "")
-            parts.append(f"{r['run']}: {r['steps']} steps, {'finished' if r['state'] == 'closed' else 'live'}, "
-                         f"last written {when}{found}")
+            values = "".join(f", {name} {_number(r[key])}" for key, name in (("loss", "loss"), ("grad_norm", "grad norm"))
+                             if r[key] is not None)
+            parts.append(f"{r['run']}: {r['steps']} steps, {'finished' if r['state'] == 'closed' else 'live'}"
+                         f"{values}, last written {when}{found}")
     return " · ".join(parts)
 
 

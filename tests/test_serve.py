@@ -7,6 +7,7 @@ Chromium (Debian's, driven by Playwright) while a training writes new flushes un
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from torch import nn
 
 import graddoctor as gd
 from graddoctor import ConfigError, GradDoctorError, open_run
+from graddoctor._nonfinite_json import decode_nonfinite
 from graddoctor.serve import Dashboard, run_status
 
 from test_browser_report import ARGS, CHROMIUM
@@ -97,6 +99,26 @@ def test_status_follows_a_run_from_waiting_to_finished(tmp_path):
     with open_run(run_dir) as run:
         live = [e["data"]["severity"] for e in run.events("finding")]
     assert s["findings"] == len(live) and s["critical"] == live.count("critical")
+
+
+def test_status_carries_the_last_loss_and_norm_nan_included(tmp_path):
+    """The last loss and global norm, read back from the store; a NaN stays NaN through the JSON."""
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    s = run_status(tmp_path / "a")
+    with open_run(tmp_path / "a") as run:
+        assert s["loss"] == float(run.loss()[1][-1]) and s["grad_norm"] == float(run.global_norm()[1][-1])
+    t.x[0, 0] = float("nan")  # a poisoned batch: the loss and every gradient norm go NaN
+    t.steps(5)
+    with gd.serve.start([tmp_path / "a"], port=0) as dash:
+        body = _get(dash.url + "status")[2]
+    assert '"loss": "NaN"' in body and '"grad_norm": "NaN"' in body  # spelled: standard JSON has no NaN
+    run_json = _strict_json(body)["runs"][0]
+    assert math.isnan(decode_nonfinite(run_json["loss"])) and math.isnan(decode_nonfinite(run_json["grad_norm"]))
+    with open_run(tmp_path / "a") as run:
+        assert math.isnan(run.loss()[1][-1])  # the oracle: what the store holds
+    assert "loss NaN, grad norm NaN" in _strict_json(body)["text"]
+    t.close()
 
 
 def test_a_run_recorded_again_is_live_again(tmp_path):
