@@ -270,8 +270,8 @@ def _status_text(runs: list[dict[str, Any]]) -> str:
             when = time.strftime("%H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "?"
             found = (f", {r['findings']} live finding{'s' if r['findings'] != 1 else ''}"
                      f"{' (' + str(r['critical']) + ' critical)' if r['critical'] else ''}" if r["findings"] else "")
-            values = "".join(f", {name} {_number(r[key])}" for key, name in (("loss", "loss"), ("grad_norm", "grad norm"))
-                             if r[key] is not None)
+            values = "".join(f", {name} {_number(r[key])}"
+                             for key, name in (("loss", "loss"), ("grad_norm", "grad norm")) if r[key] is not None)
             parts.append(f"{r['run']}: {r['steps']} steps, {'finished' if r['state'] == 'closed' else 'live'}"
                          f"{values}, last written {when}{found}")
     return " · ".join(parts)
