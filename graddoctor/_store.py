@@ -35,8 +35,9 @@ import json
 import sqlite3
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -162,18 +163,39 @@ def open_store(run_dir: str | Path) -> sqlite3.Connection:
 
 def read_series(con: sqlite3.Connection, series: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(steps int64[T], data [T, width]) for one series, in step order; data is None if never written."""
-    try:
-        rows = con.execute("SELECT steps, dtype, width, codec, data FROM chunks WHERE series=? ORDER BY first_step",
-                           (series,)).fetchall()
-    except sqlite3.DatabaseError as e:
-        raise CorruptStoreError(f"cannot read series {series!r} from the run store ({e})") from e
+    rows = _chunks(con, series, "SELECT steps, dtype, width, codec, data FROM chunks WHERE series=? ORDER BY first_step")
     if not rows:
         return np.zeros(0, dtype=np.int64), None
-    try:
+    with _decoding(series):
         steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
         data = np.concatenate([decode_array(r[1], r[3], r[2], r[4]) for r in rows])
-    except (ValueError, TypeError, zlib.error) as e:  # a blob cut short or overwritten: name what is broken
-        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e
     if len(steps) != len(data):
         raise CorruptStoreError(f"series {series!r} in the run store has {len(steps)} steps but {len(data)} rows")
     return steps, data
+
+
+def read_last_row(con: sqlite3.Connection, series: str) -> Optional[np.ndarray]:
+    """The last recorded row of a series, decoding only its newest chunk (None if never written)."""
+    rows = _chunks(con, series, "SELECT dtype, codec, width, data FROM chunks WHERE series=? "
+                                "ORDER BY first_step DESC LIMIT 1")
+    if not rows:
+        return None
+    with _decoding(series):
+        data = decode_array(*rows[0])
+    return data[-1] if len(data) else None
+
+
+def _chunks(con: sqlite3.Connection, series: str, query: str) -> list[tuple]:
+    try:
+        return con.execute(query, (series,)).fetchall()
+    except sqlite3.DatabaseError as e:
+        raise CorruptStoreError(f"cannot read series {series!r} from the run store ({e})") from e
+
+
+@contextmanager
+def _decoding(series: str) -> Iterator[None]:
+    """Turn a failure to decode a chunk (a blob cut short or overwritten) into an error naming the series."""
+    try:
+        yield
+    except (ValueError, TypeError, zlib.error) as e:
+        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e

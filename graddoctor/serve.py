@@ -41,16 +41,15 @@ import math
 import sqlite3
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ._errors import ConfigError, CorruptStoreError, GradDoctorError
+from ._errors import ConfigError, GradDoctorError
 from ._nonfinite_json import encode_nonfinite
-from ._store import STORE_NAME, decode_array, open_store, store_path
+from ._store import STORE_NAME, open_store, read_last_row, store_path
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0
@@ -219,16 +218,9 @@ class Dashboard:
 
 
 def _last_value(con: sqlite3.Connection, series: str) -> Optional[float]:
-    """The last recorded value of a one-column series (its newest chunk only), or None."""
-    row = con.execute("SELECT dtype, codec, width, data FROM chunks WHERE series=? ORDER BY first_step DESC LIMIT 1",
-                      (series,)).fetchone()
-    if row is None:
-        return None
-    try:
-        values = decode_array(*row)
-    except (ValueError, TypeError, zlib.error) as e:
-        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e
-    return float(values[-1, 0]) if len(values) else None
+    """The last recorded value of a one-column series (loss, global norm), or None."""
+    row = read_last_row(con, series)
+    return float(row[0]) if row is not None else None
 
 
 def _unreadable(run: Path, reason: str) -> str:

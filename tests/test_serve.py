@@ -274,6 +274,18 @@ def test_a_run_that_cannot_be_drawn_is_shown_with_the_reason(tmp_path):
     assert "cannot read this run: CorruptStoreError: series &#x27;grad_norm&#x27;" in html and version == "error", html
 
 
+def test_a_damaged_loss_chunk_makes_the_status_say_so(tmp_path):
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    con = sqlite3.connect(tmp_path / "a" / "graddoctor.sqlite")
+    with con:
+        con.execute("UPDATE chunks SET data = substr(data, 1, 3) WHERE series = 'loss'")
+    con.close()
+    s = run_status(tmp_path / "a")
+    assert s["state"] == "error" and "series 'loss'" in s["error"]
+
+
 def test_cli_serves_until_interrupted(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
