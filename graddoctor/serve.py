@@ -185,8 +185,8 @@ class Dashboard:
         from .report import _html as H
         run = Path(status["run"])
         if status["state"] == "waiting":
-            return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">waiting for graddoctor.watch to write "
-                    f"<code>{H.esc(store_path(run))}</code> (its first flush)…</p></section>", status["version"])
+            return (_note(run, "muted", f"waiting for graddoctor.watch to write <code>{H.esc(store_path(run))}</code> "
+                                        "(its first flush)…"), status["version"])
         if status["state"] == "error":
             return _unreadable(run, status["error"]), status["version"]
         last, now = self._drawn.get(run), time.monotonic()
@@ -195,8 +195,7 @@ class Dashboard:
                                  or now < ended + seconds * (1 / self.busy - 1)):
             return last.html, last.version
         if last is None and budget["new"] and now >= budget["until"]:
-            return (f"<section><h2>{H.esc(run)}</h2><p class=\"muted\">drawing the runs one by one…</p></section>",
-                    "pending")
+            return _note(run, "muted", "drawing the runs one by one…"), "pending"
         budget["new" if last is None else "redrawn"] += 1
         from .report._pages import run_section
         try:
@@ -223,9 +222,15 @@ def _last_value(con: sqlite3.Connection, series: str) -> Optional[float]:
     return float(row[0]) if row is not None else None
 
 
+def _note(run: Path, css_class: str, html: str) -> str:
+    """A run's section that holds one line instead of its plots (`html` is already escaped)."""
+    from .report import _html as H
+    return f"<section><h2>{H.esc(run)}</h2><p class=\"{css_class}\">{html}</p></section>"
+
+
 def _unreadable(run: Path, reason: str) -> str:
     from .report import _html as H
-    return f"<section><h2>{H.esc(run)}</h2><p class=\"no\">cannot read this run: {H.esc(reason)}</p></section>"
+    return _note(run, "no", f"cannot read this run: {H.esc(reason)}")
 
 
 def _severity(data: str) -> str:

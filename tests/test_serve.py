@@ -259,15 +259,20 @@ def test_a_corrupt_store_is_shown_and_the_other_runs_still_served(tmp_path):
     t.close()
 
 
-def test_a_run_that_cannot_be_drawn_is_shown_with_the_reason(tmp_path):
-    """A store whose gradient-norm blobs were cut short: its status reads, its plots cannot be drawn."""
-    t = Trainer(tmp_path / "a", flush_every=5)
+def _damaged_run(run_dir: Path, series: str, keep_bytes: int) -> None:
+    """A finished 5-step run whose `series` blobs were cut to `keep_bytes` bytes (a disk fault, a stray write)."""
+    t = Trainer(run_dir, flush_every=5)
     t.steps(5)
     t.close()
-    con = sqlite3.connect(tmp_path / "a" / "graddoctor.sqlite")
+    con = sqlite3.connect(run_dir / "graddoctor.sqlite")
     with con:
-        con.execute("UPDATE chunks SET data = substr(data, 1, 7) WHERE series = 'grad_norm'")
+        con.execute("UPDATE chunks SET data = substr(data, 1, ?) WHERE series = ?", (keep_bytes, series))
     con.close()
+
+
+def test_a_run_that_cannot_be_drawn_is_shown_with_the_reason(tmp_path):
+    """A store whose gradient-norm blobs were cut short: its status reads, its plots cannot be drawn."""
+    _damaged_run(tmp_path / "a", "grad_norm", 7)
     dash = Dashboard([tmp_path / "a"])
     assert dash.status()["runs"][0]["state"] == "closed"
     html, version = dash.content()
@@ -275,13 +280,7 @@ def test_a_run_that_cannot_be_drawn_is_shown_with_the_reason(tmp_path):
 
 
 def test_a_damaged_loss_chunk_makes_the_status_say_so(tmp_path):
-    t = Trainer(tmp_path / "a", flush_every=5)
-    t.steps(5)
-    t.close()
-    con = sqlite3.connect(tmp_path / "a" / "graddoctor.sqlite")
-    with con:
-        con.execute("UPDATE chunks SET data = substr(data, 1, 3) WHERE series = 'loss'")
-    con.close()
+    _damaged_run(tmp_path / "a", "loss", 3)
     s = run_status(tmp_path / "a")
     assert s["state"] == "error" and "series 'loss'" in s["error"]
 
