@@ -7,7 +7,7 @@ between backward and the optimizer step). Same workload (16 x Linear(512) + ReLU
 each variant on its own copy of the model, stepped in turn in rotating order.
 
 With --pieces, watch + guard's own functions are also timed inside the step (perf_counter wrappers,
-a few microseconds each): the gradient-and-weight pass, the clip coefficient, the clipping multiply.
+a few microseconds each): the gradient-and-weight pass, and the clip (coefficient and multiply).
 
 Usage: python benchmarks/step_segments.py [--steps 500] [--max-norm 1.0] [--pieces]
 """
@@ -59,8 +59,7 @@ def wrap_pieces(times: dict[str, list[float]]) -> None:
     timed(_watch.Watch, "step", "Watch.step (all of it, guard included)")
     timed(_watch, "grad_and_weight_stats", "gradient + weight pass")
     timed(_watch, "tensor_stats", "gradient pass (no weights)")
-    timed(_transforms, "clip_coefficient", "clip coefficient")
-    timed(_transforms, "scale_", "clipping multiply")
+    timed(_transforms, "clip_by_total_norm_", "clip coefficient and multiply (one native call)")
 
 
 def main() -> None:

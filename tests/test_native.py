@@ -263,6 +263,61 @@ def test_scale_is_pytorchs_float32_multiply(native):
     assert all(t._version > v for t, v in zip(grads, versions))  # autograd is told of the write
 
 
+def test_clip_scale_forms_pytorchs_coefficient_bit_for_bit(native):
+    # Oracle: the coefficient expression of torch.nn.utils.clip_grads_with_norm_, on each 0-d total.
+    g = torch.Generator().manual_seed(11)
+    totals = torch.cat([
+        torch.rand(2000, generator=g) * 4,                         # around max_norm
+        torch.exp(torch.randn(2000, generator=g) * 20),            # many magnitudes
+        torch.tensor([0.0, 1e-45, 1e-7, 0.999999, 1.0, 1.000001, 3.4e38, math.inf, math.nan]),
+    ])
+    for max_norm in (1.0, 0.1, 5.0, 1e-3, 123.456):
+        for t in totals:
+            want = torch.clamp(max_norm / (t + 1e-6), max=1.0)
+            got = _native_coefficient(native, t, max_norm)
+            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (float(t), max_norm)
+
+
+def _native_coefficient(native, total, max_norm):
+    """The kernel's coefficient for one 0-d total, on one small gradient (so the multiply runs too)."""
+    grad = torch.ones(3)
+    coef = native.clip_scale_([grad], total.reshape(()).clone(), max_norm)
+    assert coef is not None and coef.dtype == torch.float32 and coef.shape == ()
+    c = float(coef)
+    if c == c:
+        assert grad.tolist() == [c] * 3  # 1.0 * coef: the gradient holds the coefficient after the multiply
+    return coef
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6])
+def test_clip_scale_equals_clip_grads_with_norm(native, max_norm):
+    g = torch.Generator().manual_seed(12)
+    grads = [torch.randn(n, generator=g) * 3 for n in (0, 1, 511, 65537, 3 * 65536 + 5)]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in grads]))
+    ref = [torch.nn.Parameter(torch.empty_like(t)) for t in grads]
+    for p, t in zip(ref, grads):
+        p.grad = t.clone()
+    torch.nn.utils.clip_grads_with_norm_(ref, max_norm, total)
+    want = [p.grad for p in ref]
+    versions = [t._version for t in grads]
+    coef = native.clip_scale_(grads, total, max_norm)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))  # bit for bit
+    clipped = float(coef) < 1.0
+    assert clipped == (max_norm < float(total))
+    assert all((t._version > v) == clipped for t, v in zip(grads, versions))  # written (and said so) only if clipped
+
+
+def test_clip_scale_refuses_and_changes_nothing(native):
+    a = torch.ones(4)
+    total = torch.tensor(8.0)
+    assert native.clip_scale_([a.to(torch.bfloat16)], total, 1.0) is None
+    assert native.clip_scale_([torch.ones(4, requires_grad=True)], total, 1.0) is None
+    assert native.clip_scale_([a, None], total, 1.0) is None
+    assert native.clip_scale_([a], total.double(), 1.0) is None  # a total that is not float32
+    assert native.clip_scale_([a], torch.tensor([8.0, 1.0]), 1.0) is None  # nor a scalar
+    assert a.tolist() == [1.0] * 4
+
+
 def test_scale_refuses_what_it_cannot_write_exactly(native):
     a = torch.ones(4)
     assert not native.scale_([a.to(torch.bfloat16)], 0.5)  # PyTorch rounds bf16 products its own way

@@ -93,6 +93,23 @@ def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
     assert inputs[0, 0] == pytest.approx(max(float(x.abs().max()) for x in xs))  # max over micro-batches
 
 
+def test_a_reused_input_buffer_is_measured_batch_by_batch(tmp_path):
+    # The batch is kept at forward and measured at step() (or at the next forward): each
+    # micro-batch copied into one reused buffer must still count, as it was when its forward ran.
+    torch.manual_seed(0)
+    model = mlp()
+    xs = [torch.randn(4, 6) * s for s in (5.0, 1.0, 0.5)]  # the largest first: the last alone would be wrong
+    buf = torch.empty(4, 6)
+    with gd.watch(model, run_dir=tmp_path) as w:
+        for x in xs:
+            buf.copy_(x)
+            model(buf).pow(2).mean().backward()
+        w.step()
+    _, inputs = gd.open_run(tmp_path).inputs()
+    assert inputs[0, 0] == pytest.approx(float(xs[0].abs().max()))
+    assert inputs[0, 2] == pytest.approx(float(xs[-1].mean()), abs=1e-6)  # mean and std: the last batch's
+
+
 @pytest.mark.parametrize("give_optimizer", [True, False])  # taken in its step post-hook, or at the next step()
 @pytest.mark.parametrize("weight_every", [1, 3])  # 1: every step (the default)
 def test_update_and_weight_norms_with_param_groups(tmp_path, stats_path, give_optimizer, weight_every):

@@ -140,7 +140,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.gd_grad_stats.argtypes = [i64, p, p, p, i32, p, p, p, p, p, i32]
     lib.gd_input_row.argtypes = [p, i64, i32, p, i32]
     lib.gd_scale.argtypes = [i64, p, p, f64, i32]
-    for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row, lib.gd_scale):
+    lib.gd_clip_scale.argtypes = [i64, p, p, p, f64, p, i32]
+    for f in (lib.gd_pass, lib.gd_norms, lib.gd_grad_stats, lib.gd_input_row, lib.gd_scale, lib.gd_clip_scale):
         f.restype = ctypes.c_int
     return lib
 
@@ -335,6 +336,30 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
         return False
     increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would
     return True
+
+
+def clip_scale_(tensors: Sequence[Tensor], total: Tensor, max_norm: float) -> Optional[Tensor]:
+    """Clip float32 tensors in place by their global norm `total`, as `clip_grad_norm_` does.
+
+    Returns the float32 0-d coefficient `clamp(max_norm / (total + 1e-6), max=1)`, formed in the
+    kernel bit for bit as PyTorch forms it, after multiplying every tensor by it (skipped when it
+    is exactly 1). None, with nothing changed, where the kernel cannot (then use PyTorch's ops):
+    tensors `scale_` refuses, or a `total` that is not a float32 CPU scalar.
+    """
+    if not (type(total) is Tensor and total.is_cpu and total.dtype == torch.float32 and total.numel() == 1):
+        return None
+    scan = _scan(tensors, writable=True)
+    if scan is None or scan.dtype != torch.float32:
+        return None
+    coef = torch.empty((), dtype=torch.float32)
+    pointers, numels = scan.args()
+    code = _lib.gd_clip_scale(len(tensors), pointers, numels, total.data_ptr(), max_norm,  # type: ignore[union-attr]
+                              coef.data_ptr(), torch.get_num_threads())
+    if code < 0:
+        return None
+    if code == 0:
+        increment_version(tensors)  # written behind autograd's back: tell it, as an in-place op would
+    return coef
 
 
 def input_row(x: Tensor) -> Optional[Tensor]:

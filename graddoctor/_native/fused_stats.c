@@ -256,6 +256,25 @@ int gd_scale(int64_t ntensors, void *const *y, const int64_t *numels, double sca
     return code;
 }
 
+/* Clip float32 tensors by their global L2 norm `total[0]` as torch.nn.utils.clip_grad_norm_
+ * does, the coefficient included: coef = clamp(max_norm / (total + 1e-6), max=1), in float32
+ * and in PyTorch's order of operations (`max_norm / t` on a tensor is `t.reciprocal() * max_norm`;
+ * 1e-6 and max_norm are rounded to float32 as PyTorch rounds a Python scalar for a float32
+ * tensor). A NaN total gives a NaN coefficient, which NaNs every entry, as in PyTorch. The
+ * multiply is skipped when coef is exactly 1 (x * 1 == x for every float). Forming the
+ * coefficient here instead of with four 0-d tensor ops saves ~0.1 ms of a training step.
+ * Returns 0 if the tensors were multiplied, 1 if coef was 1 (nothing written), -1 as gd_pass
+ * (coef written, tensors not). */
+int gd_clip_scale(int64_t ntensors, void *const *y, const int64_t *numels, const float *total, double max_norm,
+                  float *coef, int32_t nthreads) {
+    float reciprocal = 1.0f / (total[0] + (float)1e-6);
+    float c = reciprocal * (float)max_norm;
+    if (c > 1.0f) c = 1.0f; /* a NaN fails the test and stays NaN, as torch.clamp keeps it */
+    coef[0] = c;
+    if (c == 1.0f) return 1;
+    return gd_scale(ntensors, y, numels, (double)c, nthreads);
+}
+
 /* A gradient step's statistics, and with w the L2 norms of the weights (wnorm, float32), read
  * in the same pass (GD_STATS2; w[t] must have as many entries as x[t], in x's dtype):
  *   norm[t]   L2 norm, rounded to float32;

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .._stats import TensorStats
-from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_coefficient, group_present,
-                    scale_, scale_each_, scaled_stats)
+from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_by_total_norm_, clip_coefficient,
+                    group_present, scale_each_, scaled_stats)
 
 
 def stats_device(params: Sequence[Tensor]) -> torch.device:
@@ -95,9 +95,7 @@ def clip_norm(max_norm: float = 1.0) -> GradientTransform:
     m = check_positive("max_norm", max_norm)
 
     def update(grads: Grads, state: ClipState, stats: TensorStats, params=None):
-        coef = clip_coefficient(m, stats.total_norm)
-        scale_(grads, coef)
-        return grads, ClipState(coef)
+        return grads, ClipState(clip_by_total_norm_(grads, m, stats.total_norm))
 
     return GradientTransform("clip_norm", _clip_init, update, lambda s: {"coef": s.coef},
                              stats_after=lambda stats, s: scaled_stats(stats, s.coef))
