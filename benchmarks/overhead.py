@@ -13,12 +13,13 @@ Variants, each on its own copy of the same model, stepped in turn (interleaved, 
                           watch's total norm, so clipping costs one multiply pass per group (none on
                           a CPU step that does not clip: the coefficient is 1 and in host memory)
   watch(default)+guard  the same with watch's default activation sampling
---set picks which run together (default: watch); --max-norm sets the clipping threshold of both
+--set picks which run together (default: watch); --control adds a second, identical clip_grad_norm_
+variant (an A/A control: its ratio to the first is the run-to-run noise of this harness); --max-norm sets the clipping threshold of both
 clip_grad_norm_ and the guard (at 1.0 this workload clips ~90% of steps; at 100, ~1%). The run
 prints how many steps clip_grad_norm_ actually clipped, and whether the native kernel was used.
 
 Usage: python benchmarks/overhead.py [--set watch|guard|all] [--max-norm 1.0] [--weight-every N] [--steps 200]
-                                    [--device cpu|cuda]
+                                    [--control] [--device cpu|cuda]
 Prints a markdown table of medians and ratios.
 """
 from __future__ import annotations
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--max-norm", type=float, default=1.0,
                     help="max_norm of clip_grad_norm_ and of the guard's clip_norm (1.0: clips every step here; "
                          "100: never clips)")
+    ap.add_argument("--control", action="store_true",
+                    help="add a second clip_grad_norm_ variant, identical to the first: an A/A control whose "
+                         "ratio to the first shows how far two equal variants differ in this harness")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = make_model(args.depth, args.width, args.device)
@@ -118,6 +122,8 @@ def main() -> None:
                       Variant("watch(default)+guard", copy.deepcopy(base), f"{tmp}/b", dict(extra), False, max_norm=m)],
         }
         variants = sets[args.set] if args.set != "all" else sets["watch"] + sets["guard"][2:]
+        if args.control:
+            variants.append(Variant("clip_grad_norm (A/A control)", copy.deepcopy(base), None, None, True, max_norm=m))
         for i in range(args.warmup + args.steps):
             order = variants[i % len(variants):] + variants[:i % len(variants)]
             for v in order:
