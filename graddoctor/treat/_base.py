@@ -237,7 +237,8 @@ def clip_by_total_norm_(grads: Grads, max_norm: float, total: Tensor) -> Tensor:
     gradients the native kernel forms the coefficient and multiplies in one call, saving the
     four 0-d tensor ops, which inside a training step cost ~0.1 ms (BENCHMARKS.md).
     """
-    coef = _native.clip_scale_(grads, total, max_norm) if total.device.type == "cpu" else None  # type: ignore[arg-type]
+    # None where the kernel cannot: off the CPU, other dtypes, missing gradients
+    coef = _native.clip_scale_(grads, total, max_norm)  # type: ignore[arg-type]
     if coef is None:
         coef = clip_coefficient(max_norm, total)
         scale_(grads, coef)
