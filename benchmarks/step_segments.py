@@ -27,15 +27,9 @@ from torch import nn
 import graddoctor as gd
 from graddoctor import _watch
 from graddoctor.treat import _transforms
+from overhead import make_model  # the same workload (benchmarks/ is the script's folder)
 
 SEGMENTS = ("forward", "backward", "between", "optimizer", "step")
-
-
-def make_model() -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(16):
-        layers += [nn.Linear(512, 512), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(512, 10))
 
 
 # Pieces are timed only while the watch+guard variant steps (the watch variant calls some of them too).
@@ -74,7 +68,7 @@ def main() -> None:
     if args.pieces:
         wrap_pieces(pieces)
     torch.manual_seed(0)
-    base = make_model()
+    base = make_model(16, 512, "cpu")
     x, y = torch.randn(256, 512), torch.randint(0, 10, (256,))
     variants = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,17 +28,11 @@ import torch
 from torch import nn
 
 from graddoctor import _native
+from overhead import make_model  # the same workload (benchmarks/ is the script's folder)
 
 VARIANTS = ("none", "grads", "grads+weights", "weights after backward", "weights after optimizer",
             "weights before forward")
 PARTS = ("pass", "forward", "backward", "optimizer", "step")
-
-
-def make_model() -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(16):
-        layers += [nn.Linear(512, 512), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(512, 10))
 
 
 def timed(fn) -> float:
@@ -87,7 +81,7 @@ def main() -> None:
         raise SystemExit(_native.status())
     torch.manual_seed(args.seed)
     order = random.Random(args.seed)
-    model = make_model()
+    model = make_model(16, 512, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     params = list(model.parameters())
     x, y = torch.randn(256, 512), torch.randint(0, 10, (256,))
