@@ -1,11 +1,12 @@
 """`serve`: a live local dashboard of runs while they are recorded.
 
     graddoctor serve runs/exp1 [runs/exp2 ...] [--host 127.0.0.1] [--port 8765] [--refresh 5] [--busy 0.1]
+                                               [--token TOKEN | --no-token]
 
 or from Python (a notebook, a test):
 
     dash = graddoctor.serve.start(["runs/exp1"], port=0)   # port 0: any free port
-    print(dash.url)
+    print(dash.link)   # the address to open (with its token, if one is asked)
     ...
     dash.stop()
 
@@ -27,6 +28,11 @@ non-finite floats spelled "NaN"/"Infinity" as in the rest of graddoctor's JSON);
 runs' sections as an HTML fragment. Nothing is
 fetched from the network: the page's plots are inline PNG, its script and style are inline.
 
+Who may read it: on a loopback address (the default, 127.0.0.1) anyone on this machine, as with
+TensorBoard. On any other address the server asks for a token, random unless given, as Jupyter
+does: the printed address carries it (`?token=...`), and the page, once opened with it, keeps it in
+a cookie for its polls. Every other request is refused with 403.
+
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
 create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
 shows every run found below it, and runs started later appear as they write their first flush.
@@ -36,14 +42,20 @@ other runs.
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
 import math
+import re
+import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -327,13 +339,21 @@ _PAGE = """<!DOCTYPE html>
 
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard  # set on the subclass made by `start`
+    token: Optional[str] = None  # asked of every request when set (see `start`)
     verbose = False
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
         try:
-            if path == "/":
-                self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.dashboard.page())
+            given = self._given_token()
+            if self.token is not None and (given is None or not hmac.compare_digest(given.encode(), self.token.encode())):
+                self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8",
+                           "this dashboard asks for its token: open the address graddoctor serve printed "
+                           "(it ends in ?token=...)\n")
+            elif path == "/":
+                cookie = {"Set-Cookie": f"{self._cookie_name()}={self.token}; Path=/; HttpOnly; SameSite=Strict"}
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.dashboard.page(),
+                           cookie if self.token is not None else None)
             elif path == "/status":
                 body = json.dumps(encode_nonfinite(self.dashboard.status()), allow_nan=False)
                 self._send(HTTPStatus.OK, "application/json", body)
@@ -345,6 +365,21 @@ class _Handler(BaseHTTPRequestHandler):
                            f"no page {path!r}: this server has /, /status and /content\n")
         except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
             pass
+
+    def _cookie_name(self) -> str:
+        # Cookies are not kept per port: a name per port keeps two dashboards on one host apart.
+        return f"graddoctor_token_{self.server.server_address[1]}"
+
+    def _given_token(self) -> Optional[str]:
+        """The token in the query (`?token=`), else in the page's cookie; None if neither."""
+        query = parse_qs(urlsplit(self.path).query).get("token")
+        if query:
+            return query[0]
+        try:
+            morsel = SimpleCookie(self.headers.get("Cookie", "")).get(self._cookie_name())
+        except CookieError:
+            return None
+        return morsel.value if morsel is not None else None
 
     def _send(self, code: HTTPStatus, kind: str, body: str, headers: Optional[dict[str, str]] = None) -> None:
         data = body.encode("utf-8")
@@ -370,6 +405,9 @@ class Server:
         host, port = httpd.server_address[:2]
         self.host, self.port = str(host), int(port)
         self.url = f"http://{'localhost' if self.host in ('127.0.0.1', '::1') else self.host}:{self.port}/"
+        self.token: Optional[str] = httpd.RequestHandlerClass.token  # type: ignore[attr-defined]
+        # the address to open: the page with its token, which it then keeps in a cookie
+        self.link = self.url + (f"?token={self.token}" if self.token is not None else "")
 
     def stop(self) -> None:
         """Stop serving and free the port."""
@@ -385,12 +423,32 @@ class Server:
         self.stop()
 
 
-def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, busy: float, verbose: bool
-          ) -> tuple[ThreadingHTTPServer, Dashboard]:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _token(token: Optional[str], host: str) -> Optional[str]:
+    """The token the server asks for: `token` itself, or for "auto" none on loopback and a random one elsewhere."""
+    if token == "auto":
+        return None if _is_loopback(host) else secrets.token_urlsafe(16)
+    if token is not None and not (isinstance(token, str) and re.fullmatch(r"[A-Za-z0-9._~-]+", token)):
+        raise ConfigError(f"token={token!r} is not allowed: use letters, digits and . _ ~ - (at least one), "
+                          f"'auto' (none on a loopback host, a random one elsewhere) or None (no token)")
+    return token
+
+
+def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, busy: float, verbose: bool,
+          token: Optional[str]) -> tuple[ThreadingHTTPServer, Dashboard]:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port={port!r} is not allowed: use an integer from 1 to 65535, or 0 for any free port")
     dashboard = Dashboard(run_dirs, refresh, busy)
-    handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose})
+    handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose,
+                                                    "token": _token(token, host)})
     try:
         httpd = ThreadingHTTPServer((host, port), handler)
     except OSError as e:
@@ -401,8 +459,9 @@ def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, 
 
 
 def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False) -> Server:
-    """Serve the dashboard from a background thread; returns the `Server` (`.url`, `.stop()`).
+          refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False,
+          token: Optional[str] = "auto") -> Server:
+    """Serve the dashboard from a background thread; returns the `Server` (`.link`, `.url`, `.stop()`).
 
     Args:
       run_dirs: run directories written (or about to be written) by `graddoctor.watch`.
@@ -411,19 +470,23 @@ def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = D
       refresh: seconds between the page's status polls.
       busy: the largest share of one core spent drawing sections (see `Dashboard`); 1: draw on every change.
       verbose: log every request to stderr.
+      token: asked of every request (in `?token=`, then in the cookie the page gets): "auto" (the
+        default) asks none on a loopback host and a random one on any other; None asks none.
+        `Server.link` is the address to open, token included.
     """
-    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose)
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token)
     thread = threading.Thread(target=httpd.serve_forever, name="graddoctor-serve", daemon=True)
     thread.start()
     return Server(httpd, thread, dashboard)
 
 
 def serve_forever(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                  refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False) -> None:
+                  refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False,
+                  token: Optional[str] = "auto") -> None:
     """Serve the dashboard in this thread until interrupted (Ctrl-C); arguments as `start`."""
-    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose)
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token)
     server = Server(httpd, None, dashboard)
-    print(f"graddoctor serve: {server.url} (Ctrl-C to stop)", flush=True)
+    print(f"graddoctor serve: {server.link} (Ctrl-C to stop)", flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -446,12 +509,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--busy", type=float, default=DEFAULT_BUSY,
                    help=f"largest share of one core spent re-drawing plots "
                         f"(default {DEFAULT_BUSY:g}; 1: on every flush)")
+    access = p.add_mutually_exclusive_group()
+    access.add_argument("--token", default="auto",
+                        help="ask every request for this token (default: none on a loopback --host, a random one, "
+                             "printed in the address, on any other)")
+    access.add_argument("--no-token", dest="token", action="store_const", const=None,
+                        help="ask no token, even on a --host other machines can reach")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose)
+    serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose, args.token)
     return 0
 
 

@@ -285,6 +285,75 @@ def test_a_damaged_loss_chunk_makes_the_status_say_so(tmp_path):
     assert s["state"] == "error" and "series 'loss'" in s["error"]
 
 
+def _get_with(url: str, cookie: str = "") -> tuple[int, str, dict]:
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+def test_a_token_guards_every_route(tmp_path):
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    with gd.serve.start([tmp_path / "a"], port=0, token="s3cret") as dash:
+        assert dash.token == "s3cret" and dash.link == dash.url + "?token=s3cret"
+        for path in ("", "status", "content", "?token=wrong", "status?token=s3cre", "?token=%C3%A9"):
+            code, body, _ = _get_with(dash.url + path)
+            assert code == 403 and "token" in body, path
+        code, page, headers = _get_with(dash.link)
+        assert code == 200 and "figure class=\"plot\"" in page
+        name = f"graddoctor_token_{dash.port}"
+        assert headers["Set-Cookie"] == f"{name}=s3cret; Path=/; HttpOnly; SameSite=Strict"
+        code, body, _ = _get_with(dash.url + "status", cookie=f"{name}=s3cret")  # what the page's polls send
+        assert code == 200 and _strict_json(body)["runs"][0]["steps"] == 5
+        assert _get_with(dash.url + "content", cookie=f"{name}=s3cret")[0] == 200
+        assert _get_with(dash.url + "status", cookie=f"{name}=wrong")[0] == 403
+        assert _get_with(dash.url + "status", cookie="graddoctor_token_1=s3cret")[0] == 403  # another port's
+        assert _get_with(dash.url + "status", cookie="\x7f;;=")[0] == 403  # a cookie that does not parse
+
+
+def test_a_token_is_asked_by_default_only_off_loopback(tmp_path):
+    with gd.serve.start([tmp_path], port=0) as dash:
+        assert dash.token is None and dash.link == dash.url
+        assert _get_with(dash.url + "status")[0] == 200
+    with gd.serve.start([tmp_path], host="0.0.0.0", port=0) as dash:  # reachable from other machines
+        assert dash.token is not None and len(dash.token) >= 16 and dash.link.endswith(f"?token={dash.token}")
+        local = f"http://127.0.0.1:{dash.port}/"
+        assert _get_with(local + "status")[0] == 403
+        assert _get_with(local + f"status?token={dash.token}")[0] == 200
+    with gd.serve.start([tmp_path], host="0.0.0.0", port=0) as other:
+        assert other.token != dash.token  # random each time
+    with gd.serve.start([tmp_path], host="0.0.0.0", port=0, token=None) as dash:
+        assert dash.token is None and _get_with(f"http://127.0.0.1:{dash.port}/status")[0] == 200
+    for bad in ("", "a b", "x/y", 5):
+        with pytest.raises(ConfigError, match=f"token={bad!r} is not allowed"):
+            gd.serve.start([tmp_path], port=0, token=bad)
+
+
+def test_cli_prints_the_address_with_its_token(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for options, tokened in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--no-token"], False),
+                             (["--token", "mine"], True)):
+        proc = subprocess.Popen([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--port", "0",
+                                 *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        try:
+            link = proc.stdout.readline().split()[2]
+            assert ("?token=" in link) == tokened, (options, link)
+            assert link.endswith("?token=mine") == (options[-1] == "mine")
+            port = link.split(":")[2].split("/")[0]
+            assert _get_with(f"http://127.0.0.1:{port}/status")[0] == (403 if tokened else 200)
+            assert _get_with(link.replace("0.0.0.0", "127.0.0.1").replace("localhost", "127.0.0.1"))[0] == 200
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    both = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--token", "a", "--no-token"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
 def test_cli_serves_until_interrupted(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
@@ -358,6 +427,30 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     assert f"{len(live)} live finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
     assert bar[0] == ("critical" if critical else "")
     assert errors == [] and foreign == []
+
+
+@pytestmark_browser
+def test_a_tokened_dashboard_works_in_chromium_and_refuses_without_the_token(tmp_path):
+    """The page opened with ?token= keeps polling through its cookie; a browser without it is refused."""
+    from playwright.sync_api import sync_playwright
+    run_dir = tmp_path / "a"
+    errors = []
+    with gd.serve.start([run_dir], port=0, refresh=0.2, busy=1.0, token="t0k") as dash, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(dash.link, wait_until="load")
+        t = Trainer(run_dir, flush_every=5)
+        t.steps(10)
+        t.close()
+        # the polls carry no ?token=: only the cookie lets them through
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('10 steps, finished')",
+                               timeout=60_000)
+        stranger = browser.new_context().new_page()  # no cookie
+        response = stranger.goto(dash.url)
+        assert response.status == 403 and "token" in stranger.inner_text("body")
+        browser.close()
+    assert errors == []
 
 
 @pytestmark_browser
