@@ -31,7 +31,9 @@ fetched from the network: the page's plots are inline PNG, its script and style 
 Who may read it: on a loopback address (the default, 127.0.0.1) anyone on this machine, as with
 TensorBoard. On any other address the server asks for a token, random unless given, as Jupyter
 does: the printed address carries it (`?token=...`), and the page, once opened with it, keeps it in
-a cookie for its polls. Every other request is refused with 403.
+a cookie for its polls. Every other request is refused with 403. A loopback server without a token
+answers only requests addressed to a localhost name (the Host header), so that a web page elsewhere
+cannot read it through the browser by pointing a name of its own at 127.0.0.1 (DNS rebinding).
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
 create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
@@ -340,13 +342,18 @@ _PAGE = """<!DOCTYPE html>
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard  # set on the subclass made by `start`
     token: Optional[str] = None  # asked of every request when set (see `start`)
+    loopback_only = False  # on a loopback address without a token: answer localhost Host headers only
     verbose = False
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
         try:
             given = self._given_token()
-            if self.token is not None and (given is None or not hmac.compare_digest(given.encode(), self.token.encode())):
+            if self.loopback_only and not self._host_is_loopback():
+                self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8",
+                           f"this dashboard answers to localhost names only, not Host: {self.headers.get('Host')!r} "
+                           "(a page elsewhere may be trying to read it); open it as http://localhost:PORT/\n")
+            elif self.token is not None and (given is None or not hmac.compare_digest(given.encode(), self.token.encode())):
                 self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8",
                            "this dashboard asks for its token: open the address graddoctor serve printed "
                            "(it ends in ?token=...)\n")
@@ -365,6 +372,12 @@ class _Handler(BaseHTTPRequestHandler):
                            f"no page {path!r}: this server has /, /status and /content\n")
         except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
             pass
+
+    def _host_is_loopback(self) -> bool:
+        # A web page elsewhere can point a name it controls at 127.0.0.1 (DNS rebinding) and read
+        # an open local server through the visitor's browser; its requests carry that name as Host.
+        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
+        return _is_loopback(host)
 
     def _cookie_name(self) -> str:
         # Cookies are not kept per port: a name per port keeps two dashboards on one host apart.
@@ -447,8 +460,9 @@ def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port={port!r} is not allowed: use an integer from 1 to 65535, or 0 for any free port")
     dashboard = Dashboard(run_dirs, refresh, busy)
-    handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose,
-                                                    "token": _token(token, host)})
+    token = _token(token, host)
+    handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose, "token": token,
+                                                    "loopback_only": token is None and _is_loopback(host)})
     try:
         httpd = ThreadingHTTPServer((host, port), handler)
     except OSError as e:

@@ -315,6 +315,24 @@ def test_a_token_guards_every_route(tmp_path):
         assert _get_with(dash.url + "status", cookie="\x7f;;=")[0] == 403  # a cookie that does not parse
 
 
+def test_an_open_local_server_answers_localhost_names_only(tmp_path):
+    # DNS rebinding: a page at evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example
+    with gd.serve.start([tmp_path], port=0) as dash:
+        for host in (f"localhost:{dash.port}", f"127.0.0.1:{dash.port}", "[::1]", "127.1.2.3"):
+            request = urllib.request.Request(dash.url + "status", headers={"Host": host})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                assert r.status == 200, host
+        for host in (f"evil.example:{dash.port}", "localhost.evil.example", "10.0.0.1", ""):
+            request = urllib.request.Request(dash.url + "status", headers={"Host": host})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 403 and "localhost names only" in refused.value.read().decode(), host
+    with gd.serve.start([tmp_path], port=0, token="t") as dash:  # the token guards it instead
+        request = urllib.request.Request(dash.link, headers={"Host": "evil.example"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200
+
+
 def test_a_token_is_asked_by_default_only_off_loopback(tmp_path):
     with gd.serve.start([tmp_path], port=0) as dash:
         assert dash.token is None and dash.link == dash.url
