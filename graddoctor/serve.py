@@ -57,9 +57,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 from pathlib import Path
 from typing import Any, Optional, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 from ._errors import ConfigError, GradDoctorError
 from ._nonfinite_json import encode_nonfinite
@@ -348,15 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
         try:
-            given = self._given_token()
-            if self.loopback_only and not self._host_is_loopback():
-                self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8",
-                           f"this dashboard answers to localhost names only, not Host: {self.headers.get('Host')!r} "
-                           "(a page elsewhere may be trying to read it); open it as http://localhost:PORT/\n")
-            elif self.token is not None and (given is None or not hmac.compare_digest(given.encode(), self.token.encode())):
-                self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8",
-                           "this dashboard asks for its token: open the address graddoctor serve printed "
-                           "(it ends in ?token=...)\n")
+            refused = self._refusal()
+            if refused is not None:
+                self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", refused)
             elif path == "/":
                 cookie = {"Set-Cookie": f"{self._cookie_name()}={self.token}; Path=/; HttpOnly; SameSite=Strict"}
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.dashboard.page(),
@@ -372,6 +366,17 @@ class _Handler(BaseHTTPRequestHandler):
                            f"no page {path!r}: this server has /, /status and /content\n")
         except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
             pass
+
+    def _refusal(self) -> Optional[str]:
+        """Why this request may not read the dashboard (the 403's text), or None."""
+        if self.loopback_only and not self._host_is_loopback():
+            return (f"this dashboard answers to localhost names only, not Host: {self.headers.get('Host')!r} "
+                    "(a page elsewhere may be trying to read it); open it as http://localhost:PORT/\n")
+        if self.token is not None:
+            given = self._given_token()
+            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+                return "this dashboard asks for its token: open the address graddoctor serve printed (it ends in ?token=...)\n"
+        return None
 
     def _host_is_loopback(self) -> bool:
         # A web page elsewhere can point a name it controls at 127.0.0.1 (DNS rebinding) and read
