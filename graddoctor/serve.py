@@ -375,7 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.token is not None:
             given = self._given_token()
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
-                return "this dashboard asks for its token: open the address graddoctor serve printed (it ends in ?token=...)\n"
+                return ("this dashboard asks for its token: open the address graddoctor serve printed "
+                        "(it ends in ?token=...)\n")
         return None
 
     def _host_is_loopback(self) -> bool:
