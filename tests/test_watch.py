@@ -94,8 +94,8 @@ def test_gradient_accumulation_records_the_accumulated_gradient(tmp_path):
 
 
 def test_a_reused_input_buffer_is_measured_batch_by_batch(tmp_path):
-    # The batch is kept at forward and measured at step() (or at the next forward): each
-    # micro-batch copied into one reused buffer must still count, as it was when its forward ran.
+    # Each micro-batch copied into one reused input buffer must count as it was when its forward
+    # ran. Measuring the batch later (at step(), to save the hook's cost) would see only the last.
     torch.manual_seed(0)
     model = mlp()
     xs = [torch.randn(4, 6) * s for s in (5.0, 1.0, 0.5)]  # the largest first: the last alone would be wrong
