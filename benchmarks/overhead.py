@@ -19,14 +19,17 @@ clip_grad_norm_ and the guard (at 1.0 this workload clips ~90% of steps; at 100,
 prints how many steps clip_grad_norm_ actually clipped, and whether the native kernel was used.
 
 Usage: python benchmarks/overhead.py [--set watch|guard|all] [--max-norm 1.0] [--weight-every N] [--steps 200]
-                                    [--control] [--device cpu|cuda]
+                                    [--control] [--processes K] [--device cpu|cuda]
 Prints a markdown table of medians and ratios.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -99,7 +102,31 @@ def main() -> None:
     ap.add_argument("--control", action="store_true",
                     help="add a second clip_grad_norm_ variant, identical to the first: an A/A control whose "
                          "ratio to the first shows how far two equal variants differ in this harness")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the set in this many fresh processes, one after another, and also print each "
+                         "variant's ratios per process and their median (a process's memory layout stays with "
+                         "it for all its steps, so one process is one sample of it)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one process's medians, for --processes
     args = ap.parse_args()
+    if args.processes > 1:
+        across_processes(args)
+        return
+    med, clipped = run_once(args)
+    if args.json:
+        print(json.dumps(med))
+        return
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"model={args.depth}x{args.width} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)")
+    print(f"weight_every={args.weight_every or 'default'} set={args.set} max_norm={args.max_norm}: clip_grad_norm_ "
+          f"scaled the gradients on {clipped} of {args.steps} timed steps; {gd.native_status()}")
+    print("| variant | median step (ms) | ratio to baseline | ratio to clip_grad_norm |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, m in med.items():
+        print(f"| {name} | {m * 1e3:.2f} | {m / med['baseline']:.3f} | {m / med['clip_grad_norm']:.3f} |")
+
+
+def run_once(args: argparse.Namespace) -> tuple[dict[str, float], int]:
+    """Step the set's variants in turn; their median step times (s), and how many steps clip_grad_norm_ clipped."""
     torch.manual_seed(0)
     base = make_model(args.depth, args.width, args.device)
     x = torch.randn(args.batch, args.width, device=args.device)
@@ -131,16 +158,32 @@ def main() -> None:
         for v in variants:
             if v.watch is not None:
                 v.watch.close()
-    med = {v.name: statistics.median(v.times) for v in variants}
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"model={args.depth}x{args.width} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)")
-    clipping = variants[1]
-    print(f"weight_every={args.weight_every or 'default'} set={args.set} max_norm={args.max_norm}: clip_grad_norm_ scaled the gradients on {clipping.clipped} of {args.steps} timed steps; "
-          f"{gd.native_status()}")
-    print("| variant | median step (ms) | ratio to baseline | ratio to clip_grad_norm |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, m in med.items():
-        print(f"| {name} | {m * 1e3:.2f} | {m / med['baseline']:.3f} | {m / med['clip_grad_norm']:.3f} |")
+    return {v.name: statistics.median(v.times) for v in variants}, variants[1].clipped
+
+
+def across_processes(args: argparse.Namespace) -> None:
+    """Run the set in `args.processes` fresh processes; print each one's ratios to clip_grad_norm_ and their median."""
+    argv = sys.argv[1:]
+    i = argv.index("--processes")
+    del argv[i:i + 2]
+    runs = []
+    for k in range(args.processes):
+        done = subprocess.run([sys.executable, __file__, *argv, "--json"], capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"process {k + 1} of {args.processes} done", file=sys.stderr, flush=True)
+    names = list(runs[0])
+    print(f"set={args.set} weight_every={args.weight_every or 'default'} max_norm={args.max_norm} steps={args.steps} "
+          f"processes={args.processes}; {gd.native_status()}")
+    print("| variant | " + " | ".join(f"process {k + 1}" for k in range(len(runs))) + " | median |")
+    print("| --- |" + " ---: |" * (len(runs) + 1))
+    for name in names[2:]:  # after baseline and clip_grad_norm itself
+        ratios = [r[name] / r["clip_grad_norm"] for r in runs]
+        print(f"| {name} / clip_grad_norm | " + " | ".join(f"{q:.3f}" for q in ratios)
+              + f" | {statistics.median(ratios):.3f} |")
+    for name in names[1:]:
+        ratios = [r[name] / r["baseline"] for r in runs]
+        print(f"| {name} / baseline | " + " | ".join(f"{q:.3f}" for q in ratios)
+              + f" | {statistics.median(ratios):.3f} |")
 
 
 if __name__ == "__main__":
