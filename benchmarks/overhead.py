@@ -163,9 +163,9 @@ def run_once(args: argparse.Namespace) -> tuple[dict[str, float], int]:
 
 def across_processes(args: argparse.Namespace) -> None:
     """Run the set in `args.processes` fresh processes; print each one's ratios to clip_grad_norm_ and their median."""
-    argv = sys.argv[1:]
-    i = argv.index("--processes")
-    del argv[i:i + 2]
+    argv = sys.argv[1:]  # the same options for each process, less --processes K / --processes=K
+    i = next(j for j, a in enumerate(argv) if a.startswith("--processes"))
+    del argv[i:i + (1 if "=" in argv[i] else 2)]
     runs = []
     for k in range(args.processes):
         done = subprocess.run([sys.executable, __file__, *argv, "--json"], capture_output=True, text=True, check=True)
