@@ -14,7 +14,10 @@ Variants, each on its own copy of the same model, stepped in turn (interleaved, 
                           a CPU step that does not clip: the coefficient is 1 and in host memory)
   watch(default)+guard  the same with watch's default activation sampling
 --set picks which run together (default: watch); --control adds a second, identical clip_grad_norm_
-variant (an A/A control: its ratio to the first is the run-to-run noise of this harness); --max-norm sets the clipping threshold of both
+variant (an A/A control: its ratio to the first is the run-to-run noise of this harness); --processes K
+runs the set in K fresh processes one after another and prints each one's ratios and their median (a
+process keeps its memory layout for all its steps, and clip_grad_norm_'s own cost differs by process
+far more than inside one); --max-norm sets the clipping threshold of both
 clip_grad_norm_ and the guard (at 1.0 this workload clips ~90% of steps; at 100, ~1%). The run
 prints how many steps clip_grad_norm_ actually clipped, and whether the native kernel was used.
 
