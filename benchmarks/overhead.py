@@ -166,12 +166,11 @@ def run_once(args: argparse.Namespace) -> tuple[dict[str, float], int]:
 
 def across_processes(args: argparse.Namespace) -> None:
     """Run the set in `args.processes` fresh processes; print each one's ratios to clip_grad_norm_ and their median."""
-    argv = sys.argv[1:]  # the same options for each process, less --processes K / --processes=K
-    i = next(j for j, a in enumerate(argv) if a.startswith("--processes"))
-    del argv[i:i + (1 if "=" in argv[i] else 2)]
+    # The same options for each process; the last --processes given wins, so each runs once.
+    command = [sys.executable, __file__, *sys.argv[1:], "--processes", "1", "--json"]
     runs = []
     for k in range(args.processes):
-        done = subprocess.run([sys.executable, __file__, *argv, "--json"], capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"process {k + 1} of {args.processes} done", file=sys.stderr, flush=True)
     names = list(runs[0])
@@ -179,13 +178,10 @@ def across_processes(args: argparse.Namespace) -> None:
           f"processes={args.processes}; {gd.native_status()}")
     print("| variant | " + " | ".join(f"process {k + 1}" for k in range(len(runs))) + " | median |")
     print("| --- |" + " ---: |" * (len(runs) + 1))
-    for name in names[2:]:  # after baseline and clip_grad_norm itself
-        ratios = [r[name] / r["clip_grad_norm"] for r in runs]
-        print(f"| {name} / clip_grad_norm | " + " | ".join(f"{q:.3f}" for q in ratios)
-              + f" | {statistics.median(ratios):.3f} |")
-    for name in names[1:]:
-        ratios = [r[name] / r["baseline"] for r in runs]
-        print(f"| {name} / baseline | " + " | ".join(f"{q:.3f}" for q in ratios)
+    rows = [(name, "clip_grad_norm") for name in names[2:]] + [(name, "baseline") for name in names[1:]]
+    for name, against in rows:  # names[0:2] are baseline and clip_grad_norm themselves
+        ratios = [r[name] / r[against] for r in runs]
+        print(f"| {name} / {against} | " + " | ".join(f"{q:.3f}" for q in ratios)
               + f" | {statistics.median(ratios):.3f} |")
 
 

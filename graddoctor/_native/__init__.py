@@ -211,6 +211,7 @@ def _scan(tensors: Sequence[Tensor], writable: bool = False) -> Optional[_Scan]:
         return None
     pointers, numels = [], []
     for t in tensors:
+        # is_contiguous() first: the common case, without the call into _dense's other layouts
         if not (type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == dtype and (t.is_contiguous() or _dense(t))
                 and not (writable and t.requires_grad)):
             return None
