@@ -9,6 +9,10 @@ never does; this measures that read on its own, at each place in the step it cou
   weights after backward  a weight-norm pass after backward, before the optimizer step
   weights after optimizer a weight-norm pass right after the optimizer step
   weights before forward  a weight-norm pass before the forward
+  weights in forward hooks   each Linear's weight and bias read by a forward pre-hook, right before
+                          its matmul reads them too (so the matmul might find them in the cache)
+  grads+weights in backward hooks  each parameter's gradient and weight read by a post-accumulate-grad
+                          hook, as backward writes the gradient (both just touched, so in the cache)
 
 One model (so one memory layout) steps through the variants, in a shuffled order each round, so
 that no variant always follows the same one (a read right after another read of the same weights
@@ -31,7 +35,7 @@ from graddoctor import _native
 from overhead import make_model  # the same workload (benchmarks/ is the script's folder)
 
 VARIANTS = ("none", "grads", "grads+weights", "weights after backward", "weights after optimizer",
-            "weights before forward")
+            "weights before forward", "weights in forward hooks", "grads+weights in backward hooks")
 PARTS = ("pass", "forward", "backward", "optimizer", "step")
 
 
@@ -41,10 +45,26 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def install_hooks(variant: str, model: nn.Module, params: list, spent: list[float]) -> list:
+    """The hooks of the two hook variants (their handles); each adds its seconds to `spent`."""
+    def read(fn) -> None:
+        spent.append(timed(fn))
+    if variant == "weights in forward hooks":
+        return [m.register_forward_pre_hook(lambda m, _a: read(lambda: _native.norms([m.weight, m.bias])))
+                for m in model.modules() if isinstance(m, nn.Linear)]
+    if variant == "grads+weights in backward hooks":
+        return [p.register_post_accumulate_grad_hook(lambda p: read(lambda: _native.grad_stats([p.grad], [p])))
+                for p in params]
+    return []
+
+
 def step(variant: str, model: nn.Module, opt: torch.optim.Optimizer, params: list, x, y) -> dict[str, float]:
-    """One training step with the variant's read; the seconds of each part."""
+    """One training step with the variant's read; the seconds of each part (the hooks' own time
+    is in `pass` and also inside forward or backward, which it is part of)."""
     weights = lambda: _native.norms(params)  # noqa: E731
     read = 0.0
+    spent: list[float] = []
+    handles = install_hooks(variant, model, params, spent)
     t0 = time.perf_counter()
     if variant == "weights before forward":
         read = timed(weights)
@@ -67,6 +87,9 @@ def step(variant: str, model: nn.Module, opt: torch.optim.Optimizer, params: lis
     if variant == "weights after optimizer":
         read = timed(weights)
     t6 = time.perf_counter()
+    for h in handles:
+        h.remove()
+    read += sum(spent)
     return dict(zip(PARTS, (read, t2 - t1, t3 - t2, t5 - t4, t6 - t0)))
 
 
