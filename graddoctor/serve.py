@@ -1,7 +1,7 @@
 """`serve`: a live local dashboard of runs while they are recorded.
 
     graddoctor serve runs/exp1 [runs/exp2 ...] [--host 127.0.0.1] [--port 8765] [--refresh 5] [--busy 0.1]
-                                               [--token TOKEN | --no-token]
+                                               [--token TOKEN | --no-token] [--certfile PEM [--keyfile PEM]]
 
 or from Python (a notebook, a test):
 
@@ -34,6 +34,10 @@ does: the printed address carries it (`?token=...`), and the page, once opened w
 a cookie for its polls. Every other request is refused with 403. A loopback server without a token
 answers only requests addressed to a localhost name (the Host header), so that a web page elsewhere
 cannot read it through the browser by pointing a name of its own at 127.0.0.1 (DNS rebinding).
+With `--certfile` (and `--keyfile`, unless the key is in the same PEM file) the server speaks HTTPS
+only, so the token and the runs cross the network encrypted; the token's cookie is then marked Secure.
+A client that speaks plain HTTP to it, or fails the TLS handshake, is dropped without stopping the
+server.
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
 create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
@@ -50,7 +54,10 @@ import json
 import math
 import re
 import secrets
+import socket
 import sqlite3
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -339,11 +346,41 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
+_PLAIN_HTTP_REFUSAL = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
+                       b"this dashboard speaks HTTPS only: open the https:// address graddoctor serve printed\n")
+
+
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard  # set on the subclass made by `start`
     token: Optional[str] = None  # asked of every request when set (see `start`)
     loopback_only = False  # on a loopback address without a token: answer localhost Host headers only
+    tls_context: Optional[ssl.SSLContext] = None  # set: HTTPS only, and the token's cookie is marked Secure
     verbose = False
+    # Seconds a connection may sit idle (or mid-handshake) before its thread gives it up.
+    timeout = 60
+
+    def setup(self) -> None:
+        # TLS is set up here, in the connection's own thread, not on accept: one slow client
+        # cannot hold up the others, and a plain-HTTP client can be told what to open instead.
+        if self.tls_context is not None:
+            self.request.settimeout(self.timeout)
+            first = self.request.recv(1, socket.MSG_PEEK)
+            if not first:
+                raise ConnectionAbortedError("closed before sending anything")
+            if first != b"\x16":  # not a TLS handshake record: most likely plain HTTP
+                self.request.sendall(_PLAIN_HTTP_REFUSAL)
+                raise ConnectionAbortedError("plain HTTP sent to the HTTPS dashboard")
+            self.request = self.tls_context.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def finish(self) -> None:
+        super().finish()
+        if isinstance(self.request, ssl.SSLSocket):  # the server closes only the socket it accepted
+            self.request.close()
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_context is not None
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
@@ -352,7 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
             if refused is not None:
                 self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", refused)
             elif path == "/":
-                cookie = {"Set-Cookie": f"{self._cookie_name()}={self.token}; Path=/; HttpOnly; SameSite=Strict"}
+                secure = "; Secure" if self.tls else ""
+                cookie = {"Set-Cookie": f"{self._cookie_name()}={self.token}; Path=/; HttpOnly; SameSite=Strict{secure}"}
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.dashboard.page(),
                            cookie if self.token is not None else None)
             elif path == "/status":
@@ -371,7 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Why this request may not read the dashboard (the 403's text), or None."""
         if self.loopback_only and not self._host_is_loopback():
             return (f"this dashboard answers to localhost names only, not Host: {self.headers.get('Host')!r} "
-                    "(a page elsewhere may be trying to read it); open it as http://localhost:PORT/\n")
+                    f"(a page elsewhere may be trying to read it); open it as "
+                    f"{'https' if self.tls else 'http'}://localhost:{self.server.server_address[1]}/\n")
         if self.token is not None:
             given = self._given_token()
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -423,7 +462,9 @@ class Server:
         self._httpd, self._thread, self.dashboard = httpd, thread, dashboard
         host, port = httpd.server_address[:2]
         self.host, self.port = str(host), int(port)
-        self.url = f"http://{'localhost' if self.host in ('127.0.0.1', '::1') else self.host}:{self.port}/"
+        self.tls = httpd.RequestHandlerClass.tls_context is not None  # type: ignore[attr-defined]
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://{'localhost' if self.host in ('127.0.0.1', '::1') else self.host}:{self.port}/"
         self.token: Optional[str] = httpd.RequestHandlerClass.token  # type: ignore[attr-defined]
         # the address to open: the page with its token, which it then keeps in a cookie
         self.link = self.url + (f"?token={self.token}" if self.token is not None else "")
@@ -461,26 +502,67 @@ def _token(token: Optional[str], host: str) -> Optional[str]:
     return token
 
 
+def _tls_context(certfile: Optional[str | Path], keyfile: Optional[str | Path]) -> Optional[ssl.SSLContext]:
+    """A server TLS context from PEM files, or None for plain HTTP; a bad file is refused by name."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError(f"keyfile={str(keyfile)!r} was given without certfile: give the certificate "
+                              "(--certfile) too, or neither for plain HTTP")
+        return None
+    for what, path in (("certfile", certfile), ("keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{what}={str(path)!r} is not a file: give a PEM file "
+                              f"({'the certificate chain' if what == 'certfile' else 'its private key'})")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None)
+    except ssl.SSLError as e:
+        key = f" with keyfile={str(keyfile)!r}" if keyfile is not None else " (no keyfile: the key must be in it)"
+        raise ConfigError(f"certfile={str(certfile)!r}{key} cannot be used for TLS ({e.reason or e}): give a PEM "
+                          "certificate and the PEM private key that belongs to it") from e
+    return context
+
+
+class _DashboardHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    verbose = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that speaks plain HTTP to HTTPS, fails the handshake, or goes away is its own
+        # problem: one line with --verbose, no traceback, and the server keeps serving.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ssl.SSLError, ConnectionError, socket.timeout)):
+            if self.verbose:
+                print(f"graddoctor serve: dropped {client_address[0]}: {error}", file=sys.stderr)
+            return
+        super().handle_error(request, client_address)
+
+
 def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, busy: float, verbose: bool,
-          token: Optional[str]) -> tuple[ThreadingHTTPServer, Dashboard]:
+          token: Optional[str], certfile: Optional[str | Path] = None,
+          keyfile: Optional[str | Path] = None) -> tuple[ThreadingHTTPServer, Dashboard]:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port={port!r} is not allowed: use an integer from 1 to 65535, or 0 for any free port")
     dashboard = Dashboard(run_dirs, refresh, busy)
     token = _token(token, host)
+    context = _tls_context(certfile, keyfile)
     handler = type("DashboardHandler", (_Handler,), {"dashboard": dashboard, "verbose": verbose, "token": token,
-                                                    "loopback_only": token is None and _is_loopback(host)})
+                                                    "loopback_only": token is None and _is_loopback(host),
+                                                    "tls_context": context})
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        httpd = _DashboardHTTPServer((host, port), handler)
     except OSError as e:
         raise GradDoctorError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
                               f"pick another --port, or 0 for any free port") from e
-    httpd.daemon_threads = True
+    httpd.verbose = verbose
     return httpd, dashboard
 
 
 def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False,
-          token: Optional[str] = "auto") -> Server:
+          token: Optional[str] = "auto", certfile: Optional[str | Path] = None,
+          keyfile: Optional[str | Path] = None) -> Server:
     """Serve the dashboard from a background thread; returns the `Server` (`.link`, `.url`, `.stop()`).
 
     Args:
@@ -493,8 +575,10 @@ def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = D
       token: asked of every request (in `?token=`, then in the cookie the page gets): "auto" (the
         default) asks none on a loopback host and a random one on any other; None asks none.
         `Server.link` is the address to open, token included.
+      certfile, keyfile: PEM files of a TLS certificate (chain) and its private key: serve HTTPS only.
+        keyfile may be left out when the key is in certfile. None (the default): plain HTTP.
     """
-    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token)
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token, certfile, keyfile)
     thread = threading.Thread(target=httpd.serve_forever, name="graddoctor-serve", daemon=True)
     thread.start()
     return Server(httpd, thread, dashboard)
@@ -502,9 +586,10 @@ def start(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = D
 
 def serve_forever(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                   refresh: float = DEFAULT_REFRESH, busy: float = DEFAULT_BUSY, verbose: bool = False,
-                  token: Optional[str] = "auto") -> None:
+                  token: Optional[str] = "auto", certfile: Optional[str | Path] = None,
+                  keyfile: Optional[str | Path] = None) -> None:
     """Serve the dashboard in this thread until interrupted (Ctrl-C); arguments as `start`."""
-    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token)
+    httpd, dashboard = _bind(run_dirs, host, port, refresh, busy, verbose, token, certfile, keyfile)
     server = Server(httpd, None, dashboard)
     print(f"graddoctor serve: {server.link} (Ctrl-C to stop)", flush=True)
     try:
@@ -535,12 +620,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "printed in the address, on any other)")
     access.add_argument("--no-token", dest="token", action="store_const", const=None,
                         help="ask no token, even on a --host other machines can reach")
+    p.add_argument("--certfile", metavar="PEM", help="serve HTTPS with this certificate (chain), PEM")
+    p.add_argument("--keyfile", metavar="PEM", help="the certificate's private key, PEM (if not in --certfile)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose, args.token)
+    serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose, args.token,
+                  args.certfile, args.keyfile)
     return 0
 
 

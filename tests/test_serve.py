@@ -10,7 +10,9 @@ import json
 import math
 import os
 import signal
+import shutil
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -372,6 +374,98 @@ def test_cli_prints_the_address_with_its_token(tmp_path):
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None and os.environ.get("CI") != "true",
+                                   reason="the openssl command is not installed (apt-get install openssl)")
+
+
+def _certificate(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for `name` and 127.0.0.1, and its key (PEM files made by openssl)."""
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    subprocess.run([OPENSSL or "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def _get_tls(url: str, cafile: Path, cookie: str = "") -> tuple[int, str, dict]:
+    context = ssl.create_default_context(cafile=str(cafile))
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+@needs_openssl
+def test_https_serves_the_runs_and_keeps_the_token_off_the_wire(tmp_path):
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    cert, key = _certificate(tmp_path)
+    with gd.serve.start([tmp_path / "a"], port=0, certfile=cert, keyfile=key, token="s3cret") as dash:
+        assert dash.tls and dash.url == f"https://localhost:{dash.port}/" and dash.link == dash.url + "?token=s3cret"
+        code, page, headers = _get_tls(dash.link, cert)
+        assert code == 200 and "figure class=\"plot\"" in page
+        name = f"graddoctor_token_{dash.port}"
+        assert headers["Set-Cookie"] == f"{name}=s3cret; Path=/; HttpOnly; SameSite=Strict; Secure"
+        code, body, _ = _get_tls(dash.url + "status", cert, cookie=f"{name}=s3cret")
+        assert code == 200 and decode_nonfinite(_strict_json(body))["runs"][0] == run_status(tmp_path / "a")
+        assert _get_tls(dash.url + "status", cert)[0] == 403  # TLS does not replace the token
+        # A plain-HTTP client is told where to go, and the server goes on serving.
+        code, body, _ = _get_with(f"http://127.0.0.1:{dash.port}/status?token=s3cret")
+        assert code == 400 and "speaks HTTPS only" in body and "s3cret" not in body
+        # A client that does not trust the certificate fails its handshake; one that connects and
+        # says nothing does not hold up the next client.
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(dash.url + "status", timeout=30)
+        with socket.create_connection(("127.0.0.1", dash.port)):
+            assert _get_tls(dash.link, cert)[0] == 200
+    # The key may sit in the certificate's own file.
+    both = tmp_path / "both.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    with gd.serve.start([tmp_path / "a"], port=0, certfile=both) as dash:
+        assert dash.token is None and _get_tls(dash.url + "status", cert)[0] == 200
+
+
+@needs_openssl
+def test_bad_tls_files_are_refused_by_name(tmp_path):
+    cert, key = _certificate(tmp_path)
+    _, other_key = _certificate(tmp_path, "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [(dict(certfile=tmp_path / "missing.pem"), "certfile=.*missing.pem' is not a file"),
+             (dict(certfile=cert, keyfile=tmp_path / "nokey.pem"), "keyfile=.*nokey.pem' is not a file"),
+             (dict(keyfile=key), "keyfile=.*was given without certfile"),
+             (dict(certfile=junk, keyfile=key), "certfile=.*junk.pem' with keyfile=.*cannot be used for TLS"),
+             (dict(certfile=cert), "certfile=.*cert.pem' \\(no keyfile: the key must be in it\\) cannot be used"),
+             (dict(certfile=cert, keyfile=other_key), "cannot be used for TLS.*the PEM private key that belongs to it")]
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            gd.serve.start([tmp_path], port=0, **options)
+    cli = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--port", "0",
+                          "--keyfile", str(key)], capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode == 2 and "was given without certfile" in cli.stderr
+
+
+@needs_openssl
+def test_cli_serves_https(tmp_path):
+    cert, key = _certificate(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--port", "0",
+                             "--certfile", str(cert), "--keyfile", str(key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        link = proc.stdout.readline().split()[2]
+        assert link.startswith("https://localhost:"), link
+        assert _get_tls(link + "status", cert)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 def test_cli_serves_until_interrupted(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
@@ -469,6 +563,35 @@ def test_a_tokened_dashboard_works_in_chromium_and_refuses_without_the_token(tmp
         assert response.status == 403 and "token" in stranger.inner_text("body")
         browser.close()
     assert errors == []
+
+
+@pytestmark_browser
+@needs_openssl
+def test_an_https_dashboard_follows_a_run_in_chromium(tmp_path):
+    """Over HTTPS the page's polls ride on its Secure cookie, and nothing is fetched over plain HTTP."""
+    from playwright.sync_api import sync_playwright
+    run_dir = tmp_path / "a"
+    cert, key = _certificate(tmp_path)
+    errors, plain = [], []
+    with gd.serve.start([run_dir], host="0.0.0.0", port=0, refresh=0.2, busy=1.0, certfile=cert,
+                        keyfile=key) as dash, sync_playwright() as p:
+        link = dash.link.replace("0.0.0.0", "localhost")
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(ignore_https_errors=True)  # the test's own self-signed certificate
+        page = context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda r: plain.append(r.url) if r.url.startswith("http:") else None)
+        page.goto(link, wait_until="load")
+        t = Trainer(run_dir, flush_every=5)
+        t.steps(10)
+        t.close()
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('10 steps, finished')",
+                               timeout=60_000)
+        cookies = {c["name"]: c for c in context.cookies()}
+        browser.close()
+    cookie = cookies[f"graddoctor_token_{dash.port}"]
+    assert cookie["value"] == dash.token and cookie["secure"] and cookie["httpOnly"]
+    assert errors == [] and plain == []
 
 
 @pytestmark_browser
