@@ -36,8 +36,8 @@ answers only requests addressed to a localhost name (the Host header), so that a
 cannot read it through the browser by pointing a name of its own at 127.0.0.1 (DNS rebinding).
 With `--certfile` (and `--keyfile`, unless the key is in the same PEM file) the server speaks HTTPS
 only, so the token and the runs cross the network encrypted; the token's cookie is then marked Secure.
-A client that speaks plain HTTP to it, or fails the TLS handshake, is dropped without stopping the
-server.
+A client that speaks plain HTTP to it is answered 400 with what to open instead; one that fails the
+TLS handshake is dropped; neither stops the server.
 
 A run directory that does not exist yet is allowed: the page says it is waiting for `watch` to
 create it (start the dashboard before the training). A folder of runs (`graddoctor serve runs/`)
