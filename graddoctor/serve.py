@@ -515,8 +515,16 @@ def _tls_context(certfile: Optional[str | Path], keyfile: Optional[str | Path]) 
                               f"({'the certificate chain' if what == 'certfile' else 'its private key'})")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    key_path = keyfile if keyfile is not None else certfile
+
+    def no_passphrase() -> str:
+        # Without this OpenSSL would ask for the passphrase on the terminal, and a notebook or a
+        # background server would hang there.
+        raise ConfigError(f"the private key in {str(key_path)!r} is encrypted (it asks for a passphrase): give an "
+                          f"unencrypted one, e.g. `openssl pkey -in {key_path} -out key.pem`, readable by you only")
+
     try:
-        context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None)
+        context.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None, password=no_passphrase)
     except ssl.SSLError as e:
         key = f" with keyfile={str(keyfile)!r}" if keyfile is not None else " (no keyfile: the key must be in it)"
         raise ConfigError(f"certfile={str(certfile)!r}{key} cannot be used for TLS ({e.reason or e}): give a PEM "

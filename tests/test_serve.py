@@ -435,12 +435,16 @@ def test_bad_tls_files_are_refused_by_name(tmp_path):
     _, other_key = _certificate(tmp_path, "other")
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
+    encrypted = tmp_path / "encrypted.pem"  # a passphrase must be refused, not asked for on a terminal
+    subprocess.run([OPENSSL or "openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:pw", "-out",
+                    str(encrypted)], check=True, capture_output=True)
     cases = [(dict(certfile=tmp_path / "missing.pem"), "certfile=.*missing.pem' is not a file"),
              (dict(certfile=cert, keyfile=tmp_path / "nokey.pem"), "keyfile=.*nokey.pem' is not a file"),
              (dict(keyfile=key), "keyfile=.*was given without certfile"),
              (dict(certfile=junk, keyfile=key), "certfile=.*junk.pem' with keyfile=.*cannot be used for TLS"),
              (dict(certfile=cert), "certfile=.*cert.pem' \\(no keyfile: the key must be in it\\) cannot be used"),
-             (dict(certfile=cert, keyfile=other_key), "cannot be used for TLS.*the PEM private key that belongs to it")]
+             (dict(certfile=cert, keyfile=other_key), "cannot be used for TLS.*the PEM private key that belongs to it"),
+             (dict(certfile=cert, keyfile=encrypted), "private key in .*encrypted.pem' is encrypted")]
     for options, message in cases:
         with pytest.raises(ConfigError, match=message):
             gd.serve.start([tmp_path], port=0, **options)
