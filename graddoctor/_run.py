@@ -158,6 +158,11 @@ class Run:
         """(steps, [T, 4]) input-batch statistics: maxabs, nonfinite, mean, std."""
         return self._matrix("input", 4, np.float32)
 
+    def amp(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, [T, 2]) of a run watched with a GradScaler: the loss scale of each step, and 1.0
+        where the scaler found an overflow and skipped the optimizer step (empty without a scaler)."""
+        return self._matrix("amp", 2, np.float32)
+
 
 def _combine_norms(norms: np.ndarray, present: Optional[np.ndarray] = None) -> np.ndarray:
     """sqrt(sum of squares) over columns; NaN where no column was present."""

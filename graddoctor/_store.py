@@ -24,7 +24,8 @@ Series written by `watch` (width in brackets, P tensors, M activation modules):
   loss [1] f64, grad_total_norm [1] f32, grad_norm [P] f32, grad_maxabs [P] f32,
   grad_nonfinite [P] i64 (-1: no gradient that step), weight_norm [P] f32 (every weight_every steps),
   update_norm [P] f32 (sampled; the update applied at that step), act [M*6] f32 (sampled),
-  input [4] f32 (maxabs, nonfinite, mean, std of each batch).
+  input [4] f32 (maxabs, nonfinite, mean, std of each batch),
+  amp [2] f32 (with a GradScaler: the step's loss scale, and 1.0 where the scaler found an overflow).
 
 Crash safety: each flush is one transaction; WAL with synchronous=NORMAL keeps
 every committed flush through a killed process. Readers never block the writer.

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _native
+from . import _amp, _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
 from ._errors import ConfigError, NoGradientsError
@@ -89,11 +89,13 @@ class Watch:
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                  run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None, guard: Any = None,
-                 on_finding: Optional[Callable] = None):
+                 on_finding: Optional[Callable] = None, scaler: Any = None):
         self.config = config or WatchConfig()
         self.config.validate()
         self.model = _unwrap(model)
         self.optimizer = optimizer
+        # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor._amp)
+        self.scaler = _amp.check_scaler(scaler, optimizer)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise NoGradientsError(f"{type(self.model).__name__} has no parameter with requires_grad=True; nothing to watch")
@@ -154,6 +156,8 @@ class Watch:
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
                     act_fields=list(ACT_FIELDS), input_fields=list(INPUT_FIELDS),
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
+                    amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
+                    amp_fields=list(_amp.AMP_FIELDS),
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
         writer = RunWriter(self.run_dir, meta, tensors, acts)  # type: ignore[arg-type]
         if writer.has_steps() and not self.config.overwrite:
@@ -238,6 +242,8 @@ class Watch:
             raise RuntimeError("Watch.step() called after close(); create a new watch for a new run")
         s = self.step_index
         stats, weight_norms = None, None
+        # Under a GradScaler: the true gradients, and this step's loss scale and overflow flag.
+        amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device) if self.scaler is not None else None
         # Sharded gradients: the weight/update norms are all-reduces too, so every rank computes
         # them (rank 0 alone keeps them, see `_push`).
         measure_weights = self.recording or self._sharded
@@ -252,7 +258,7 @@ class Watch:
                 stats = tensor_stats(grads, self.stats_device)
             self.latest = stats
         if measure_weights:
-            self._record(s, stats, loss, weight_norms)
+            self._record(s, stats, loss, weight_norms, amp)
         if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
             self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
         self.step_index += 1
@@ -262,9 +268,13 @@ class Watch:
                 self.flush()
         return stats
 
-    def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float], weight_norms: Optional[Tensor]) -> None:
-        """Buffer step `s`'s statistics (`weight_norms`: taken with the gradients, or None)."""
+    def _record(self, s: int, stats: TensorStats, loss: Optional[Tensor | float], weight_norms: Optional[Tensor],
+                amp: Optional[Tensor] = None) -> None:
+        """Buffer step `s`'s statistics (`weight_norms`: taken with the gradients, or None; `amp`: the
+        GradScaler's row, or None)."""
         self._push("loss", s, _loss_tensor(loss, self.stats_device))
+        if amp is not None:
+            self._push("amp", s, amp)
         self._push("grad_total_norm", s, stats.total_norm)
         self._push("grad_norm", s, stats.norm)
         self._push("grad_maxabs", s, stats.maxabs)
@@ -406,7 +416,7 @@ def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor
 
 def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
           run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, guard: Any = None,
-          on_finding: Optional[Callable] = None, **options: Any) -> Watch:
+          on_finding: Optional[Callable] = None, scaler: Any = None, **options: Any) -> Watch:
     """Start recording a model's gradient health into `run_dir`.
 
     Args:
@@ -419,6 +429,11 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
         statistics; each intervention is recorded as an event (see `graddoctor.treat`).
       on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
         that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
+      scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`). `step()`
+        then unscales the gradients first (unless the loop already called `scaler.unscale_`), so
+        statistics and guard see the true gradients, and records each step's loss scale and
+        whether the scaler found an overflow, so that diagnose tells the steps it skipped from
+        real non-finite gradients.
     Returns:
       A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
       (or use it as a context manager).
@@ -426,4 +441,4 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
     if config is not None and options:
         raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
     return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), guard=guard,
-                 on_finding=on_finding)
+                 on_finding=on_finding, scaler=scaler)

@@ -64,6 +64,18 @@ class DiagnoseConfig:
     # Fewest earlier finite values before a baseline is trusted.
     baseline_min: int = 8
 
+    # --- mixed precision (runs watched with a GradScaler) -----------------------------------
+    # Steps the GradScaler skipped for an overflow of its loss scale are expected while it calibrates
+    # (the overflows from the first step on, halving the scale until it fits), and then about one per
+    # `growth_interval` (2000) steps [PyTorch AMP docs]. More than this fraction of the steps after
+    # calibration skipped means the scale never settles: a warning.
+    amp_overflow_fraction: float = 0.05
+    # ... as does a scale that fell below this: the gradients overflow even at (almost) no scaling.
+    amp_min_scale: float = 1.0
+    # Over this fraction skipped after calibration (or every step skipped down to a scale below
+    # `amp_min_scale`), training has all but stopped: critical.
+    amp_stalled_fraction: float = 0.5
+
     # --- loss ----------------------------------------------------------------------------
     # Loss spike: this many robust z-scores above the running median [Hampel74] ...
     spike_z: float = 10.0
@@ -116,7 +128,8 @@ class DiagnoseConfig:
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v or v < 0:
                 raise ConfigError(f"DiagnoseConfig.{f.name}={v!r} is not allowed: use a non-negative number")
-        for name in ("min_fraction", "stall_loss_level", "saturated_fraction", "dead_fraction", "trend_p"):
+        for name in ("min_fraction", "stall_loss_level", "saturated_fraction", "dead_fraction", "trend_p",
+                     "amp_overflow_fraction", "amp_stalled_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"DiagnoseConfig.{name}={getattr(self, name)!r} is not allowed: use a fraction in (0, 1]")
         for name in ("min_depth", "explode_min_steps", "baseline_window", "baseline_min", "spike_min_history",

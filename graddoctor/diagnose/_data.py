@@ -6,7 +6,7 @@ directly. Arrays may hold NaN/Inf anywhere and may be empty.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -51,6 +51,8 @@ class RunData:
     act_kinds: list[str] = field(default_factory=list)
     input_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     inputs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))  # maxabs, nonfinite, mean, std
+    amp_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))     # runs with a GradScaler
+    amp: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.float32))     # loss scale, overflow
     meta: dict[str, Any] = field(default_factory=dict)
     zero_init_rms: float = 1e-6       # see DiagnoseConfig.zero_init_rms
 
@@ -67,6 +69,7 @@ class RunData:
         u_steps, un = run.series("update_norm")
         a_steps, act = run.activations()
         i_steps, inp = run.inputs()
+        amp_steps, amp = run.amp()
         T = len(steps)
         return cls(
             steps=steps.astype(np.int64), loss=loss.astype(np.float64), global_norm=_f32(gnorm, (T,)),
@@ -77,7 +80,8 @@ class RunData:
             tensor_shape=[tuple(run.tensor_shape[t]) for t in run.tensors], modules=dict(run.meta.get("modules") or {}),
             act_steps=a_steps.astype(np.int64), act=np.asarray(act, dtype=np.float32),
             act_modules=list(run.activation_modules), act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
-            input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta))
+            input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta),
+            amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -175,6 +179,31 @@ class RunData:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             r = safe_log10(u) - safe_log10(w)
         return np.where(~np.isfinite(u), np.inf, np.where(np.isfinite(r), r, np.nan))
+
+    # ------------------------------------------------------------------ mixed precision
+    @cached_property
+    def amp_overflow_steps(self) -> np.ndarray:
+        """Steps on which the run's GradScaler found an overflow and skipped the optimizer step."""
+        if len(self.amp_steps) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self.amp_steps[self.amp[:, 1] > 0]
+
+    def without_scale_overflows(self) -> "RunData":
+        """This run without the steps its GradScaler skipped for an overflow of the loss scale alone.
+
+        Their gradients are the loss scale's overflow, not the model's, and the optimizer never
+        applied them. A skipped step whose loss is non-finite too stays: the forward pass went
+        bad, and that is the model's (or the data's) doing. The `amp` series is kept whole.
+        """
+        if len(self.amp_overflow_steps) == 0:
+            return self
+        skipped = np.isin(self.steps, self.amp_overflow_steps)
+        drop = skipped & (np.isfinite(self.loss) | (not self.loss_recorded))
+        if not drop.any():
+            return self
+        keep = ~drop
+        return replace(self, steps=self.steps[keep], loss=self.loss[keep], global_norm=self.global_norm[keep],
+                       grad_norm=self.grad_norm[keep], grad_nonfinite=self.grad_nonfinite[keep])
 
     # ------------------------------------------------------------------ per-step flags
     @cached_property

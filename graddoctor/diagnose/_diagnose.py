@@ -57,13 +57,16 @@ def diagnose(run: Run | RunData | str | Path, config: Optional[DiagnoseConfig] =
 
 def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
     """Run every rule on host arrays; the order is severity, then `RULES` order."""
+    data = data.without_scale_overflows()  # AMP: the steps a GradScaler skipped are not the model's
     init, act = fitting_init(data), activation_class(data)
     present = frozenset(present_remedies(set(data.modules.values())))
     found = []
     for rule in RULES.values():
         f = rule(data, cfg)
         if f is not None:
-            found.append(f.with_remedies(rank_remedies(f, init, act, present)))
+            # A note that asks for no action (evidence action_needed=False) comes without remedies.
+            needed = f.evidence.get("action_needed", True)
+            found.append(f.with_remedies(rank_remedies(f, init, act, present) if needed else ()))
     found = _explain_stalled_loss(found)
     order = list(RULES)
     return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))

@@ -118,12 +118,13 @@ class LiveDiagnosis:
         us, un = get("update_norm", P, np.float32)
         a_s, act = get("act", M * 6, np.float32)
         i_s, inp = get("input", 4, np.float32)
+        amp_s, amp = get("amp", 2, np.float32)
         T = min(len(steps), len(gnorm), len(gn), len(nf))  # series of one flush are written together
         return RunData(steps=steps[:T], loss=loss[:T, 0], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
                        grad_nonfinite=nf[:T], sample_steps=ss, weight_norm=wn, update_steps=us, update_norm=un,
                        tensors=t.tensors, tensor_module=t.tensor_module, tensor_shape=t.tensor_shape,
                        modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, 6), act_modules=t.act_modules,
-                       act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=t.meta,
+                       act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=t.meta, amp_steps=amp_s, amp=amp,
                        zero_init_rms=self.config.zero_init_rms)
 
     # ----------------------------------------------------------------- reporting
@@ -154,7 +155,8 @@ def _user_stacklevel() -> int:
     return level
 
 
-_SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_norm", "update_norm", "act", "input")
+_SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_norm", "update_norm", "act", "input",
+           "amp")
 
 
 def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -163,7 +165,8 @@ def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"loss": (d.steps, d.loss.reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
             "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
             "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
-            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * 6)), "input": (d.input_steps, d.inputs)}
+            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * 6)), "input": (d.input_steps, d.inputs),
+            "amp": (d.amp_steps, d.amp)}
 
 
 def attach(watch: "Watch", on_finding: Optional[Callable[[Finding], None]] = None) -> LiveDiagnosis:

@@ -315,10 +315,15 @@ def nonfinite_layers(d: RunData, step: int) -> list[str]:
 
 
 def nonfinite_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
-    """The first non-finite step, the first layers, and whether the input or the loss went bad first."""
+    """The first non-finite step, the first layers, and whether the input or the loss went bad first.
+
+    In a run watched with a GradScaler, the steps it skipped for an overflow of its loss scale
+    alone are not here (see `RunData.without_scale_overflows`); without any other non-finite
+    step they make a note of their own (`scale_overflows`).
+    """
     bad = d.grad_bad | d.loss_bad
     if not bad.any():
-        return None
+        return scale_overflows(d, cfg)
     first = int(d.steps[bad][0])
     steps_bad = d.steps[bad]
     in_bad = d.input_bad_steps
@@ -336,6 +341,8 @@ def nonfinite_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
           "loss_first_nonfinite_step": loss_first, "gradient_first_nonfinite_step": grad_first,
           "nonfinite_steps": int(bad.sum()), "recovered": not bool(bad[-1]),
           "layers_nonfinite_at_first_step": len(layers), "layers_total": d.P}
+    if len(d.amp_steps):
+        ev["amp_scale_overflow_steps"] = len(d.amp_overflow_steps) - int(np.isin(d.steps[bad], d.amp_overflow_steps).sum())
     if which == "input":
         cause, why = "data", f"the input batch held NaN/Inf at step {in_first}, before or with the first non-finite gradient"
     else:
@@ -347,6 +354,37 @@ def nonfinite_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
            (f"; output-most bad tensor: {layers[0]}" if layers else "") +
            ("; the run never recovered." if not ev["recovered"] else f"; {ev['nonfinite_steps']} bad step(s) in all."))
     return Finding("nonfinite_gradient", "critical", first, int(steps_bad[-1]), tuple(layers[:10]), ev, cause, msg)
+
+
+def scale_overflows(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """A GradScaler's skipped steps: info while it calibrates its scale, a warning or critical if it never settles."""
+    skipped = d.amp_overflow_steps
+    if len(skipped) == 0:
+        return None
+    scale, overflow = d.amp[:, 0].astype(np.float64), d.amp[:, 1] > 0
+    n = len(d.amp_steps)
+    # Calibration: the overflows from the first step on, while the scale halves down to one that fits.
+    calibration = int(np.argmin(overflow)) if not overflow.all() else n
+    after = overflow[calibration:]
+    fraction = float(after.mean()) if len(after) else 1.0
+    low = float(np.nanmin(scale))
+    ev = {"amp_scale_overflow_steps": int(len(skipped)), "amp_steps": n, "calibration_steps": calibration,
+          "overflow_fraction_after_calibration": round(fraction, 4) if len(after) else None,
+          "first_scale": float(scale[0]), "last_scale": float(scale[-1]), "min_scale": low}
+    if (len(after) and fraction > cfg.amp_stalled_fraction) or (not len(after) and low < cfg.amp_min_scale):
+        severity, why = "critical", ("it skipped nearly every step, even at a scale below 1, so training has all "
+                                     "but stopped: the gradients overflow whatever the scale")
+    elif len(after) and (fraction > cfg.amp_overflow_fraction or low < cfg.amp_min_scale):
+        severity, why = "warning", (f"its scale never settled (lowest {low:g}; {fraction:.1%} of the steps after "
+                                    "calibration skipped): the gradients overflow float16 even when barely scaled")
+    else:
+        severity, why = "info", "expected while it calibrates its scale; nothing to do"
+    ev["reasoning"] = why
+    ev["action_needed"] = severity != "info"
+    first, last = int(skipped[0]), int(skipped[-1])
+    msg = (f"{len(skipped)} of {n} steps overflowed the AMP loss scale and were skipped by the GradScaler "
+           f"(scale {scale[0]:g} -> {scale[-1]:g}): " + why + ".")
+    return Finding("nonfinite_gradient", severity, first, last, (), ev, "unknown", msg)
 
 
 def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) -> tuple[str, str]:
