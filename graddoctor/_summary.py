@@ -38,6 +38,17 @@ def format_steps(steps: np.ndarray, limit: int = 8) -> str:
     return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
 
 
+def format_amp(run: Run) -> str:
+    """One line on a GradScaler's loss scale and the steps it skipped; "" for a run watched without one."""
+    steps, amp = run.amp()
+    if not len(steps):
+        return ""
+    skipped = steps[amp[:, 1] > 0]
+    return (f"AMP loss scale: {_fmt(float(amp[0, 0]))} at step {int(steps[0])} -> {_fmt(float(amp[-1, 0]))} at step "
+            f"{int(steps[-1])}; steps the GradScaler skipped for an overflow: "
+            + (format_steps(skipped) if len(skipped) else "none"))
+
+
 def format_summary(run: Run) -> str:
     """The summary table of a run as text."""
     steps, loss = run.loss()
@@ -55,6 +66,9 @@ def format_summary(run: Run) -> str:
              f"global gradient norm range: {_finite_range(gnorm)}"]
     bad = nonfinite_steps(run)
     lines.append("non-finite steps: " + (format_steps(bad) if len(bad) else "none"))
+    amp_line = format_amp(run)
+    if amp_line:
+        lines.append(amp_line)
     findings = run.events("finding")
     if findings:
         codes = sorted({e["data"].get("code", "?") for e in findings})

@@ -9,6 +9,8 @@ and reads the scale through GradScaler's public API.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -88,6 +90,11 @@ def test_watch_records_true_gradients_and_the_scale_of_each_step(tmp_path):
         np.testing.assert_array_equal(amp[:, 0], oracle[:, 0])  # powers of two: exact
         np.testing.assert_array_equal(amp[:, 1], oracle[:, 1])
         _same_floats(total, oracle[:, 2])  # unscaled: the true gradients, Inf/NaN on the overflow steps
+        summary = subprocess.run([sys.executable, "-m", "graddoctor.cli", "runs", "summary", str(tmp_path / name)],
+                                 capture_output=True, text=True)
+        skipped = ", ".join(str(s) for s in np.flatnonzero(oracle[:, 1]))
+        assert (f"AMP loss scale: {oracle[0, 0]:.3g} at step 0 -> {oracle[-1, 0]:.3g} at step {len(oracle) - 1}; "
+                f"steps the GradScaler skipped for an overflow: {skipped}") in summary.stdout, summary.stdout
 
 
 def test_scale_overflows_are_a_note_not_a_critical_finding(tmp_path):
