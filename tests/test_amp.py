@@ -170,3 +170,21 @@ def test_bad_scaler_input_is_refused_and_a_disabled_scaler_records_nothing(tmp_p
         _same_floats(run.global_norm()[1], oracle[:, 2])
     with pytest.raises(ConfigError, match="amp_overflow_fraction=2 is not allowed"):
         gd.diagnose(tmp_path / "off", amp_overflow_fraction=2)
+
+
+def test_no_host_sync_inside_a_step_with_a_scaler(tmp_path):
+    # As tests/test_watch.py's proof: on the meta device every read of a value raises.
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("meta")
+    w = gd.watch(model, opt, tmp_path, flush_every=1000, scaler=scaler, guard=gd.clip_norm(1.0))
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 6, device="meta")).pow(2).mean()
+        scaler.scale(loss).backward()
+        w.step(loss)
+        opt.step()  # scaler.step would read found_inf on the host (its own sync, not watch's)
+        scaler.update()
+    assert w.step_index == 3 and len(w._buf["amp"][1]) == 3
+    with pytest.raises(Exception):
+        w.flush()  # the one sync point does read values, and so fails on meta
