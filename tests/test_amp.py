@@ -118,7 +118,10 @@ def test_scale_overflows_are_a_note_not_a_critical_finding(tmp_path):
 def test_a_nan_batch_under_amp_is_still_critical_and_blamed_on_the_data(tmp_path):
     _, oracle = _train(None, watch=False, nan_input_at=25)
     assert oracle[25, 1] == 1, "premise: the scaler skipped the NaN batch's step too"
-    _train(tmp_path / "nan", nan_input_at=25)
+    live = []
+    _train(tmp_path / "nan", nan_input_at=25, on_finding=live.append)
+    # Live: the calibration note at the first flush does not hide the NaN batch at a later one.
+    assert [f.severity for f in live if f.code == "nonfinite_gradient"] == ["info", "critical"]
     f = {f.code: f for f in gd.diagnose(tmp_path / "nan")}["nonfinite_gradient"]
     assert f.severity == "critical" and f.cause == "data" and f.first_step == 25
     assert f.evidence["first_nonfinite"] == "input"

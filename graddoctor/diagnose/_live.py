@@ -72,11 +72,13 @@ class LiveDiagnosis:
             self._report(watch, f)
 
     def new_findings(self, findings: list[Finding]) -> list[Finding]:
-        """The findings not reported before (by code; episodic codes again after a quiet stretch)."""
+        """The findings not reported before (by code; again when more severe than the one reported, e.g.
+        a real NaN after a note on a GradScaler's overflows; episodic codes again after a quiet stretch)."""
         out = []
         for f in findings:
             old = self.reported.get(f.code)
-            if old is None or (f.code in EPISODIC and f.last_step > old.last_step + self.config.baseline_window):
+            if (old is None or f.rank > old.rank
+                    or (f.code in EPISODIC and f.last_step > old.last_step + self.config.baseline_window)):
                 out.append(f)
                 self.reported[f.code] = f
         return out
