@@ -191,3 +191,20 @@ def test_no_host_sync_inside_a_step_with_a_scaler(tmp_path):
     assert w.step_index == 3 and len(w._buf["amp"][1]) == 3
     with pytest.raises(Exception):
         w.flush()  # the one sync point does read values, and so fails on meta
+
+
+def test_the_report_draws_the_loss_scale_and_counts_the_skipped_steps(tmp_path):
+    import base64
+
+    from graddoctor.report import write_run_report
+    from graddoctor.report._views import loss_figure
+
+    _, oracle = _train(None, watch=False)
+    _train(tmp_path / "amp")
+    _train(tmp_path / "plain", pass_scaler=False, unscale_in_loop=True)
+    figure = loss_figure(tmp_path / "amp")
+    assert f"{int(oracle[:, 1].sum())} step(s) the GradScaler skipped" in figure.caption
+    assert base64.b64decode(figure.data.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert "AMP loss scale" not in loss_figure(tmp_path / "plain").caption
+    html = write_run_report([tmp_path / "amp"], tmp_path / "report.html").read_text()
+    assert "AMP loss scale" in html and "expected while it calibrates its scale" in html

@@ -78,6 +78,14 @@ def line(ax, x, y, label: Optional[str] = None, log: bool = False, **kw) -> None
             ax.set_yscale("log")
 
 
+def amp_scale(ax, steps: np.ndarray, scale: np.ndarray) -> None:
+    """A GradScaler's loss scale over steps, dashed on a log2 right-hand axis of `ax`."""
+    right = ax.twinx()
+    right.plot(as_float(steps), as_float(scale), color="grey", linestyle="--", linewidth=1)
+    right.set_yscale("log", base=2)
+    right.set_ylabel("AMP loss scale (log2)", color="grey")
+
+
 def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, title: str,
             cbar_label: str = "gradient L2 norm (log scale)") -> None:
     """Layer x step heat map on a log colour scale; NaN/Inf cells drawn in red, zero/missing in grey.

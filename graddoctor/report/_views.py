@@ -104,6 +104,7 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
         steps, loss = run.loss()
         gsteps, gnorm = run.global_norm()
         events = [e for e in run.events() if acted(e)]
+        amp_steps, amp = run.amp()
     fig, axes = P.figure(2)
     spikes = steps[loss_spikes(loss)].tolist()
     interventions = sorted({e["step"] for e in events})
@@ -115,6 +116,11 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
     caption = f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) where a recorded " \
               f"intervention acted ({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as purple triangles at " \
               f"the bottom; grey x: a value of 0 that a log axis cannot show."
+    if len(amp_steps):  # mixed precision: the GradScaler's loss scale, and the steps it skipped
+        P.amp_scale(axes[1], amp_steps, amp[:, 0])
+        skipped = int((amp[:, 1] > 0).sum())
+        caption += (f" Dashed grey, right axis: the AMP loss scale; {skipped} step(s) the GradScaler skipped for an "
+                    f"overflow (their gradient norm is NaN/Inf, red at the top; diagnose leaves them out).")
     return Figure(title, P.to_uri(fig), caption)
 
 
