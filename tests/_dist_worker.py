@@ -3,6 +3,7 @@
 mode ddp:   DDP over gloo, each rank half of the global batch; rank 0 records into run_dir.
 mode fsdp:  FSDP2 (fully_shard, DTensor-sharded parameters and gradients); rank 0 records.
 mode dtensor: tensor_stats on hand-made Shard(0) DTensors vs the full tensors; writes a JSON verdict.
+mode ddp_amp: DDP + float16 autocast + GradScaler + a clip guard; each rank writes its scaler's log.
 """
 import json
 import os
@@ -58,6 +59,32 @@ elif mode == "fsdp":
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     train(model, batches, shard=True)
+elif mode == "ddp_amp":
+    # DDP + float16 autocast + GradScaler: every rank's watch unscales before measuring; rank 0
+    # records. Each rank writes what its own scaler did, read through the public API.
+    model, batches = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 18)
+    w = gd.watch(ddp, opt, run_dir, flush_every=3, activation_every=0, scaler=scaler, guard=gd.clip_norm(1.0))
+    log = []
+    for x, y in batches:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = ddp(x)
+        loss = (out.float() - y).pow(2).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        taken = scaler.get_scale()
+        # the true global norm, by hand: the scaled gradients' norm over the scale (Inf/NaN on an overflow)
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) / taken
+        w.step(loss)
+        scaler.step(opt)
+        scaler.update()
+        log.append([taken, float(scaler.get_scale() < taken), norm])
+    w.close()
+    with open(os.path.join(run_dir, f"amp-rank{rank}.json"), "w") as f:
+        f.write(gd._nonfinite_json.dumps(log))
 elif mode == "dtensor":
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

@@ -79,3 +79,20 @@ def test_dtensor_shards_combine_like_full_tensors(tmp_path):
     np.testing.assert_allclose(verdict["norm"][0], verdict["norm"][1], rtol=1e-6)
     np.testing.assert_allclose(verdict["maxabs"][0], verdict["maxabs"][1], rtol=1e-6)
     assert np.isnan(verdict["total"][0]) and np.isnan(verdict["total"][1])
+
+
+def test_ddp_with_a_grad_scaler_unscales_on_every_rank_and_rank0_records_the_scale(tmp_path):
+    launch("ddp_amp", tmp_path)
+    logs = [np.array(_nonfinite_json.loads((tmp_path / f"amp-rank{r}.json").read_text())) for r in range(2)]
+    # DDP averages the gradients before the scaler checks them, so both ranks skip the same steps.
+    np.testing.assert_array_equal(logs[0][:, :2], logs[1][:, :2])
+    assert logs[0][:, 1].sum() >= 1, "premise: the scale of 2**18 overflows at first"
+    with gd.open_run(tmp_path) as run:
+        steps, amp = run.amp()
+        _, total = run.global_norm()
+    np.testing.assert_array_equal(amp, logs[0][:, :2])
+    # The recorded norm is the true one (unscaled by watch before measuring), as the rank computed it by hand.
+    ok = np.isfinite(logs[0][:, 2])
+    assert ok.any() and not ok.all(), "premise: some steps overflow, some do not"
+    np.testing.assert_array_equal(np.isfinite(total), ok)
+    np.testing.assert_allclose(total[ok], logs[0][ok, 2], rtol=1e-5)
