@@ -2,7 +2,7 @@
 
 With a scaler, `w.step()` calls `scaler.unscale_(optimizer)` itself, which `scaler.step()` would
 otherwise do, so that work only moves earlier; what watch adds is its statistics and the step's
-`amp` row (a copy of the scale and the overflow flag, a few small tensor ops). Variants, each on its
+`amp` row (the scale and the overflow flag, copied by one torch.cat). Variants, each on its
 own copy of the same model, stepped in turn (interleaved, rotating order):
   amp                 autocast forward, scaler.scale(loss).backward(), scaler.step, scaler.update
   amp+watch(scaler)   + gd.watch(model, opt, run_dir, scaler=scaler), activation stats off
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import graddoctor as gd
+from graddoctor._amp import overflowed
 from overhead import make_model, sync  # the same workload (benchmarks/ is the script's folder)
 
 VARIANTS = ("amp", "amp+watch(scaler)", "amp+watch(unscale)")
@@ -89,9 +90,9 @@ def main() -> None:
         for v in variants:
             if v.watch is not None:
                 v.watch.close()
-        with gd.open_run(f"{tmp}/1") as run:
-            _, amp = run.amp()
-            skipped = int(amp[:, 1].sum())
+        scaled = next(v for v in variants if v.name == "amp+watch(scaler)")
+        with gd.open_run(scaled.watch.run_dir) as run:
+            skipped = int(overflowed(run.amp()[1]).sum())
     med = {v.name: statistics.median(v.times) * 1e3 for v in variants}
     print(f"device={args.device} autocast={autocast} torch={torch.__version__} threads={torch.get_num_threads()} steps={args.steps} "
           f"(after {args.warmup} warm-up); GradScaler skipped {skipped} of {args.warmup + args.steps} steps of the "

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._errors import ConfigError
 
 AMP_FIELDS = ("scale", "overflow")
+
+
+def overflowed(amp: np.ndarray) -> np.ndarray:
+    """Per row of a stored `amp` series: True where the GradScaler found an overflow and skipped the step."""
+    return amp[:, AMP_FIELDS.index("overflow")] > 0
 
 
 def check_scaler(scaler: Any, optimizer: Optional[torch.optim.Optimizer]) -> Optional[Any]:

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from ._amp import overflowed
 from ._run import Run
 
 
@@ -43,7 +44,7 @@ def format_amp(run: Run) -> str:
     steps, amp = run.amp()
     if not len(steps):
         return ""
-    skipped = steps[amp[:, 1] > 0]
+    skipped = steps[overflowed(amp)]
     return (f"AMP loss scale: {_fmt(float(amp[0, 0]))} at step {int(steps[0])} -> {_fmt(float(amp[-1, 0]))} at step "
             f"{int(steps[-1])}; steps the GradScaler skipped for an overflow: "
             + (format_steps(skipped) if len(skipped) else "none"))

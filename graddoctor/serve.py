@@ -534,14 +534,13 @@ def _tls_context(certfile: Optional[str | Path], keyfile: Optional[str | Path]) 
 
 class _DashboardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    verbose = False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that speaks plain HTTP to HTTPS, fails the handshake, or goes away is its own
         # problem: one line with --verbose, no traceback, and the server keeps serving.
         error = sys.exc_info()[1]
         if isinstance(error, (ssl.SSLError, ConnectionError, socket.timeout)):
-            if self.verbose:
+            if self.RequestHandlerClass.verbose:  # type: ignore[attr-defined]
                 print(f"graddoctor serve: dropped {client_address[0]}: {error}", file=sys.stderr)
             return
         super().handle_error(request, client_address)
@@ -563,7 +562,6 @@ def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, 
     except OSError as e:
         raise GradDoctorError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
                               f"pick another --port, or 0 for any free port") from e
-    httpd.verbose = verbose
     return httpd, dashboard
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._amp import overflowed
 from .._run import Run
 from ._robust import safe_log10
 
@@ -186,7 +187,7 @@ class RunData:
         """Steps on which the run's GradScaler found an overflow and skipped the optimizer step."""
         if len(self.amp_steps) == 0:
             return np.zeros(0, dtype=np.int64)
-        return self.amp_steps[self.amp[:, 1] > 0]
+        return self.amp_steps[overflowed(self.amp)]
 
     def without_scale_overflows(self) -> "RunData":
         """This run without the steps its GradScaler skipped for an overflow of the loss scale alone.

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._amp import overflowed
 from ._config import DiagnoseConfig
 from ._data import NORM, RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
@@ -361,7 +362,7 @@ def scale_overflows(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     skipped = d.amp_overflow_steps
     if len(skipped) == 0:
         return None
-    scale, overflow = d.amp[:, 0].astype(np.float64), d.amp[:, 1] > 0
+    scale, overflow = d.amp[:, 0].astype(np.float64), overflowed(d.amp)
     n = len(d.amp_steps)
     # Calibration: the overflows from the first step on, while the scale halves down to one that fits.
     calibration = int(np.argmin(overflow)) if not overflow.all() else n

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._amp import overflowed
 from .._run import Run, open_run
 from . import _plots as P
 from ._figure import Figure
@@ -118,7 +119,7 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
               f"the bottom; grey x: a value of 0 that a log axis cannot show."
     if len(amp_steps):  # mixed precision: the GradScaler's loss scale, and the steps it skipped
         P.amp_scale(axes[1], amp_steps, amp[:, 0])
-        skipped = int((amp[:, 1] > 0).sum())
+        skipped = int(overflowed(amp).sum())
         caption += (f" Dashed grey, right axis: the AMP loss scale; {skipped} step(s) the GradScaler skipped for an "
                     f"overflow (their gradient norm is NaN/Inf, red at the top; diagnose leaves them out).")
     return Figure(title, P.to_uri(fig), caption)
