@@ -28,25 +28,45 @@ class WatchConfig:
     saturation_margin: float = 0.01
     # Replace a run already recorded in run_dir instead of refusing.
     overwrite: bool = False
+    # Continue the run recorded in run_dir (training resumed from a checkpoint): True continues at
+    # the step after the last recorded one; a step number N continues at N, dropping recorded
+    # steps >= N (a checkpoint older than the last flush). The model's tensors must match.
+    resume: bool | int = False
     # Run the diagnosis rules at each flush (host data only, no extra sync) and report
     # each new finding once: logging, warnings, watch(on_finding=...), store event "finding".
     live_diagnosis: bool = True
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the bad value and what is allowed."""
-        for name in ("flush_every", "weight_every", "sample_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r} is not allowed: use an integer >= 1")
-        a = self.activation_every
-        if not isinstance(a, int) or isinstance(a, bool) or a < 0:
-            raise ConfigError(f"activation_every={a!r} is not allowed: use an integer >= 1, or 0 to turn activation statistics off")
-        if not (0.0 < float(self.saturation_margin) < 0.5):
-            raise ConfigError(f"saturation_margin={self.saturation_margin!r} is not allowed: use a fraction in (0, 0.5)")
+        _check_int("flush_every", self.flush_every, 1, MAX_FLUSH_EVERY,
+                   "(every buffered step waits in memory until the flush)")
+        for name in ("weight_every", "sample_every"):
+            _check_int(name, getattr(self, name), 1, MAX_EVERY)
+        _check_int("activation_every", self.activation_every, 0, MAX_EVERY, "(0 turns activation statistics off)")
+        m = self.saturation_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m < 0.5:
+            raise ConfigError(f"saturation_margin={m!r} is not allowed: use a number in (0, 0.5)")
+        for name in ("input_stats", "overwrite", "live_diagnosis"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: use True or False")
+        r = self.resume
+        if not isinstance(r, bool) and not (isinstance(r, int) and r >= 0):
+            raise ConfigError(f"resume={r!r} is not allowed: use True, False, or the step number (>= 0) to continue at")
+        if self.overwrite and r is not False:
+            raise ConfigError(f"overwrite=True with resume={r!r} is not allowed: replace the run, or continue it, not both")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "WatchConfig":
         return config_from_options(cls, options, "watch")
+
+
+MAX_FLUSH_EVERY = 100_000
+MAX_EVERY = 10**9
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name}={value!r} is not allowed: use an integer in {lo}..{hi:_}" + (f" {why}" if why else ""))
 
 
 def config_from_options(cls: type, options: dict[str, Any], what: str) -> Any:

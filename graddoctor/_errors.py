@@ -23,3 +23,23 @@ class ConfigError(GradDoctorError, ValueError):
 
 class NoGradientsError(GradDoctorError):
     """The model has no parameter that requires a gradient."""
+
+
+class RunLockedError(GradDoctorError):
+    """Another watcher is writing the run directory."""
+
+
+class RunExistsError(ConfigError):
+    """The run directory already holds a recorded run, and neither resume nor overwrite was asked."""
+
+
+class ResumeMismatchError(ConfigError):
+    """`resume=` was asked for, but the model's tensors differ from the recorded run's."""
+
+
+class UnsupportedModelError(GradDoctorError, TypeError):
+    """The model has parameters or gradients graddoctor cannot measure (sparse, complex, meta-device)."""
+
+
+class WatchClosedError(GradDoctorError, RuntimeError):
+    """A `Watch` was used after `close()`."""

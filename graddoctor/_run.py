@@ -92,10 +92,21 @@ class Run:
 
     @property
     def num_steps(self) -> int:
-        steps, _ = self.series("loss")
+        """The step after the last recorded one (every recorded step has a global gradient norm)."""
+        steps, _ = self.series("grad_total_norm")
         return int(steps[-1]) + 1 if len(steps) else 0
 
+    @property
+    def loss_rows_given(self) -> bool:
+        """True for stores that write a loss row only where a loss was given (older ones wrote NaN)."""
+        return self.meta.get("loss_rows") == "given"
+
     def loss(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, loss) of the steps that were given a loss; a NaN here is a NaN loss.
+
+        Steps recorded without a loss (`w.step()` with none) have no entry. Stores written before
+        this distinction (see `loss_rows_given`) hold NaN for them instead.
+        """
         steps, data = self._matrix("loss", 1, np.float64)
         return steps, data[:, 0]
 

@@ -21,7 +21,7 @@ statistics' all-reduce, as every rank does in `clip_grad_norm_`.
 from __future__ import annotations
 
 import math
-import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _amp, _native
+from . import _amp, _exit, _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
-from ._errors import ConfigError, NoGradientsError
+from ._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
 from ._stats import DTensor, TensorStats, grad_and_weight_stats, l2_norms, tensor_stats
 from ._store import RunWriter
 
@@ -99,6 +99,7 @@ class Watch:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise NoGradientsError(f"{type(self.model).__name__} has no parameter with requires_grad=True; nothing to watch")
+        _check_measurable(self.model, named, run_dir)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.stats_device = self.params[0].to_local().device if isinstance(self.params[0], DTensor) else self.params[0].device
@@ -110,11 +111,13 @@ class Watch:
         from .treat._guard import as_guard  # treat builds on watch; imported late to keep watch importable alone
         # guard: a gradient transform run on the stats of every step (see graddoctor.treat.Guard)
         self.guard = as_guard(guard, self.params, self.names)
+        if run_dir is not None and (not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == ""):
+            raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path, or None to record nothing")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         compiled = model is not self.model and hasattr(model, "_orig_mod")
         self._act_modules = [] if compiled else [(n, m, k) for n, m in self.model.named_modules()
                                                    if (k := activation_kind(m)) is not None]
-        self.step_index = 0
+        self.step_index = 0  # a resumed run continues at the writer's next step (below)
         self.latest: Optional[TensorStats] = None
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
         self._reset_buffers()
@@ -128,6 +131,7 @@ class Watch:
         self._writer: Optional[RunWriter] = None
         if self.recording:
             self._writer = self._open_writer(model)
+            self.step_index = self._writer.next_step
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
             self._maybe_install_activation_hooks()
@@ -136,11 +140,19 @@ class Watch:
             # sample costs one step (copy, step, difference) instead of two; without an optimizer
             # (or if its step is skipped) the next `step()` takes it instead.
             self._update_handle = optimizer.register_step_post_hook(lambda *_: self._record_update())
+        # Counts optimizer steps, so two `step()` calls with no optimizer step between can be named.
+        self._optimizer_steps, self._optimizer_steps_at_last_step = 0, None
+        self._count_handle = optimizer.register_step_post_hook(self._count_optimizer_step) if optimizer else None
+        self._warned_double_step = False
+        self._grads_checked = False
+        self._warned_write = False
         self.live = None  # live diagnosis (graddoctor.diagnose._live): rules run on host data at each flush
         if self.recording and self.config.live_diagnosis:
             from .diagnose._live import attach
             self.live = attach(self, on_finding)
         self.closed = False
+        if self._writer is not None:
+            _exit.register(self)  # flushed and closed at exit, on Ctrl-C and on SIGTERM (see graddoctor._exit)
 
     # ----------------------------------------------------------------- setup
     def _open_writer(self, model: nn.Module) -> RunWriter:
@@ -152,6 +164,7 @@ class Watch:
                      hi=k.bounds[1] if k.bounds else None, relu_family=int(k.relu_family))
                 for i, (n, _, k) in enumerate(self._act_modules)]
         meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=_world_size(),
+                    loss_rows="given",  # a loss row only where step() was given a loss (see Run.loss)
                     model_class=type(self.model).__name__, compiled=model is not self.model and hasattr(model, "_orig_mod"),
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
                     act_fields=list(ACT_FIELDS), input_fields=list(INPUT_FIELDS),
@@ -159,16 +172,8 @@ class Watch:
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
                     amp_fields=list(_amp.AMP_FIELDS),
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
-        writer = RunWriter(self.run_dir, meta, tensors, acts)  # type: ignore[arg-type]
-        if writer.has_steps() and not self.config.overwrite:
-            writer.close()
-            raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a recorded run; "
-                              "choose a new run_dir or pass WatchConfig(overwrite=True)")
-        if self.config.overwrite:
-            with writer._con:
-                writer._con.execute("DELETE FROM chunks")
-                writer._con.execute("DELETE FROM events")
-        return writer
+        return RunWriter(self.run_dir, meta, tensors, acts,  # type: ignore[arg-type]
+                         overwrite=self.config.overwrite, resume=self.config.resume)
 
     def _reset_buffers(self) -> None:
         # series name -> (list of steps, list of device tensors); emptied at each flush
@@ -239,7 +244,11 @@ class Watch:
           The step's `TensorStats` (device tensors), or None on a rank that does not record.
         """
         if self.closed:
-            raise RuntimeError("Watch.step() called after close(); create a new watch for a new run")
+            raise WatchClosedError("Watch.step() called after close(); create a new watch for a new run")
+        self._check_one_step_per_optimizer_step()
+        if not self._grads_checked:  # sparse gradients can come from more than nn.Embedding(sparse=True)
+            _check_dense_grads(self.names, self.params)
+            self._grads_checked = True
         s = self.step_index
         stats, weight_norms = None, None
         # Under a GradScaler: the true gradients, and this step's loss scale and overflow flag.
@@ -272,7 +281,8 @@ class Watch:
                 amp: Optional[Tensor] = None) -> None:
         """Buffer step `s`'s statistics (`weight_norms`: taken with the gradients, or None; `amp`: the
         GradScaler's row, or None)."""
-        self._push("loss", s, _loss_tensor(loss, self.stats_device))
+        if loss is not None:  # no loss: no row, so "missing" never reads as a NaN loss
+            self._push("loss", s, _loss_tensor(loss, self.stats_device))
         if amp is not None:
             self._push("amp", s, amp)
         self._push("grad_total_norm", s, stats.total_norm)
@@ -340,6 +350,8 @@ class Watch:
 
     def record_event(self, kind: str, data: dict[str, Any], step: Optional[int] = None) -> None:
         """Record an event (an intervention, a note) for this step; tensor values are read at flush."""
+        if self.closed:
+            raise WatchClosedError(f"Watch.record_event({kind!r}) called after close(); events belong to an open run")
         if self.recording:
             self._events.append((self.step_index - 1 if step is None else step, kind, data))
 
@@ -349,26 +361,79 @@ class Watch:
 
         note: this is the CPU-GPU sync point of graddoctor (one device-to-host copy per device and dtype).
         """
-        if not self.recording or (not self._buf and not self._events):
+        if not self.recording:
             return
-        series = list(self._buf.items())
+        series, events, rest = self._complete_steps()
+        if not series and not events:
+            return
         # Per-step scalars (loss, total norm) are buffered as 0-d tensors and stack to [n]; the
         # store reshapes each chunk to [n, width]. Losses come in the model's dtype: float64 here.
         tensors = [torch.stack(values).to(torch.float64) if name == "loss" else torch.stack(values)
                    for name, (_, values) in series]
-        event_tensors = [(j, k, v) for j, (_, _, d) in enumerate(self._events) for k, v in d.items() if isinstance(v, Tensor)]
+        event_tensors = [(j, k, v) for j, (_, _, d) in enumerate(events) for k, v in d.items() if isinstance(v, Tensor)]
         host = to_host(tensors + [v for _, _, v in event_tensors])
+        self._buf, self._events = rest  # only once on the host: a failed copy loses nothing
         chunks = [(name, np.asarray(steps, dtype=np.int64), host[i].reshape(len(steps), -1))
                   for i, (name, (steps, _)) in enumerate(series)]
-        events = [(s, k, dict(d)) for s, k, d in self._events]
+        events = [(s, k, dict(d)) for s, k, d in events]
         for (j, key, _), value in zip(event_tensors, host[len(tensors):]):
             events[j][2][key] = value.tolist()
         first = min(int(c[1][0]) for c in chunks) if chunks else min(e[0] for e in events)
         last = max(int(c[1][-1]) for c in chunks) if chunks else max(e[0] for e in events)
-        self._reset_buffers()
-        self._writer.write(chunks, events)  # type: ignore[union-attr]
+        with _exit.writing():  # a SIGTERM now waits for the write: a flush is never cut in half
+            written = self._writer.write(chunks, events)  # type: ignore[union-attr]
+        if not written:
+            self._warn_write_failed()
         for fn in self._flush_listeners:
             fn(self, first, last, chunks)
+
+    def _complete_steps(self) -> tuple[list, list, tuple[dict, list]]:
+        """The buffered series and events of the steps `step()` has finished, and the rest of the buffers.
+
+        Everything is complete at a flush made by `step()` or `close()`. A flush made on the way
+        out (Ctrl-C or SIGTERM in the middle of a `step()`) leaves the step in progress behind, so
+        the store never holds half a step.
+        """
+        done = self.step_index
+        series, kept = [], {}
+        for name, (steps, values) in self._buf.items():
+            n = len(steps)
+            while n and steps[n - 1] >= done:
+                n -= 1
+            if n:
+                series.append((name, (steps[:n], values[:n])))
+            if n < len(steps):
+                kept[name] = (steps[n:], values[n:])
+        events = [e for e in self._events if e[0] < done]
+        later = [e for e in self._events if e[0] >= done]
+        return series, events, (kept, later)
+
+    def _warn_write_failed(self) -> None:
+        if self._warned_write:
+            return
+        self._warned_write = True
+        span = self._writer.pending_steps  # type: ignore[union-attr]
+        warnings.warn(f"graddoctor: could not write steps {span[0]}-{span[1]} to {str(self._writer.path)!r} "  # type: ignore
+                      f"({self._writer.last_error}); they are kept in memory and written with the next flush. "  # type: ignore
+                      "Training goes on.", RuntimeWarning, stacklevel=3)
+
+    def _count_optimizer_step(self, *_: Any) -> None:
+        self._optimizer_steps += 1
+
+    def _check_one_step_per_optimizer_step(self) -> None:
+        """Warn once when `step()` comes twice with no optimizer step between (a bug in the loop).
+
+        Not judged under a GradScaler, whose `scaler.step` skips the optimizer step on an overflow.
+        """
+        if self._count_handle is None or self.scaler is not None:
+            return
+        if self._optimizer_steps_at_last_step == self._optimizer_steps and not self._warned_double_step:
+            self._warned_double_step = True
+            warnings.warn(f"graddoctor: Watch.step() was called at step {self.step_index} with no optimizer.step() "
+                          "since the previous call: call w.step(loss) once per optimizer step, after the last "
+                          "backward (with gradient accumulation: after the last micro-batch)", RuntimeWarning,
+                          stacklevel=3)
+        self._optimizer_steps_at_last_step = self._optimizer_steps
 
     def close(self) -> None:
         """Flush what is buffered, remove every hook and close the store. Safe to call twice."""
@@ -379,12 +444,17 @@ class Watch:
         if self.recording:
             self._remove_activation_hooks()
             self.flush()
-        for handle in (self._input_handle, self._update_handle):
+        for handle in (self._input_handle, self._update_handle, self._count_handle):
             if handle is not None:
                 handle.remove()
         if self._writer is not None:
-            self._writer.set_meta("closed_at", time.time())  # lets readers (graddoctor serve) tell a finished run
-            self._writer.close()
+            self._writer.close()  # writes what earlier flushes could not, marks the run closed
+            _exit.unregister(self)
+            if self._writer.lost is not None:
+                first, last, reason = self._writer.lost
+                warnings.warn(f"graddoctor: steps {first}-{last} could not be written to {str(self._writer.path)!r} "
+                              f"and are lost ({reason}); the steps before them are in the store", RuntimeWarning,
+                              stacklevel=2)
         self.closed = True
 
     def __enter__(self) -> "Watch":
@@ -442,3 +512,31 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
         raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
     return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), guard=guard,
                  on_finding=on_finding, scaler=scaler)
+
+
+def _check_measurable(model: nn.Module, named: list[tuple[str, Tensor]], run_dir: Optional[str | Path]) -> None:
+    """Refuse, by name, parameters whose gradients watch cannot measure: complex, sparse, meta-device."""
+    for name, p in named:
+        if p.is_complex():
+            raise UnsupportedModelError(f"parameter {name!r} is {str(p.dtype).replace('torch.', '')}: graddoctor "
+                                        "watches real floating-point parameters (float16/bfloat16/float32/float64) only")
+        if not p.is_floating_point():
+            raise UnsupportedModelError(f"parameter {name!r} has dtype {str(p.dtype).replace('torch.', '')}: graddoctor "
+                                        "watches real floating-point parameters only")
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            raise UnsupportedModelError(f"module {name or type(module).__name__!r} is {type(module).__name__}(sparse=True),"
+                                        " whose gradients are sparse: graddoctor measures dense gradients; use "
+                                        "sparse=False (the default) to watch this model")
+    if run_dir is not None and any(p.device.type == "meta" for _, p in named):
+        raise UnsupportedModelError("the model's parameters are on the meta device, which holds no values to record: "
+                                    "materialize them first (model.to_empty(device=...) and initialize), or pass "
+                                    "run_dir=None")
+
+
+def _check_dense_grads(names: list[str], params: list[Tensor]) -> None:
+    for name, p in zip(names, params):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise UnsupportedModelError(f"parameter {name!r} has a {str(p.grad.layout).replace('torch.', '')} "
+                                        "gradient: graddoctor measures dense (strided) gradients only; for "
+                                        "nn.Embedding use sparse=False (the default)")

@@ -34,7 +34,7 @@ class RunData:
     """Host arrays of one run. T steps, P tensors, S weight samples, U update samples, A activation samples, M modules."""
 
     steps: np.ndarray                 # int64[T]
-    loss: np.ndarray                  # float64[T]
+    loss: np.ndarray                  # float64[T], NaN where no loss was given (see loss_given)
     global_norm: np.ndarray           # float32[T]
     grad_norm: np.ndarray             # float32[T, P]
     grad_nonfinite: np.ndarray        # int64[T, P], -1 where the tensor had no gradient
@@ -55,6 +55,9 @@ class RunData:
     amp_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))     # runs with a GradScaler
     amp: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.float32))     # loss scale, overflow
     meta: dict[str, Any] = field(default_factory=dict)
+    # bool[T]: steps whose loss was given to watch (a NaN there is a NaN loss). None: every step
+    # has one, unless no finite loss was ever recorded (stores that wrote NaN for "no loss").
+    loss_given: np.ndarray | None = None
     zero_init_rms: float = 1e-6       # see DiagnoseConfig.zero_init_rms
 
     # ------------------------------------------------------------------ loading
@@ -62,8 +65,8 @@ class RunData:
     def from_run(cls, run: Run) -> "RunData":
         """Load every series of a stored run (one read per series)."""
         P = len(run.tensors)
-        steps, loss = run.loss()
-        _, gnorm = run.global_norm()
+        steps, gnorm = run.global_norm()
+        loss, given = align_loss(steps, *run.loss())
         _, gn = run.series("grad_norm")
         _, nf = run.series("grad_nonfinite")
         s_steps, wn = run.series("weight_norm")
@@ -73,7 +76,8 @@ class RunData:
         amp_steps, amp = run.amp()
         T = len(steps)
         return cls(
-            steps=steps.astype(np.int64), loss=loss.astype(np.float64), global_norm=_f32(gnorm, (T,)),
+            steps=steps.astype(np.int64), loss=loss, loss_given=given if run.loss_rows_given else None,
+            global_norm=_f32(gnorm, (T,)),
             grad_norm=_f32(gn, (T, P)), grad_nonfinite=np.zeros((T, P), np.int64) if nf is None else nf.astype(np.int64),
             sample_steps=s_steps.astype(np.int64), weight_norm=_f32(wn, (len(s_steps), P)),
             update_steps=u_steps.astype(np.int64), update_norm=_f32(un, (len(u_steps), P)),
@@ -199,12 +203,13 @@ class RunData:
         if len(self.amp_overflow_steps) == 0:
             return self
         skipped = np.isin(self.steps, self.amp_overflow_steps)
-        drop = skipped & (np.isfinite(self.loss) | (not self.loss_recorded))
+        drop = skipped & (np.isfinite(self.loss) | ~self.given)
         if not drop.any():
             return self
         keep = ~drop
-        return replace(self, steps=self.steps[keep], loss=self.loss[keep], global_norm=self.global_norm[keep],
-                       grad_norm=self.grad_norm[keep], grad_nonfinite=self.grad_nonfinite[keep])
+        return replace(self, steps=self.steps[keep], loss=self.loss[keep], loss_given=self.given[keep],
+                       global_norm=self.global_norm[keep], grad_norm=self.grad_norm[keep],
+                       grad_nonfinite=self.grad_nonfinite[keep])
 
     # ------------------------------------------------------------------ per-step flags
     @cached_property
@@ -216,15 +221,28 @@ class RunData:
         return any_tensor | ~np.isfinite(self.global_norm)
 
     @cached_property
+    def given(self) -> np.ndarray:
+        """bool[T]: the steps that have a loss (a step without one is missing, not a NaN loss)."""
+        if self.loss_given is not None:
+            return np.asarray(self.loss_given, dtype=bool)
+        return np.full(self.T, bool(np.isfinite(self.loss).any()))
+
+    @cached_property
     def loss_recorded(self) -> bool:
-        """False when no finite loss was ever recorded (watch.step() without a loss records NaN)."""
-        return bool(np.isfinite(self.loss).any())
+        """False when no step has a loss."""
+        return bool(self.given.any())
 
     @cached_property
     def loss_bad(self) -> np.ndarray:
-        if not self.loss_recorded:
-            return np.zeros(self.T, dtype=bool)
-        return ~np.isfinite(self.loss)
+        """Steps whose given loss is NaN/Inf."""
+        return self.given & ~np.isfinite(self.loss)
+
+    @cached_property
+    def loss_carried(self) -> np.ndarray:
+        """float64[T]: each step's loss, or the last given loss before it (NaN before the first)."""
+        idx = np.where(self.given, np.arange(self.T), -1)
+        np.maximum.accumulate(idx, out=idx)
+        return np.where(idx >= 0, self.loss[np.maximum(idx, 0)], np.nan)
 
     @cached_property
     def input_bad_steps(self) -> np.ndarray:
@@ -243,3 +261,14 @@ class RunData:
         """Median of the first n finite losses (NaN if none)."""
         finite = self.loss[np.isfinite(self.loss)]
         return float(np.median(finite[:n])) if len(finite) else float("nan")
+
+
+def align_loss(steps: np.ndarray, loss_steps: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(loss float64[T] on `steps`, NaN where missing; given bool[T]) from the loss series' own steps."""
+    out = np.full(len(steps), np.nan)
+    pos = np.searchsorted(steps, loss_steps)
+    ok = (pos < len(steps)) & (steps[np.minimum(pos, max(len(steps) - 1, 0))] == loss_steps) if len(steps) else pos < 0
+    out[pos[ok]] = np.asarray(loss, dtype=np.float64).reshape(-1)[ok]
+    given = np.zeros(len(steps), dtype=bool)
+    given[pos[ok]] = True
+    return out, given

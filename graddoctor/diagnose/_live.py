@@ -17,7 +17,7 @@ import numpy as np
 
 from .._run import Run
 from ._config import DiagnoseConfig
-from ._data import RunData
+from ._data import RunData, align_loss
 from ._diagnose import diagnose_data
 from ._findings import Finding
 
@@ -112,8 +112,8 @@ class LiveDiagnosis:
             steps, data = s.get(name, (np.zeros(0, np.int64), np.zeros((0, width), dtype)))
             return steps.astype(np.int64), data.reshape(len(steps), width).astype(dtype, copy=False)
 
-        steps, loss = get("loss", 1, np.float64)
-        _, gnorm = get("grad_total_norm", 1, np.float32)
+        steps, gnorm = get("grad_total_norm", 1, np.float32)
+        loss, given = align_loss(steps, *get("loss", 1, np.float64))
         _, gn = get("grad_norm", P, np.float32)
         _, nf = get("grad_nonfinite", P, np.int64)
         ss, wn = get("weight_norm", P, np.float32)
@@ -121,8 +121,8 @@ class LiveDiagnosis:
         a_s, act = get("act", M * 6, np.float32)
         i_s, inp = get("input", 4, np.float32)
         amp_s, amp = get("amp", 2, np.float32)
-        T = min(len(steps), len(gnorm), len(gn), len(nf))  # series of one flush are written together
-        return RunData(steps=steps[:T], loss=loss[:T, 0], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
+        T = min(len(steps), len(gn), len(nf))  # series of one flush are written together
+        return RunData(steps=steps[:T], loss=loss[:T], loss_given=given[:T], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
                        grad_nonfinite=nf[:T], sample_steps=ss, weight_norm=wn, update_steps=us, update_norm=un,
                        tensors=t.tensors, tensor_module=t.tensor_module, tensor_shape=t.tensor_shape,
                        modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, 6), act_modules=t.act_modules,
@@ -164,7 +164,7 @@ _SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_nor
 def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The per-series arrays of a RunData, keyed by store series name."""
     M = len(d.act_modules)
-    return {"loss": (d.steps, d.loss.reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
+    return {"loss": (d.steps[d.given], d.loss[d.given].reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
             "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
             "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
             "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * 6)), "input": (d.input_steps, d.inputs),

@@ -87,7 +87,7 @@ def _stall(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, dict]:
     level = d.initial_loss_level()
     if d.loss_recorded and np.isfinite(level) and level > 0:
         with np.errstate(invalid="ignore"):
-            high = ~(d.loss < cfg.stall_loss_level * level)  # NaN loss: cannot rule out a stall
+            high = ~(d.loss_carried < cfg.stall_loss_level * level)  # NaN loss: cannot rule out a stall
     else:
         high = np.ones(d.T, dtype=bool)
     judged = np.isfinite(med)
@@ -191,9 +191,14 @@ def _loss_not_improving(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
     loss falls are learning speeding up (a plateau ending), not an explosion."""
     if not d.loss_recorded:
         return np.ones(d.T, dtype=bool)
-    med, _ = running_median_mad(d.loss, cfg.baseline_window, cfg.baseline_min)
+    given = np.flatnonzero(d.given)  # the baseline counts losses, not steps: a loss every k-th step is enough
+    loss = d.loss[given]
+    med, _ = running_median_mad(loss, cfg.baseline_window, cfg.baseline_min)
     with np.errstate(invalid="ignore"):
-        return ~(d.loss < med)
+        verdict = ~(loss < med)
+    # a step without a loss takes the verdict of the last step that had one
+    at = np.searchsorted(given, np.arange(d.T), side="right") - 1
+    return np.where(at >= 0, verdict[np.maximum(at, 0)], True)
 
 
 def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:

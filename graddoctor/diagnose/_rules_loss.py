@@ -24,9 +24,10 @@ def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
 
 def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     """Finite losses far above their running median, robustly (z on median/MAD) and by a factor."""
-    if not d.loss_recorded or d.T < cfg.spike_min_history + 1:
+    given = d.given  # baselines count the given losses, so a loss every k-th step is judged alike
+    if given.sum() < cfg.spike_min_history + 1:
         return None
-    loss = d.loss
+    loss, d_steps = d.loss[given], d.steps[given]
     med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
     scale = np.abs(med)
     z = robust_z(loss, med, mad, floor=1e-12)
@@ -38,7 +39,7 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     spike = np.nan_to_num(spike, nan=0).astype(bool)
     if not spike.any():
         return None
-    steps = d.steps[spike]
+    steps = d_steps[spike]
     worst = int(np.argmax(np.where(spike, loss / np.maximum(scale, 1e-12), -np.inf)))
     outlier, nonfinite, _ = input_flags(d, cfg)
     bad_in = set(d.input_steps[outlier | nonfinite].tolist())
@@ -50,10 +51,10 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
         cause, why = "learning_rate", f"large updates (update/weight above {cfg.large_update_ratio}) came before the spike"
     else:
         cause, why = "unknown", "no outlier input and no large update recorded at the spike steps"
-    ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d.steps[worst]),
+    ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d_steps[worst]),
           "worst_loss": _r(loss[worst]), "running_median_at_worst": _r(med[worst]), "robust_z_at_worst": _r(z[worst]),
           "reasoning": why}
-    msg = (f"The loss spiked {int(spike.sum())} time(s); worst at step {int(d.steps[worst])}: "
+    msg = (f"The loss spiked {int(spike.sum())} time(s); worst at step {int(d_steps[worst])}: "
            f"{loss[worst]:.3g} against a running median of {med[worst]:.3g}.")
     return Finding("loss_spike", "warning", int(steps[0]), int(steps[-1]), (), ev, cause, msg)
 
