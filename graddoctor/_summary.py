@@ -29,9 +29,9 @@ def nonfinite_steps(run: Run) -> np.ndarray:
     steps, count = run.series("grad_nonfinite")
     if count is None:
         return np.zeros(0, dtype=np.int64)
-    _, loss = run.loss()
-    bad = (count > 0).any(axis=1) | ~np.isfinite(loss)
-    return steps[bad]
+    loss_steps, loss = run.loss()  # only the steps given a loss: a missing loss is not a bad one
+    bad = steps[(count > 0).any(axis=1)]
+    return np.union1d(bad, loss_steps[~np.isfinite(loss)]).astype(np.int64)
 
 
 def format_steps(steps: np.ndarray, limit: int = 8) -> str:
@@ -52,8 +52,8 @@ def format_amp(run: Run) -> str:
 
 def format_summary(run: Run) -> str:
     """The summary table of a run as text."""
-    steps, loss = run.loss()
-    _, gnorm = run.global_norm()
+    loss_steps, loss = run.loss()
+    steps, gnorm = run.global_norm()
     closed = run.meta.get("closed_at")
     state = (f"finished (watch closed it at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(closed))})"
              if isinstance(closed, (int, float)) else
@@ -63,7 +63,7 @@ def format_summary(run: Run) -> str:
              f"state: {state}",
              f"steps: {len(steps)}   tensors: {len(run.tensors)}   layers: {len(run.layers)}   "
              f"activation modules: {len(run.activation_modules)}",
-             f"last loss: {_fmt(float(loss[-1])) if len(loss) else 'none recorded'}",
+             f"last loss: {_fmt(float(loss[-1])) + f' (step {int(loss_steps[-1])})' if len(loss) else 'none recorded'}",
              f"global gradient norm range: {_finite_range(gnorm)}"]
     bad = nonfinite_steps(run)
     lines.append("non-finite steps: " + (format_steps(bad) if len(bad) else "none"))
