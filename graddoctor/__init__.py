@@ -5,7 +5,8 @@ The verbs, one module each:
 - diagnose, treat, check, lab: built on what watch records.
 """
 from ._config import WatchConfig
-from ._errors import ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, RunNotFoundError
+from ._errors import (ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, ResumeMismatchError,
+                      RunExistsError, RunLockedError, RunNotFoundError, UnsupportedModelError, WatchClosedError)
 from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
 from ._native import status as native_status
@@ -25,6 +26,7 @@ __all__ = [
     "native_status",
     "check", "format_check", "CheckReport", "CheckThresholds", "LayerProfile",
     "GradDoctorError", "RunNotFoundError", "CorruptStoreError", "ConfigError", "NoGradientsError",
+    "RunExistsError", "RunLockedError", "ResumeMismatchError", "UnsupportedModelError", "WatchClosedError",
     "diagnose", "Finding", "DiagnoseConfig",
     "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
     "skip_nonfinite", "Guard", "run_lab", "write_run_report", "serve",
