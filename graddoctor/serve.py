@@ -27,6 +27,8 @@ global gradient norm, whether watch has closed it, when the store was last writt
 non-finite floats spelled "NaN"/"Infinity" as in the rest of graddoctor's JSON); `/content` the
 runs' sections as an HTML fragment. Nothing is
 fetched from the network: the page's plots are inline PNG, its script and style are inline.
+Every answer says nosniff, no framing, and a Content-Security-Policy: the page's allows its own script and
+style (by sha256), data: images and polls to its own origin; every other answer's allows nothing.
 
 Who may read it: on a loopback address (the default, 127.0.0.1) anyone on this machine, as with
 TensorBoard. On any other address the server asks for a token, random unless given, as Jupyter
@@ -48,6 +50,10 @@ other runs.
 from __future__ import annotations
 
 import argparse
+import base64
+import errno
+import functools
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -66,7 +72,7 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional, Sequence
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from ._errors import ConfigError, GradDoctorError
 from ._nonfinite_json import encode_nonfinite
@@ -74,6 +80,7 @@ from ._store import STORE_NAME, open_store, read_last_row, store_path
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0
+MIN_REFRESH = 0.5  # the CLI's floor: every browser left open polls this often (the API allows less, for tests)
 DEFAULT_BUSY = 0.1  # the largest share of one core the server spends redrawing (see Dashboard)
 FIRST_DRAW_SECONDS = 1.0  # how long one answer may spend drawing runs not drawn before (see Dashboard.content)
 
@@ -231,9 +238,10 @@ class Dashboard:
         from .report import _html as H
         status = self.status()
         content, version = self.content()
-        return _PAGE.format(css=H.CSS + _CSS, status=H.esc(status["text"]), version=H.esc(version),
+        return _PAGE.format(css=H.CSS + _CSS, script=_SCRIPT, status=H.esc(status["text"]), version=H.esc(version),
                             bar_class="critical" if status["critical"] else "",
-                            refresh_ms=int(self.refresh * 1000), content=content,
+                            refresh_ms=min(int(self.refresh * 1000), 2**31 - 1),  # setTimeout's largest
+                            content=content,
                             title=H.esc("graddoctor · " + ", ".join(str(r) for r in self.run_dirs)))
 
 
@@ -300,54 +308,74 @@ _CSS = """
 #bar b{margin-right:8px} #bar .err{color:#ff8a80} #bar.critical{background:#8e1b14}
 """
 
-# The page's only script: poll /status, fetch /content when the version changed, swap it in place.
-# `data-version` is the version of the content on the page.
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,"><title>{title}</title><style>{css}</style></head>
-<body data-version="{version}">
+<body data-version="{version}" data-refresh="{refresh_ms}">
 <div id="bar" class="{bar_class}"><b>graddoctor serve</b><span id="status">{status}</span></div>
 <main id="content">{content}</main>
-<script>
-(function () {{
+<script>{script}</script>
+</body></html>
+"""
+
+# The page's only script: poll /status, fetch /content when the version changed, swap it in place.
+# `data-version` is the version of the content on the page. The script is the same on every page
+# (its settings are in data- attributes), so the Content-Security-Policy can allow it by its hash.
+_SCRIPT = """
+(function () {
   const statusEl = document.getElementById("status"), content = document.getElementById("content");
+  const refresh = Number(document.body.dataset.refresh);  // milliseconds between polls
   // "pending" in the version: runs the server has not drawn yet, one answer at a time; ask again at once.
   const pending = () => document.body.dataset.version.split("|").includes("pending");
-  async function poll() {{
+  async function poll() {
     let answered = true;
-    try {{
-      const s = await (await fetch("status", {{cache: "no-store"}})).json();
-      if (s.version !== document.body.dataset.version) {{
+    try {
+      const s = await (await fetch("status", {cache: "no-store"})).json();
+      if (s.version !== document.body.dataset.version) {
         // The answer says which version it shows: a changed run drawn again only when the
         // server's drawing budget allows (see Dashboard) is asked for again at a later poll.
-        const c = await fetch("content", {{cache: "no-store"}});
+        const c = await fetch("content", {cache: "no-store"});
         const html = await c.text(), shown = c.headers.get("X-Graddoctor-Version");
-        if (shown !== document.body.dataset.version) {{
+        if (shown !== document.body.dataset.version) {
           const y = window.scrollY;
           content.innerHTML = html;
           window.scrollTo(0, y);
           document.body.dataset.version = shown;
-        }}
-      }}
+        }
+      }
       statusEl.textContent = s.text;
       statusEl.className = "";
       document.getElementById("bar").className = s.critical ? "critical" : "";
-    }} catch (e) {{
+    } catch (e) {
       statusEl.textContent = "the graddoctor server does not answer (" + e.message + "); retrying";
       statusEl.className = "err";
       answered = false;
-    }}
-    setTimeout(poll, answered && pending() ? 0 : {refresh_ms});
-  }}
-  setTimeout(poll, pending() ? 0 : {refresh_ms});
-}})();
-</script>
-</body></html>
+    }
+    setTimeout(poll, answered && pending() ? 0 : refresh);
+  }
+  setTimeout(poll, pending() ? 0 : refresh);
+})();
 """
 
 
-_PLAIN_HTTP_REFUSAL = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
-                       b"this dashboard speaks HTTPS only: open the https:// address graddoctor serve printed\n")
+# Content-Security-Policy: every answer but the page (and its /content) allows nothing at all.
+_FRAMING = "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+_LOCKED = "default-src 'none'; " + _FRAMING
+
+
+@functools.lru_cache(maxsize=None)
+def _page_policy() -> str:
+    """The page's policy: its one script and style (by sha256; no other inline code), data: images, polls home."""
+    from .report import _html as H
+    script, style = ("'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+                     for text in (_SCRIPT, H.CSS + _CSS))
+    return f"default-src 'none'; script-src {script}; style-src {style}; img-src data:; connect-src 'self'; {_FRAMING}"
+
+
+_PLAIN_HTTP_REFUSAL = ("HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                       f"X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nContent-Security-Policy: {_LOCKED}"
+                       "\r\n\r\nthis dashboard speaks HTTPS only: open the https:// address graddoctor serve printed\n"
+                       ).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -358,6 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
     verbose = False
     # Seconds a connection may sit idle (or mid-handshake) before its thread gives it up.
     timeout = 60
+    csp = _LOCKED  # the Content-Security-Policy of the answer being sent (`_send` sets the page's)
 
     def setup(self) -> None:
         # TLS is set up here, in the connection's own thread, not on accept: one slow client
@@ -385,8 +414,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
         try:
-            refused = self._refusal()
-            if refused is not None:
+            hosts = self.headers.get_all("Host") or [""]
+            host = _host_name(hosts[0]) if len(hosts) == 1 else None
+            refused = self._refusal(host) if host is not None else None
+            if host is None:
+                self._send(HTTPStatus.BAD_REQUEST, "text/plain; charset=utf-8", f"bad Host header "
+                           f"{_shown(', '.join(hosts))}: expected a name or an address, optionally with :port\n")
+            elif refused is not None:
                 self._send(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", refused)
             elif path == "/":
                 secure = "; Secure" if self.tls else ""
@@ -401,14 +435,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", html, {"X-Graddoctor-Version": version})
             else:
                 self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
-                           f"no page {path!r}: this server has /, /status and /content\n")
+                           f"no page {_shown(path)}: this server has /, /status and /content\n")
         except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
             pass
 
-    def _refusal(self) -> Optional[str]:
-        """Why this request may not read the dashboard (the 403's text), or None."""
-        if self.loopback_only and not self._host_is_loopback():
-            return (f"this dashboard answers to localhost names only, not Host: {self.headers.get('Host')!r} "
+    def _refusal(self, host: str) -> Optional[str]:
+        """Why this request, to `host` (its Host header's name), may not read the dashboard (the 403's text), or None."""
+        # A web page elsewhere can point a name it controls at 127.0.0.1 (DNS rebinding) and read
+        # an open local server through the visitor's browser; its requests carry that name as Host.
+        if self.loopback_only and not _is_loopback(host):
+            return (f"this dashboard answers to localhost names only, not Host: {_shown(self.headers.get('Host', ''))} "
                     f"(a page elsewhere may be trying to read it); open it as "
                     f"{'https' if self.tls else 'http'}://localhost:{self.server.server_address[1]}/\n")
         if self.token is not None:
@@ -418,19 +454,13 @@ class _Handler(BaseHTTPRequestHandler):
                         "(it ends in ?token=...)\n")
         return None
 
-    def _host_is_loopback(self) -> bool:
-        # A web page elsewhere can point a name it controls at 127.0.0.1 (DNS rebinding) and read
-        # an open local server through the visitor's browser; its requests carry that name as Host.
-        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
-        return _is_loopback(host)
-
     def _cookie_name(self) -> str:
         # Cookies are not kept per port: a name per port keeps two dashboards on one host apart.
         return f"graddoctor_token_{self.server.server_address[1]}"
 
     def _given_token(self) -> Optional[str]:
         """The token in the query (`?token=`), else in the page's cookie; None if neither."""
-        query = parse_qs(urlsplit(self.path).query).get("token")
+        query = parse_qs(self.path.partition("?")[2]).get("token")
         if query:
             return query[0]
         try:
@@ -440,7 +470,8 @@ class _Handler(BaseHTTPRequestHandler):
         return morsel.value if morsel is not None else None
 
     def _send(self, code: HTTPStatus, kind: str, body: str, headers: Optional[dict[str, str]] = None) -> None:
-        data = body.encode("utf-8")
+        data = body.encode("utf-8", "replace")  # a run directory's name may not be UTF-8 (bytes from a shell)
+        self.csp = _page_policy() if kind.startswith("text/html") else _LOCKED
         self.send_response(code)
         self.send_header("Content-Type", kind)
         for name, value in (headers or {}).items():
@@ -449,6 +480,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
+
+    def end_headers(self) -> None:
+        # Every answer, http.server's own errors (400, 501, ...) included: no sniffing, no framing, its policy.
+        for name, value in (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                            ("Content-Security-Policy", self.csp)):
+            self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         if self.verbose:
@@ -481,6 +519,21 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _host_name(header: str) -> Optional[str]:
+    """The name or address in a Host header (an RFC 3986 reg-name or IPv4, or an [IPv6], then :port), in lower
+    case and IPv6 without brackets; None if it is malformed."""
+    m = re.fullmatch(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?", header.strip().lower())
+    try:
+        return None if m is None else m[2] if m[1] is None else str(ipaddress.IPv6Address(m[1]))
+    except ValueError:  # brackets around something that is not an IPv6 address
+        return None
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for a message, cut short past `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _is_loopback(host: str) -> bool:
@@ -559,9 +612,10 @@ def _bind(run_dirs: Sequence[str | Path], host: str, port: int, refresh: float, 
                                                     "tls_context": context})
     try:
         httpd = _DashboardHTTPServer((host, port), handler)
-    except OSError as e:
-        raise GradDoctorError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
-                              f"pick another --port, or 0 for any free port") from e
+    except OSError as e:  # a port in use or reserved; else an address (IPv6 too) or name that is not this machine's
+        advice = ("pick another --port, or 0 for any free port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else
+                  "give --host an IPv4 address or name of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all")
+        raise GradDoctorError(f"cannot listen on {host}:{port} ({e.strerror or e}); {advice}") from e
     return httpd, dashboard
 
 
@@ -616,7 +670,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--refresh", type=float, default=DEFAULT_REFRESH,
-                   help=f"seconds between the page's checks for new data (default {DEFAULT_REFRESH:g})")
+                   help=f"seconds between the page's checks for new data (default {DEFAULT_REFRESH:g}; "
+                        f"at least {MIN_REFRESH:g})")
     p.add_argument("--busy", type=float, default=DEFAULT_BUSY,
                    help=f"largest share of one core spent re-drawing plots "
                         f"(default {DEFAULT_BUSY:g}; 1: on every flush)")
@@ -633,6 +688,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if not MIN_REFRESH <= args.refresh < math.inf:  # NaN too
+        raise ConfigError(f"--refresh={args.refresh:g} is not allowed: "
+                          f"--refresh must be a number of seconds >= {MIN_REFRESH:g}")
     serve_forever(args.run_dirs, args.host, args.port, args.refresh, args.busy, args.verbose, args.token,
                   args.certfile, args.keyfile)
     return 0

@@ -6,8 +6,12 @@ Chromium (Debian's, driven by Playwright) while a training writes new flushes un
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import http.client
 import json
 import math
+import re
 import os
 import signal
 import shutil
@@ -335,6 +339,153 @@ def test_an_open_local_server_answers_localhost_names_only(tmp_path):
             assert r.status == 200
 
 
+def _raw(port: int, host: bytes | None, path: str = "/status", method: str = "GET") -> tuple[int, str, dict]:
+    """One request with exactly this Host header (None: none at all), as http.client sends it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read().decode("utf-8", "replace"), dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+MALFORMED_HOSTS = [b"[::1", b"[", b"[::1]:notaport", b"[::1]x", b"[not-an-ip]:80", b"local host",
+                   "caf\u00e9.example".encode(), "\u2603".encode(), b"localhost:80/x", b"a@localhost"]
+
+
+def test_a_malformed_host_is_answered_400_and_the_server_serves_on(tmp_path, capfd):
+    """A Host that is not `name[:port]` or `[IPv6][:port]` gets 400 naming it, with or without a token."""
+    for token in (None, "t"):
+        with gd.serve.start([tmp_path], port=0, token=token) as dash:
+            for host in MALFORMED_HOSTS:
+                code, body, headers = _raw(dash.port, host, "/status?token=t")
+                assert code == 400 and headers["Content-Type"].startswith("text/plain"), (host, code, body)
+                assert body.startswith("bad Host header ") and body.count("\n") == 1, body
+                assert repr(host.decode("latin-1")) in body, (host, body)
+            long = b"a" * 5000  # well-formed, refused; its echo is cut short
+            code, body, _ = _raw(dash.port, long, "/status?token=t")
+            assert code == (403 if token is None else 200), code
+            assert token is not None or (body.startswith("this dashboard answers to localhost names only, "
+                                                         "not Host: 'aaa") and len(body) < 400), body
+            two = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=30)  # two Host headers: 400
+            two.putrequest("GET", "/status", skip_host=True)
+            two.putheader("Host", "localhost")
+            two.putheader("Host", "evil.example")
+            two.endheaders()
+            assert two.getresponse().status == 400
+            two.close()
+            assert _raw(dash.port, None, "/?token=t")[0] == (403 if token is None else 200)  # HTTP/1.0 style: no Host
+            assert _raw(dash.port, b"", "/?token=t")[0] == (403 if token is None else 200)
+            assert _raw(dash.port, b"localhost", "//[?token=t")[0] == 404  # a path that looks like a bad netloc
+            assert _raw(dash.port, f"LOCALHOST:{dash.port}".encode(), "/status?token=t")[0] == 200
+            assert _raw(dash.port, b"[::1]:", "/status?token=t")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
+PAGE_POLICY = ("default-src 'none'; script-src {script}; style-src {style}; img-src data:; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+LOCKED_POLICY = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def _assert_secured(headers: dict, policy: str, what: str) -> None:
+    assert headers.get("X-Content-Type-Options") == "nosniff", what
+    assert headers.get("X-Frame-Options") == "DENY", what
+    assert headers.get("Content-Security-Policy") == policy, (what, headers.get("Content-Security-Policy"))
+
+
+def test_every_answer_carries_the_security_headers(tmp_path):
+    """The page's policy allows exactly its own inline script and style (by hash), data: images and
+    same-origin polls; every other answer, http.server's own errors included, allows nothing."""
+    t = Trainer(tmp_path / "a", flush_every=5)
+    t.steps(5)
+    t.close()
+    with gd.serve.start([tmp_path / "a"], port=0) as dash:
+        code, page, headers = _raw(dash.port, b"localhost", "/")
+        assert code == 200 and "figure class=\"plot\"" in page
+        (script,) = re.findall(r"<script>(.*?)</script>", page, re.S)
+        (style,) = re.findall(r"<style>(.*?)</style>", page, re.S)
+        assert not re.search(r"<script|\son[a-z]+=|\sstyle=|javascript:", page.replace(f"<script>{script}", ""))
+        page_policy = PAGE_POLICY.format(script=_sha256(script), style=_sha256(style))
+        _assert_secured(headers, page_policy, "/")
+        _assert_secured(_raw(dash.port, b"localhost", "/content")[2], page_policy, "/content")
+        for path, host, expected in (("/status", b"localhost", 200), ("/nope", b"localhost", 404),
+                                     ("/status", b"evil.example", 403), ("/status", b"[::1", 400)):
+            code, _, headers = _raw(dash.port, host, path)
+            assert code == expected, (path, host, code)
+            _assert_secured(headers, LOCKED_POLICY, path)
+        code, _, headers = _raw(dash.port, b"localhost", "/", method="POST")  # http.server's own answer
+        assert code == 501
+        _assert_secured(headers, LOCKED_POLICY, "POST")
+        with socket.create_connection(("127.0.0.1", dash.port), timeout=30) as s:  # a request line that does not parse
+            s.sendall(b"GET a b HTTP/1.0\r\n\r\n")
+            answer = s.makefile("rb").read().decode("latin-1")
+        assert answer.startswith("HTTP/1.0 400") and "X-Frame-Options: DENY\r\n" in answer, answer
+    with gd.serve.start([tmp_path / "a"], port=0, refresh=2) as other:  # the script does not change with refresh
+        assert _raw(other.port, b"localhost", "/")[2]["Content-Security-Policy"] == page_policy
+
+
+def test_serve_options_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """Each bad option: exit 2, one line naming the value and what is allowed, no traceback (never serves)."""
+    from graddoctor.cli import main
+    monkeypatch.setattr(gd.serve._DashboardHTTPServer, "serve_forever",  # a check that is missing fails, not hangs
+                        lambda self, *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "file").write_text("x")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    run = str(tmp_path / "a")
+    floor = "--refresh must be a number of seconds >= 0.5"
+    cases = [([run, "--refresh", "0.1"], ["--refresh=0.1 ", floor]),
+             ([run, "--refresh", "0.49"], ["0.49", floor]), ([run, "--refresh", "0"], ["--refresh=0 ", floor]),
+             ([run, "--refresh", "nan"], ["nan", floor]), ([run, "--refresh", "inf"], ["inf", floor]),
+             ([run, "--refresh=-inf"], ["-inf", floor]), ([run, "--refresh", "-1"], ["-1", floor]),
+             ([run, "--port", "70000"], ["port=70000", "from 1 to 65535"]),
+             ([run, "--port", "-1"], ["port=-1", "from 1 to 65535"]),
+             ([run, "--port", str(taken.getsockname()[1])], [f"127.0.0.1:{taken.getsockname()[1]}", "--port"]),
+             ([run, "--port", "0", "--host", "nonexistent.invalid"], ["nonexistent.invalid", "--host"]),
+             ([run, "--port", "0", "--host", "192.0.2.1"], ["192.0.2.1", "--host"]),  # not this machine's
+             ([run, "--port", "0", "--host", "::1"], ["::1", "--host", "IPv4"]),
+             ([str(tmp_path / "file"), "--port", "0"], ["file' is a file", "run directories"]),
+             ([run, "--busy", "2"], ["busy=2.0", "<= 1"]),
+             ([run, "--token", "a b"], ["token='a b'", "letters, digits"])]
+    try:
+        for argv, words in cases:
+            capsys.readouterr()
+            assert main(["serve", *argv]) == 2, argv
+            out, err = capsys.readouterr()
+            assert out == "" and err.count("\n") == 1 and err.startswith("graddoctor: error: "), (argv, err)
+            assert all(w in err for w in words), (argv, err)
+            if "--host" in words:
+                assert "another --port" not in err, err  # the port is not what is wrong
+    finally:
+        taken.close()
+    monkeypatch.undo()
+    for argv in (["--refresh", "soon"], ["--port", "http"]):  # not a number at all: argparse's usage and error
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", run, *argv])
+        assert exited.value.code == 2 and repr(argv[1]) in capsys.readouterr().err
+
+
+def test_a_run_directory_that_does_not_exist_is_waited_for(tmp_path):
+    """Not an error: the page waits for watch to create it; a name that is not UTF-8 is shown, not a crash."""
+    odd = tmp_path / os.fsdecode(b"run-\xff")  # a byte name from the shell, not UTF-8
+    with gd.serve.start([tmp_path / "missing" / "deep", odd], port=0) as dash:
+        status = _strict_json(_get(dash.url + "status")[2])
+        assert [r["state"] for r in status["runs"]] == ["waiting", "waiting"], status
+        code, _, page = _get(dash.url)
+        assert code == 200 and "run-?" in page and "waiting for graddoctor.watch" in page
+        assert _get(dash.url + "content")[0] == 200
+
+
 def test_a_token_is_asked_by_default_only_off_loopback(tmp_path):
     with gd.serve.start([tmp_path], port=0) as dash:
         assert dash.token is None and dash.link == dash.url
@@ -414,8 +565,10 @@ def test_https_serves_the_runs_and_keeps_the_token_off_the_wire(tmp_path):
         assert code == 200 and decode_nonfinite(_strict_json(body))["runs"][0] == run_status(tmp_path / "a")
         assert _get_tls(dash.url + "status", cert)[0] == 403  # TLS does not replace the token
         # A plain-HTTP client is told where to go, and the server goes on serving.
-        code, body, _ = _get_with(f"http://127.0.0.1:{dash.port}/status?token=s3cret")
+        code, body, headers = _get_with(f"http://127.0.0.1:{dash.port}/status?token=s3cret")
         assert code == 400 and "speaks HTTPS only" in body and "s3cret" not in body
+        _assert_secured(headers, LOCKED_POLICY, "plain HTTP to HTTPS")
+        _assert_secured(_get_tls(dash.url + "status", cert)[2], LOCKED_POLICY, "403 over TLS")
         # A client that does not trust the certificate fails its handshake; one that connects and
         # says nothing does not hold up the next client.
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -489,11 +642,17 @@ def test_cli_serves_until_interrupted(tmp_path):
     assert proc.returncode == 0, err
     bad = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path / "a"), "--refresh", "-1"],
                          capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "refresh=-1.0 is not allowed" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr == ("graddoctor: error: --refresh=-1 is not allowed: "
+                                              "--refresh must be a number of seconds >= 0.5\n"), bad.stderr
 
 
 pytestmark_browser = pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
                                         reason="Debian chromium is not installed (apt-get install chromium)")
+
+
+def _csp_violation(text: str) -> bool:
+    """Chromium's console line for a Content-Security-Policy violation ("Refused to ..." in older ones), any level."""
+    return "Content Security Policy" in text or text.startswith("Refused to")
 
 
 @pytestmark_browser
@@ -501,11 +660,12 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     """Open the page before the run exists; train; the page fills in and follows without a reload."""
     from playwright.sync_api import sync_playwright
     run_dir = tmp_path / "deep-sigmoid"
-    errors, foreign = [], []
+    errors, foreign, violations = [], [], []
     with gd.serve.start([run_dir], port=0, refresh=0.2, busy=1.0) as dash, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("console", lambda m: violations.append(m.text) if _csp_violation(m.text) else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((dash.url, "data:")) else None)
         page.goto(dash.url, wait_until="load")
@@ -532,7 +692,15 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
         bar = page.evaluate(
             "() => [document.getElementById('bar').className, document.getElementById('status').textContent]")
         page.screenshot(path=str(ARTIFACTS / "serve-dashboard.png"))
+        clean = (list(errors), list(violations))
+        # The control: the policy is enforced, and a violation does reach the console listener.
+        with page.expect_console_message(lambda m: _csp_violation(m.text), timeout=10_000):
+            page.evaluate("""() => { const s = document.createElement('script');
+                s.textContent = 'window.__injected = 1'; document.body.append(s); }""")
+        injected = page.evaluate("() => window.__injected")
         browser.close()
+    assert clean == ([], []), clean
+    assert injected is None and any("inline script" in v for v in violations), violations  # Chromium's wording varies
     expected = [f.code for f in gd.diagnose(str(run_dir))]
     assert expected, "premise: the deep sigmoid run has findings"
     assert codes == expected
@@ -542,7 +710,7 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     critical = live.count("critical")
     assert f"{len(live)} live finding" in bar[1] and (f"({critical} critical)" in bar[1]) == (critical > 0)
     assert bar[0] == ("critical" if critical else "")
-    assert errors == [] and foreign == []
+    assert foreign == []
 
 
 @pytestmark_browser
@@ -554,7 +722,7 @@ def test_a_tokened_dashboard_works_in_chromium_and_refuses_without_the_token(tmp
     with gd.serve.start([run_dir], port=0, refresh=0.2, busy=1.0, token="t0k") as dash, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" or _csp_violation(m.text) else None)
         page.goto(dash.link, wait_until="load")
         t = Trainer(run_dir, flush_every=5)
         t.steps(10)
@@ -583,7 +751,7 @@ def test_an_https_dashboard_follows_a_run_in_chromium(tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context(ignore_https_errors=True)  # the test's own self-signed certificate
         page = context.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" or _csp_violation(m.text) else None)
         page.on("request", lambda r: plain.append(r.url) if r.url.startswith("http:") else None)
         page.goto(link, wait_until="load")
         t = Trainer(run_dir, flush_every=5)
@@ -611,7 +779,7 @@ def test_a_folder_of_runs_fills_in_chromium_run_by_run(tmp_path):
         dash.dashboard.first_draw_seconds = 0.0
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" or _csp_violation(m.text) else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(dash.url, wait_until="load")
         first = page.evaluate("() => document.body.dataset.version")
