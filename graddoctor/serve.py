@@ -111,8 +111,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         try:
             chunk_id = con.execute("SELECT max(rowid) FROM chunks").fetchone()[0] or 0
             event_id = con.execute("SELECT max(id) FROM events").fetchone()[0] or 0
-            last = con.execute("SELECT last_step FROM chunks WHERE series='loss' ORDER BY first_step DESC LIMIT 1"
-                               ).fetchone()
+            # the last recorded step: every step has a global norm, while a loss may be missing
+            last = con.execute("SELECT last_step FROM chunks WHERE series='grad_total_norm' "
+                               "ORDER BY first_step DESC LIMIT 1").fetchone()
             loss, norm = _last_value(con, "loss"), _last_value(con, "grad_total_norm")
             closed = con.execute("SELECT value FROM meta WHERE key='closed_at'").fetchone()
             findings = [_severity(d) for (d,) in con.execute("SELECT data FROM events WHERE kind='finding'")]
