@@ -4,6 +4,7 @@ disk-full tests use a real, small tmpfs; the read-only tests a real read-only bi
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -190,17 +191,36 @@ def _can_bind_read_only() -> bool:
     return probe.returncode == 0
 
 
-def _in_read_only_copy(run_dir: Path, argv: list[str]) -> subprocess.CompletedProcess:
-    """Run `graddoctor ARGV` with run_dir bind-mounted read-only (as root: a private mount namespace)."""
-    if os.geteuid() != 0:  # an ordinary user: permissions are enough to forbid writing
+# Runs graddoctor commands in one process (one torch import) and prints [[code, stdout, stderr], ...].
+READER = """
+import contextlib, io, json, sys
+from graddoctor.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _read_only(run_dir: Path, commands: list[list[str]]) -> list[list]:
+    """Run graddoctor commands with run_dir read-only: for root, a read-only bind mount in a private
+    mount namespace; for an ordinary user, a directory without write permission."""
+    argv = [sys.executable, "-c", READER, json.dumps(commands)]
+    if os.geteuid() != 0:
         run_dir.chmod(0o555)
         try:
-            return subprocess.run([sys.executable, "-m", "graddoctor.cli", *argv], capture_output=True, text=True)
+            proc = subprocess.run(argv, capture_output=True, text=True)
         finally:
             run_dir.chmod(0o755)
-    script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,ro,bind "{run_dir}" && '
-              f'! touch "{run_dir}/probe" 2>/dev/null && exec "{sys.executable}" -m graddoctor.cli "$@"')
-    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *argv], capture_output=True, text=True)
+    else:
+        script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,ro,bind "{run_dir}" && '
+                  f'! touch "{run_dir}/probe" 2>/dev/null && exec "$@"')
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @pytest.mark.slow
@@ -215,13 +235,12 @@ def test_a_run_in_a_read_only_place_can_be_read(tmp_path, capsys, killed):
         child.wait()
     else:
         record(run_dir)
-    want = {cmd: cli(*cmd.split(), run_dir, capsys=capsys) for cmd in ("runs summary", "diagnose")}
-    for cmd in want:
-        got = _in_read_only_copy(run_dir, [*cmd.split(), str(run_dir)])
-        assert (got.returncode, got.stdout) == want[cmd][:2], got.stderr
+    commands = [["runs", "summary", str(run_dir)], ["diagnose", str(run_dir)]]
+    want = [cli(*argv, capsys=capsys)[:2] for argv in commands]
     report = tmp_path / "report.html"
-    got = _in_read_only_copy(run_dir, ["report", str(run_dir), "-o", str(report)])
-    assert got.returncode == 0, got.stderr
+    got = _read_only(run_dir, commands + [["report", str(run_dir), "-o", str(report)]])
+    assert [g[:2] for g in got[:2]] == [list(w) for w in want], got
+    assert got[2][0] == 0, got[2]
     assert report.stat().st_size > 1000
 
 
