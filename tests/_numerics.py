@@ -207,3 +207,33 @@ def assert_within(got: Iterable[float], want: Iterable[float], bound, what: str 
     bad = ~(err <= bound)
     assert not bad.any(), f"{what}: |got - want| > bound at {np.flatnonzero(bad)[:5]}: " \
                           f"got {got[bad][:5]}, want {want[bad][:5]}, bound {bound[bad][:5]}"
+
+
+def clipped_grad_rel(total_rel: float, clips: int = 1, u: float = U32) -> float:
+    """Relative bound on a gradient after `clips` norm clips in a row, each scaling by a coefficient
+    formed from a total norm measured within `total_rel` of the exact total of its (already
+    perturbed) input: e_j = compose(e_{j-1}, clip_coef_rel(compose(total_rel, e_{j-1})), u), the
+    last u for the float32 multiply. (A clip's normalisation partly cancels e_{j-1}; not counted.)"""
+    e = 0.0
+    for _ in range(clips):
+        e = compose(e, clip_coef_rel(compose(total_rel, e), u), u)
+    return e
+
+
+def adam_step_gain(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> list[float]:
+    """K_t, t = 1..steps: a bound on |m_hat_t| / sqrt(v_hat_t) (and on sum_i w_i |g_i| / sqrt(v_hat_t)) for Adam.
+
+    m_hat_t = sum_i a_i g_i, v_hat_t = sum_i b_i g_i^2 with a_i = (1 - beta1) beta1^(t-i) / (1 - beta1^t),
+    b_i = (1 - beta2) beta2^(t-i) / (1 - beta2^t); by Cauchy-Schwarz sum a_i |g_i| <= sqrt(sum a_i^2 / b_i)
+    sqrt(v_hat_t). So a relative change <= r of every gradient moves Adam's update lr m_hat / (sqrt(v_hat) + eps)
+    by at most 2 r lr K_t (r K_t through m_hat, r K_t through sqrt(v_hat)), first order in r.
+    """
+    out = []
+    for t in range(1, steps + 1):
+        s = 0.0
+        for i in range(1, t + 1):
+            a = (1 - beta1) * beta1 ** (t - i) / (1 - beta1 ** t)
+            b = (1 - beta2) * beta2 ** (t - i) / (1 - beta2 ** t)
+            s += a * a / b
+        out.append(math.sqrt(s))
+    return out
