@@ -10,7 +10,8 @@ from ._errors import (ConfigError, CorruptStoreError, GradDoctorError, NoGradien
 from ._run import History, Run, open_run
 from ._stats import TensorStats, l2_norms, tensor_stats
 from ._native import status as native_status
-from ._watch import Watch, watch
+from ._compose import watch
+from ._watch import Watch
 from ._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
 from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
 from . import init, serve, surgery, treat

@@ -89,16 +89,20 @@ class Watch:
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                  run_dir: Optional[str | Path] = None, config: Optional[WatchConfig] = None, guard: Any = None,
-                 on_finding: Optional[Callable] = None, scaler: Any = None):
+                 scaler: Any = None):
+        """Use `graddoctor.watch(...)`, which also builds the guard and attaches live diagnosis.
+
+        Args:
+          guard: None, or an object with `apply(stats, record_event, step)` run on every step's
+            statistics (`graddoctor.treat.Guard`); its parameters must be `watched_parameters(model)`.
+        """
         self.config = config or WatchConfig()
         self.config.validate()
         self.model = _unwrap(model)
         self.optimizer = optimizer
         # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor._amp)
         self.scaler = _amp.check_scaler(scaler, optimizer)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not named:
-            raise NoGradientsError(f"{type(self.model).__name__} has no parameter with requires_grad=True; nothing to watch")
+        named = watched_parameters(model)
         _check_measurable(self.model, named, run_dir)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -108,9 +112,7 @@ class Watch:
             _native.prepare()  # a first build compiles (under a second): here, not inside the first step
         self._sharded = any(isinstance(p, DTensor) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
-        from .treat._guard import as_guard  # treat builds on watch; imported late to keep watch importable alone
-        # guard: a gradient transform run on the stats of every step (see graddoctor.treat.Guard)
-        self.guard = as_guard(guard, self.params, self.names)
+        self.guard = guard  # run on the stats of every step, after they are recorded
         if run_dir is not None and (not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == ""):
             raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path, or None to record nothing")
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -146,10 +148,7 @@ class Watch:
         self._warned_double_step = False
         self._grads_checked = False
         self._warned_write = False
-        self.live = None  # live diagnosis (graddoctor.diagnose._live): rules run on host data at each flush
-        if self.recording and self.config.live_diagnosis:
-            from .diagnose._live import attach
-            self.live = attach(self, on_finding)
+        self.live: Any = None  # live diagnosis, attached by graddoctor.watch() as a flush listener
         self.closed = False
         if self._writer is not None:
             _exit.register(self)  # flushed and closed at exit, on Ctrl-C and on SIGTERM (see graddoctor._exit)
@@ -355,6 +354,12 @@ class Watch:
         if self.recording:
             self._events.append((self.step_index - 1 if step is None else step, kind, data))
 
+    def write_event_now(self, step: int, kind: str, data: dict[str, Any]) -> None:
+        """Write one event (host values only) at once, not at the next flush: e.g. a finding found by the
+        flush that may be the run's last. Failures are kept and retried like a flush's."""
+        if self._writer is not None and not self._writer.write([], [(step, kind, data)]):
+            self._warn_write_failed()
+
     # ----------------------------------------------------------------- flush
     def flush(self) -> None:
         """Copy the buffered statistics to the host and write them to the store, as one transaction.
@@ -484,34 +489,13 @@ def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor
     return torch.tensor(float(loss), dtype=torch.float64, device=device)
 
 
-def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, guard: Any = None,
-          on_finding: Optional[Callable] = None, scaler: Any = None, **options: Any) -> Watch:
-    """Start recording a model's gradient health into `run_dir`.
-
-    Args:
-      model: the module being trained (DDP- or torch.compile-wrapped is fine).
-      optimizer: the optimizer (optional; recorded in the run's metadata, used by remedies).
-      run_dir: directory of the run store; None computes statistics without recording them.
-      config: a `WatchConfig`; or give its fields as keyword options, e.g. `flush_every=100`.
-      guard: a gradient transform (e.g. `gd.chain(gd.skip_nonfinite(), gd.zclip())`) or a
-        `graddoctor.treat.Guard`, applied in `step()` to the gradients, reusing the step's
-        statistics; each intervention is recorded as an event (see `graddoctor.treat`).
-      on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
-        that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
-      scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`). `step()`
-        then unscales the gradients first (unless the loop already called `scaler.unscale_`), so
-        statistics and guard see the true gradients, and records each step's loss scale and
-        whether the scaler found an overflow, so that diagnose tells the steps it skipped from
-        real non-finite gradients.
-    Returns:
-      A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
-      (or use it as a context manager).
-    """
-    if config is not None and options:
-        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
-    return Watch(model, optimizer, run_dir, config or WatchConfig.from_options(options), guard=guard,
-                 on_finding=on_finding, scaler=scaler)
+def watched_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of every trainable parameter watch records, in the order of every per-tensor vector."""
+    inner = _unwrap(model)
+    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    if not named:
+        raise NoGradientsError(f"{type(inner).__name__} has no parameter with requires_grad=True; nothing to watch")
+    return named
 
 
 def _check_measurable(model: nn.Module, named: list[tuple[str, Tensor]], run_dir: Optional[str | Path]) -> None:

@@ -138,9 +138,7 @@ class LiveDiagnosis:
         if log.hasHandlers():  # without handlers, logging's last resort would print the warning a second time
             log.warning(text)
         warnings.warn(text, FindingWarning, stacklevel=_user_stacklevel())
-        writer = getattr(watch, "_writer", None)
-        if writer is not None:  # written now, not at the next flush: this may be the last one
-            writer.write([], [(f.last_step, "finding", f.to_dict())])
+        watch.write_event_now(f.last_step, "finding", f.to_dict())  # now: this flush may be the last one
         if self.on_finding is not None:
             self.on_finding(f)
 

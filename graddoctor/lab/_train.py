@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .._run import open_run
-from .._watch import watch
+from .._compose import watch
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,

@@ -1,0 +1,58 @@
+"""`graddoctor.watch()`: the composition root.
+
+`Watch` records statistics and knows nothing of what uses them. This function builds one and
+wires in the two things that do, so that watch never imports upward:
+- the guard (`graddoctor.treat`), a gradient transform run on every step's statistics;
+- live diagnosis (`graddoctor.diagnose`), a flush listener that runs the rules on host data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ._config import WatchConfig
+from ._errors import ConfigError
+from ._watch import Watch, watched_parameters
+
+
+def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+          run_dir: Optional[str | Path] = None, *, config: Optional[WatchConfig] = None, guard: Any = None,
+          on_finding: Optional[Callable] = None, scaler: Any = None, **options: Any) -> Watch:
+    """Start recording a model's gradient health into `run_dir`.
+
+    Args:
+      model: the module being trained (DDP- or torch.compile-wrapped is fine).
+      optimizer: the optimizer (optional; recorded in the run's metadata, used by remedies).
+      run_dir: directory of the run store; None computes statistics without recording them.
+      config: a `WatchConfig`; or give its fields as keyword options, e.g. `flush_every=100`.
+      guard: a gradient transform (e.g. `gd.chain(gd.skip_nonfinite(), gd.zclip())`) or a
+        `graddoctor.treat.Guard`, applied in `step()` to the gradients, reusing the step's
+        statistics; each intervention is recorded as an event (see `graddoctor.treat`).
+      on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
+        that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
+      scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`). `step()`
+        then unscales the gradients first (unless the loop already called `scaler.unscale_`), so
+        statistics and guard see the true gradients, and records each step's loss scale and
+        whether the scaler found an overflow, so that diagnose tells the steps it skipped from
+        real non-finite gradients.
+    Returns:
+      A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
+      (or use it as a context manager).
+    """
+    if config is not None and options:
+        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
+    config = config or WatchConfig.from_options(options)
+    config.validate()
+    built_guard = None
+    if guard is not None:  # built before the Watch opens its store: a refused guard writes nothing
+        from .treat._guard import as_guard
+        named = watched_parameters(model)
+        built_guard = as_guard(guard, [p for _, p in named], [n for n, _ in named])
+    w = Watch(model, optimizer, run_dir, config, guard=built_guard, scaler=scaler)
+    if w.recording and config.live_diagnosis:
+        from .diagnose._live import attach
+        w.live = attach(w, on_finding)
+    return w
