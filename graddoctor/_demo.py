@@ -16,7 +16,7 @@ from torch import nn
 
 from ._run import open_run
 from ._summary import format_summary
-from ._watch import watch
+from ._compose import watch
 
 
 def make_mlp(depth: int, width: int, activation: type[nn.Module], init: str, n_in: int = 32, n_out: int = 4) -> nn.Sequential:
