@@ -134,8 +134,8 @@ def total_norm_rel(per_tensor_rel: float, count: int, u: float = U32) -> float:
 def clip_coef_rel(total_rel: float, u: float = U32) -> float:
     """Relative bound on clip_grad_norm_'s coefficient max_norm / (total + 1e-6), formed in float32
     from a total norm within `total_rel`: 1/(1 - r) - 1 for the total's error in the denominator,
-    then three roundings (the + 1e-6, the reciprocal, the product with max_norm)."""
-    return compose(total_rel / (1.0 - total_rel), u, u, u)
+    then four roundings (the + 1e-6, the reciprocal, max_norm's own rounding to float32, the product)."""
+    return compose(total_rel / (1.0 - total_rel), u, u, u, u)
 
 
 def rel_diff_tol(rel_a: float, rel_b: float) -> float:

@@ -170,9 +170,9 @@ def test_property_clip_norm_bound_and_idempotent(seed, max_norm, scale):
     once = [p.grad.clone() for p in params if p.grad is not None]
     run_guard(gd.clip_norm(max_norm), params)
     # A second clip measures a total <= max_norm (1 + e)(1 + t_rel) and scales by
-    # max_norm / (that + 1e-6) within 3 roundings, or not at all: it shrinks by at most
-    # 1 - (1 - 3u) / ((1 + e)(1 + t_rel) + 1e-6 / max_norm), PyTorch's +1e-6 included; the multiply rounds once.
-    rtol = 1 - (1 - 3 * U32) / ((1 + e) * (1 + t_rel) + 1e-6 / max_norm) + U32
+    # max_norm / (that + 1e-6) within 4 roundings (clip_coef_rel), or not at all: it shrinks by at most
+    # 1 - (1 - 4u) / ((1 + e)(1 + t_rel) + 1e-6 / max_norm), PyTorch's +1e-6 included; the multiply rounds once.
+    rtol = 1 - (1 - 4 * U32) / ((1 + e) * (1 + t_rel) + 1e-6 / max_norm) + U32
     for a, p in zip(once, [p for p in params if p.grad is not None]):
         torch.testing.assert_close(p.grad, a, rtol=rtol, atol=0)
 
@@ -415,9 +415,10 @@ def test_stats_are_reused_not_recomputed():
     stats = tensor_stats([p.grad * 10], torch.device("cpu"))  # statistics of a 10x larger gradient
     guard = treat.Guard(gd.clip_norm(1.0), [p])
     guard.apply(stats)
-    # 10 x ones(4) has norm 20 exactly; the float32 coefficient 1 / (20 + 1e-6) is 3 roundings from the
-    # exact one, and the float64 value below is rounded to float32 once
-    torch.testing.assert_close(p.grad, torch.full((4,), 1.0 / (20 + 1e-6)), rtol=4 * U32, atol=0)
+    # 10 x ones(4) has norm 20 exactly; the float32 coefficient 1 / (20 + 1e-6) is clip_coef_rel(0)
+    # (4 roundings) from the exact one, the product 1 x coef is exact, and the float64 value below is
+    # rounded to float32 once
+    torch.testing.assert_close(p.grad, torch.full((4,), 1.0 / (20 + 1e-6)), rtol=clip_coef_rel(0.0) + U32, atol=0)
 
 
 def test_bad_arguments_raise_config_error():
