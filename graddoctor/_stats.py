@@ -30,6 +30,7 @@ DTensor. That is one collective per statistic, on the device, no host sync.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -38,11 +39,19 @@ from torch import Tensor
 
 from . import _native
 
-try:  # DTensor moved to a public module in torch 2.4+
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = ()  # type: ignore[assignment]
-    Replicate = None  # type: ignore[assignment]
+def dtensor_type() -> Optional[type]:
+    """DTensor's class if `torch.distributed.tensor` is loaded, else None.
+
+    A DTensor cannot exist before its module is imported, so graddoctor never imports it itself:
+    the import costs about a second of start-up (`graddoctor --help` included).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t: object) -> bool:
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 _MISSING_COUNT = -1  # nonfinite count recorded for a tensor that had no gradient this step
 
@@ -70,7 +79,8 @@ class TensorStats:
 
 def _local_and_reduce_groups(t: Tensor) -> tuple[Tensor, tuple]:
     """The local shard of `t` and the process groups its shards are spread over."""
-    if DTensor and isinstance(t, DTensor):
+    if is_dtensor(t):
+        from torch.distributed.tensor import Replicate
         if any(p.is_partial() for p in t.placements):
             # Unreduced partial sums cannot be combined as norms: reduce them first (a collective).
             t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
@@ -181,7 +191,8 @@ def tensor_stats(tensors: Sequence[Optional[Tensor]], stats_device: torch.device
     present = tuple(t is not None for t in tensors)
     locals_: list[Tensor] = [t for t in tensors if t is not None]
     groups: list[tuple] = []
-    if DTensor and any(isinstance(t, DTensor) for t in locals_):
+    cls = dtensor_type()
+    if cls is not None and any(isinstance(t, cls) for t in locals_):
         locals_, groups = map(list, zip(*(_local_and_reduce_groups(t) for t in locals_)))
     if locals_:
         norm, maxabs, count = _measure_local(locals_, stats_device)

@@ -34,7 +34,7 @@ from . import _amp, _exit, _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
 from ._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
-from ._stats import DTensor, TensorStats, grad_and_weight_stats, l2_norms, tensor_stats
+from ._stats import TensorStats, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
 from ._store import RunWriter
 
 
@@ -106,11 +106,12 @@ class Watch:
         _check_measurable(self.model, named, run_dir)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.stats_device = self.params[0].to_local().device if isinstance(self.params[0], DTensor) else self.params[0].device
+        first = self.params[0]
+        self.stats_device = first.to_local().device if is_dtensor(first) else first.device
         self.rank = _rank()
         if self.stats_device.type == "cpu":
             _native.prepare()  # a first build compiles (under a second): here, not inside the first step
-        self._sharded = any(isinstance(p, DTensor) for p in self.params)
+        self._sharded = any(is_dtensor(p) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
         self.guard = guard  # run on the stats of every step, after they are recorded
         if run_dir is not None and (not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == ""):
