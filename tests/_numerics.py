@@ -237,3 +237,22 @@ def adam_step_gain(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> list
             s += a * a / b
         out.append(math.sqrt(s))
     return out
+
+
+def adam_drift_atol(rel_change, weights, lr: float, beta1: float = 0.9, beta2: float = 0.999):
+    """First-order bound, per entry, on how far two Adam runs from the same weights on the same batches
+    drift apart when step t's gradients differ by at most rel_change[t] (a tensor, relative, per entry).
+
+    Adam's step lr m_hat / (sqrt(v_hat) + eps) moves by <= 2 lr K_t rho_t, rho_t the largest relative change
+    of any gradient averaged so far (see `adam_step_gain`); its own ~10 roundings of the step on either side
+    add 2 gamma_10 lr K_t; each side rounds w - step once (u (|w| + lr)). Linear in the steps: the feedback
+    of a weight difference into the next gradient (H dw) is second order over a few small steps, left out.
+    `weights[t]`: |w| at step t. Returns the bound after the last step.
+    """
+    ks = adam_step_gain(len(rel_change), beta1, beta2)
+    rho = torch.zeros_like(rel_change[0])
+    out = torch.zeros_like(rel_change[0])
+    for t, (r, w) in enumerate(zip(rel_change, weights)):
+        rho = torch.maximum(rho, r)
+        out = out + 2 * lr * ks[t] * (rho + gamma(10)) + 2 * U32 * (w + lr)
+    return out
