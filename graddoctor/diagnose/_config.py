@@ -1,8 +1,10 @@
 """DiagnoseConfig: every threshold the rules use, with its default and where it comes from."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any
+from numbers import Integral, Real
+from typing import Any, NamedTuple, Optional
 
 from .._config import config_from_options
 from .._errors import ConfigError
@@ -123,23 +125,102 @@ class DiagnoseConfig:
     zero_init_rms: float = 1e-6
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the bad value and what is allowed."""
+        """Raise `ConfigError` naming the field, its bad value and the allowed range (see `RANGES`)."""
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v or v < 0:
-                raise ConfigError(f"DiagnoseConfig.{f.name}={v!r} is not allowed: use a non-negative number")
-        for name in ("min_fraction", "stall_loss_level", "saturated_fraction", "dead_fraction", "trend_p",
-                     "amp_overflow_fraction", "amp_stalled_fraction"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"DiagnoseConfig.{name}={getattr(self, name)!r} is not allowed: use a fraction in (0, 1]")
-        for name in ("min_depth", "explode_min_steps", "baseline_window", "baseline_min", "spike_min_history",
-                     "trend_min_steps",
-                     "trend_max_points"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"DiagnoseConfig.{name}={getattr(self, name)!r} is not allowed: use an integer >= 1")
+            problem = RANGES[f.name].check(getattr(self, f.name))
+            if problem:
+                raise ConfigError(f"DiagnoseConfig.{f.name}={getattr(self, f.name)!r} is not allowed: use {problem}")
+        if self.baseline_min > self.baseline_window:
+            raise ConfigError(f"DiagnoseConfig.baseline_min={self.baseline_min!r} is not allowed: use an integer "
+                              f"from 1 to baseline_window ({self.baseline_window})")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "DiagnoseConfig":
         cfg = config_from_options(cls, options, "diagnose")
         cfg.validate()
         return cfg
+
+
+class Range(NamedTuple):
+    """The values a DiagnoseConfig field allows: an integer or a finite real number between lo and hi
+    (None: no bound), each end open (excluded) or closed."""
+
+    kind: str                  # "int" or "real"
+    lo: Optional[float]
+    hi: Optional[float]
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        """What is allowed, as the error message says it: "a number in (0, 1]", "an integer from 2 to 10000"."""
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.kind == "int":
+            return f"an integer from {lo} to {hi}" if self.hi is not None else f"an integer >= {lo}"
+        if self.hi is None:
+            return f"a finite number {'>' if self.lo_open else '>='} {lo}"
+        return f"a number in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def check(self, value: Any) -> str:
+        """"" if `value` is allowed, else `describe()`."""
+        if isinstance(value, bool) or not isinstance(value, Integral if self.kind == "int" else Real):
+            return self.describe()
+        try:
+            v = float(value)
+        except OverflowError:  # an int too large for a float: beyond any bound
+            return self.describe()
+        if not math.isfinite(v):
+            return self.describe()
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return self.describe()
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            return self.describe()
+        return ""
+
+
+def _num(x: Optional[float]) -> str:
+    return "" if x is None else (str(int(x)) if float(x).is_integer() else f"{x:g}")
+
+
+_POSITIVE = Range("real", 0, None, lo_open=True)          # a threshold on a ratio or a z-score
+_FRACTION = Range("real", 0, 1, lo_open=True)             # (0, 1]
+_ORDERS = Range("real", 0, 100, lo_open=True)             # powers of ten; log norms are floored at 1e-30
+_STEPS = Range("int", 1, 10 ** 9)                         # a count of steps
+
+# The allowed values of every DiagnoseConfig field, checked by `DiagnoseConfig.validate` (and documented
+# in the README). Windows are bounded because the running baselines hold steps x window numbers.
+RANGES: dict[str, Range] = {
+    "vanish_depth_orders": _ORDERS,
+    "stall_grad_ratio": _FRACTION,
+    "stall_update_ratio": _FRACTION,
+    "min_fraction": _FRACTION,
+    "stall_loss_level": _FRACTION,
+    "min_depth": Range("int", 2, 10 ** 6),
+    "explode_rise_orders": _ORDERS,
+    "explode_z": _POSITIVE,
+    "explode_grad_ratio": _POSITIVE,
+    "explode_depth_orders": _ORDERS,
+    "explode_layer_ratio": _POSITIVE,
+    "explode_over_start_orders": Range("real", 0, 100),
+    "explode_min_steps": _STEPS,
+    "baseline_window": Range("int", 2, 10_000),
+    "baseline_min": Range("int", 1, 10_000),  # and at most baseline_window
+    "amp_overflow_fraction": _FRACTION,
+    "amp_min_scale": Range("real", 0, None),
+    "amp_stalled_fraction": _FRACTION,
+    "spike_z": _POSITIVE,
+    "spike_factor": Range("real", 1, None),
+    "spike_min_jump": Range("real", 0, None),
+    "spike_min_history": Range("int", 1, 10_000),
+    "trend_p": Range("real", 0, 1, lo_open=True, hi_open=True),
+    "trend_min_steps": _STEPS,
+    "trend_max_points": Range("int", 4, 10 ** 7),
+    "saturated_fraction": _FRACTION,
+    "dead_fraction": _FRACTION,
+    "init_std_orders": _ORDERS,
+    "init_gain_orders": _ORDERS,
+    "init_max_step": Range("int", 0, 10 ** 9),
+    "input_orders": _ORDERS,
+    "input_z": _POSITIVE,
+    "large_update_ratio": _POSITIVE,
+    "zero_init_rms": Range("real", 0, None),
+}
