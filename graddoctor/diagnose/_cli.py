@@ -10,9 +10,10 @@ EXIT_FINDINGS = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import run_dir
     p = sub.add_parser("diagnose", help="find vanishing/exploding gradients and their causes in a recorded run",
                        description="Turn a recorded run into findings with evidence, a cause and ranked remedies.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by graddoctor.watch")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=run_dir, help="a run directory written by graddoctor.watch")
     p.add_argument("--json", action="store_true", help="print the findings as a JSON document (schema in the README)")
     p.add_argument("--fail-on", choices=("warning", "critical"), default=None,
                    help=f"exit with status {EXIT_FINDINGS} if any finding is at least this severe (for CI)")
@@ -39,13 +40,15 @@ def _parse_options(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .._run import open_run
     from ..treat._interventions import interventions
+    from ._config import DiagnoseConfig
     from ._data import RunData
     from ._diagnose import diagnose
     from ._format import format_findings, format_json
+    config = DiagnoseConfig.from_options(_parse_options(args.options))  # refused before the run is read
     with open_run(args.run_dir) as r:
         data = RunData.from_run(r)
         treated = interventions(r)
-    findings = diagnose(data, **_parse_options(args.options))
+    findings = diagnose(data, config=config)
     fmt = format_json if args.json else format_findings
     print(fmt(findings, run_dir=str(args.run_dir), steps=data.T, interventions=treated))
     if args.fail_on is not None:

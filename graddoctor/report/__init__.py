@@ -8,9 +8,11 @@ lab writes its own report with `write_lab_report`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .._errors import GradDoctorError
 from ._figure import Figure
 from ._findings import findings_for
 
@@ -24,25 +26,43 @@ def write_run_report(run_dirs: Sequence[str | Path], out_file: str | Path, title
     Returns:
       The path written.
     Raises:
-      RunNotFoundError / CorruptStoreError for a directory that holds no readable run.
+      RunNotFoundError / CorruptStoreError for a directory that holds no readable run;
+      GradDoctorError naming `out_file` when it cannot be written.
     """
     from .._run import open_run
     from ._pages import run_page
     for rd in run_dirs:  # fail early, with the library's error naming the path
         open_run(rd).close()
-    return _write(run_page(list(run_dirs), title), out_file)
+    out = _writable(out_file)  # and before drawing for seconds
+    return _write(run_page(list(run_dirs), title), out)
 
 
 def write_lab_report(results: Sequence[Any], info: dict[str, Any], out_file: str | Path) -> Path:
     """Render the lab's report (summary table first, then one section per experiment)."""
     from ._pages import lab_page
-    return _write(lab_page(results, info), out_file)
+    return _write(lab_page(results, info), _writable(out_file))
 
 
-def _write(text: str, out_file: str | Path) -> Path:
+def _writable(out_file: str | Path) -> Path:
+    """`out_file` as a Path once its folder exists (created if missing); else a GradDoctorError naming it."""
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    folder = out.parent
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise GradDoctorError(f"cannot write the report to {str(out)!r}: {str(folder)!r} is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradDoctorError(f"cannot write the report to {str(out)!r}: its folder cannot be created "
+                              f"({e.strerror or e})") from e
+    return out
+
+
+def _write(text: str, out: Path) -> Path:
+    # A run directory whose name is not UTF-8 reaches the page as lone surrogates: written as \udcff.
+    try:
+        out.write_text(text, encoding="utf-8", errors="backslashreplace")
+    except OSError as e:
+        raise GradDoctorError(f"cannot write the report to {str(out)!r}: {e.strerror or e}") from e
     return out
 
 
