@@ -10,6 +10,8 @@ block the writer); call `refresh()` to see newer flushes.
 """
 from __future__ import annotations
 
+import math
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,8 +19,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _nonfinite_json
-from ._errors import GradDoctorError
-from ._store import open_store, read_series
+from ._errors import CorruptStoreError, GradDoctorError
+from ._store import _COLUMNS, open_store, read_series, store_path
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,73 @@ class Run:
         self.refresh()
 
     def refresh(self) -> None:
-        """Forget cached series, so the next read sees flushes written since."""
+        """Forget cached series, so the next read sees flushes written since.
+
+        Raises `CorruptStoreError`, naming what is wrong, for metadata graddoctor never writes: invalid
+        JSON, tensor or activation-module rows missing or of the wrong type, series whose width does
+        not match them.
+        """
         self._cache: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}
-        self.meta: dict[str, Any] = {k: _nonfinite_json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
-        rows = self._con.execute("SELECT name, module, shape, numel, dtype FROM tensors ORDER BY idx").fetchall()
-        self.tensors: list[str] = [r[0] for r in rows]
-        self.tensor_module: dict[str, str] = {r[0]: r[1] for r in rows}
-        self.tensor_numel: dict[str, int] = {r[0]: r[3] for r in rows}
-        self.tensor_shape: dict[str, list[int]] = {r[0]: _nonfinite_json.loads(r[2]) for r in rows}
-        acts = self._con.execute("SELECT name, kind, lo, hi, relu_family FROM act_modules ORDER BY idx").fetchall()
-        self.activation_modules: list[str] = [a[0] for a in acts]
-        self.activation_kinds: dict[str, str] = {a[0]: a[1] for a in acts}
-        self.activation_relu_family: dict[str, bool] = {a[0]: bool(a[4]) for a in acts}
+        try:
+            meta = self._con.execute("SELECT key, value FROM meta").fetchall()
+            rows = self._con.execute("SELECT idx, name, module, shape, numel, dtype FROM tensors ORDER BY idx").fetchall()
+            acts = self._con.execute("SELECT idx, name, kind, lo, hi, relu_family FROM act_modules ORDER BY idx").fetchall()
+            widths = {s: self._con.execute("SELECT width FROM chunks WHERE series=? LIMIT 1", (s,)).fetchone()
+                      for s in _SERIES_WIDTH}
+        except sqlite3.DatabaseError as e:
+            raise self._corrupt(f"its tables cannot be read ({e})") from e
+        self.meta: dict[str, Any] = {k: self._json(f"meta {k!r}", v) for k, v in meta}
+        for key, (ok, expected) in _META_TYPES.items():
+            if key in self.meta and not ok(self.meta[key]):
+                raise self._corrupt(f"meta {key!r} is {_short(self.meta[key])}; expected {expected}")
+        self._check_rows("tensors", rows, "tensor", {2: str, 5: str})
+        self.tensors: list[str] = [r[1] for r in rows]
+        self.tensor_module: dict[str, str] = {r[1]: r[2] for r in rows}
+        self.tensor_numel: dict[str, int] = {r[1]: r[4] for r in rows}
+        self.tensor_shape: dict[str, list[int]] = {}
+        for r in rows:
+            shape = self._json(f"tensor {r[1]!r}'s shape", r[3])
+            if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+                raise self._corrupt(f"tensor {r[1]!r} has shape {_short(r[3])}; expected a JSON list of sizes")
+            if not _is_int(r[4]) or r[4] < 0:
+                raise self._corrupt(f"tensor {r[1]!r} has numel {_short(r[4])}; expected an integer >= 0")
+            self.tensor_shape[r[1]] = shape
+        self._check_rows("act_modules", acts, "activation module", {2: str, 5: int})
+        self.activation_modules: list[str] = [a[1] for a in acts]
+        self.activation_kinds: dict[str, str] = {a[1]: a[2] for a in acts}
+        self.activation_relu_family: dict[str, bool] = {a[1]: bool(a[5]) for a in acts}
+        for series, row in widths.items():
+            expected, why = _SERIES_WIDTH[series](self)
+            if row is not None and row[0] != expected:
+                raise self._corrupt(f"series {series!r} has width {_short(row[0])}; expected {expected} ({why})")
+
+    def _corrupt(self, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"corrupt run store {str(store_path(self.run_dir))!r}: {what}")
+
+    def _json(self, what: str, text: Any) -> Any:
+        try:
+            return _nonfinite_json.loads(text)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise self._corrupt(f"{what} is {_short(text)}, not valid JSON ({e})") from e
+
+    def _check_rows(self, table: str, rows: list[tuple], what: str, types: dict[int, type]) -> None:
+        """Rows (idx, name, ...) numbered 0..n-1 in order, with unique text names and these column types."""
+        numbers = [r[0] for r in rows]
+        if numbers != list(range(len(rows))):
+            raise self._corrupt(f"the {table} table is numbered {_short(numbers)}; expected 0 to {len(rows) - 1} "
+                                "in order (rows are missing)")
+        names: set[str] = set()
+        for r in rows:
+            if not isinstance(r[1], str):
+                raise self._corrupt(f"{what} row {r[0]} has name {_short(r[1])}; expected text")
+            if r[1] in names:
+                raise self._corrupt(f"{what} name {r[1]!r} appears twice in the {table} table")
+            names.add(r[1])
+            for col, typ in types.items():
+                if not isinstance(r[col], typ):
+                    column = _COLUMNS[table][col]
+                    raise self._corrupt(f"{what} {r[1]!r} has {column} {_short(r[col])}; expected "
+                                        f"{'text' if typ is str else 'an integer'}")
 
     def close(self) -> None:
         self._con.close()
@@ -115,10 +172,29 @@ class Run:
         return steps, data[:, 0]
 
     def events(self, kind: Optional[str] = None) -> list[dict[str, Any]]:
-        """Recorded events (interventions, notes) as dicts with step, kind and data."""
-        q = "SELECT step, kind, data FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id"
-        rows = self._con.execute(q, (kind,) if kind else ()).fetchall()
-        return [dict(step=s, kind=k, data=_nonfinite_json.loads(d)) for s, k, d in rows]
+        """Recorded events (interventions, notes) as dicts with step, kind and data (a dict).
+
+        Raises `CorruptStoreError` for an event whose step is not an integer or whose data is not a JSON object.
+        """
+        q = "SELECT id, step, kind, data FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id"
+        try:
+            rows = self._con.execute(q, (kind,) if kind else ()).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._corrupt(f"its events cannot be read ({e})") from e
+        out = []
+        for i, s, k, d in rows:
+            if not _is_int(s):
+                raise self._corrupt(f"event {i} has step {_short(s)}; expected an integer")
+            if not isinstance(k, str):
+                raise self._corrupt(f"event {i} has kind {_short(k)}; expected text")
+            data = self._json(f"event {i}'s data", d)
+            if not isinstance(data, dict):
+                raise self._corrupt(f"event {i} has data {_short(d)}; expected a JSON object")
+            for name, (ok, expected) in _EVENT_FIELDS.get(k, {}).items():
+                if name in data and not ok(data[name]):
+                    raise self._corrupt(f"event {i} ({k}) has {name} {_short(data[name])}; expected {expected}")
+            out.append(dict(step=s, kind=k, data=data))
+        return out
 
     # -------------------------------------------------------------- history
     def _columns(self, names: list[str]) -> list[int]:
@@ -173,6 +249,58 @@ class Run:
         """(steps, [T, 2]) of a run watched with a GradScaler: the loss scale of each step, and 1.0
         where the scaler found an overflow and skipped the optimizer step (empty without a scaler)."""
         return self._matrix("amp", 2, np.float32)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_time(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 253402300800
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# Metadata the readers rely on: key -> (test, what is expected). Other keys are kept as they are.
+_META_TYPES: dict[str, tuple[Any, str]] = {
+    "modules": (lambda v: isinstance(v, dict) and all(isinstance(c, str) for c in v.values()),
+                "a JSON object of module name -> class name"),
+    "act_fields": (_is_names, "a JSON list of field names"),
+    "input_fields": (_is_names, "a JSON list of field names"),
+    "amp_fields": (_is_names, "a JSON list of field names"),
+    "created": (_is_time, "a Unix time (seconds since 1970, before the year 10000)"),
+    "closed_at": (_is_time, "a Unix time (seconds since 1970, before the year 10000)"),
+}
+
+def _per_tensor(r: "Run") -> tuple[int, str]:
+    return len(r.tensors), f"one column per tensor, and the tensors table lists {len(r.tensors)} tensors"
+
+
+# Fields of the events graddoctor writes that its readers use: kind -> field -> (test, what is expected).
+_EVENT_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "finding": {"code": (lambda v: isinstance(v, str), "text"), "severity": (lambda v: isinstance(v, str), "text")},
+    "skipped_step": {"bad": (_is_names, "a JSON list of tensor names")},
+}
+
+# The width of each series `watch` writes, from the run's metadata: series -> run -> (width, why).
+_SERIES_WIDTH: dict[str, Any] = {
+    "loss": lambda r: (1, "one loss per step"),
+    "grad_total_norm": lambda r: (1, "one norm per step"),
+    "grad_norm": _per_tensor, "grad_maxabs": _per_tensor, "grad_nonfinite": _per_tensor,
+    "weight_norm": _per_tensor, "update_norm": _per_tensor,
+    "act": lambda r: (len(r.activation_modules) * (len(r.meta.get("act_fields") or []) or 6),
+                      f"{len(r.activation_modules)} activation modules x {len(r.meta.get('act_fields') or []) or 6} fields"),
+    "input": lambda r: (len(r.meta.get("input_fields") or []) or 4, "one column per input field"),
+    "amp": lambda r: (len(r.meta.get("amp_fields") or []) or 2, "one column per amp field"),
+}
 
 
 def _combine_norms(norms: np.ndarray, present: Optional[np.ndarray] = None) -> np.ndarray:

@@ -82,6 +82,13 @@ def encode_array(data: np.ndarray) -> tuple[str, str, bytes]:
 
 
 def decode_array(dtype: str, codec: str, width: int, blob: bytes) -> np.ndarray:
+    """The [n, width] array of one chunk; ValueError/TypeError/zlib.error for a chunk that is not one."""
+    if codec not in ("raw", "zlib"):
+        raise ValueError(f"codec {codec!r} is not allowed: expected 'raw' or 'zlib'")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width {width!r} is not allowed: expected an integer >= 1")
+    if not isinstance(dtype, str) or np.dtype(dtype).kind not in "fiub":  # np.dtype raises TypeError for no type
+        raise ValueError(f"dtype {dtype!r} is not allowed: expected an integer or float type such as '<f4'")
     raw = zlib.decompress(blob) if codec == "zlib" else blob
     return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(-1, width)
 
@@ -350,28 +357,71 @@ def _chunk_row(series: str, steps: np.ndarray, data: np.ndarray) -> tuple:
     return (series, int(steps[0]), int(steps[-1]), steps.tobytes(), dtype, data.shape[1], codec, blob)
 
 
+# The columns of each table, in order, as `_SCHEMA` creates them; `open_store` checks them.
+_COLUMNS = {
+    "meta": ["key", "value"],
+    "tensors": ["idx", "name", "module", "shape", "numel", "dtype"],
+    "act_modules": ["idx", "name", "kind", "lo", "hi", "relu_family"],
+    "chunks": ["series", "first_step", "last_step", "steps", "dtype", "width", "codec", "data"],
+    "events": ["id", "step", "kind", "data"],
+}
+
+
 def open_store(run_dir: str | Path) -> sqlite3.Connection:
-    """A read-only connection to a run's store, with clear errors for missing or corrupt stores."""
+    """A read-only connection to a run's store, with clear errors for missing or corrupt stores.
+
+    Raises RunNotFoundError (no such directory, no store in it, a path the system cannot look up)
+    or CorruptStoreError (not SQLite, missing tables or columns, another schema version), naming the path.
+    """
+    if str(run_dir) == "":  # Path("") would be the current directory
+        raise RunNotFoundError("run directory '' is not allowed: give the path of a run directory made by graddoctor.watch")
     run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise RunNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    if not run_dir.is_dir():
+    try:
+        os.stat(run_dir)
+    except FileNotFoundError:
+        raise RunNotFoundError(f"run directory {str(run_dir)!r} does not exist") from None
+    except (OSError, ValueError) as e:  # a name too long, a file where a folder should be, a NUL byte
+        raise RunNotFoundError(f"run directory {str(run_dir)!r} cannot be read: {getattr(e, 'strerror', None) or e}") from e
+    if not os.path.isdir(run_dir):
         raise RunNotFoundError(f"{str(run_dir)!r} is not a directory; expected a run directory made by graddoctor.watch")
     path = store_path(run_dir)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RunNotFoundError(f"no run store in {str(run_dir)!r}: expected the file {STORE_NAME!r} written by graddoctor.watch")
     try:
         con = _connect(path, readonly=True)
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        missing = {"meta", "tensors", "act_modules", "chunks", "events"} - tables
-        version = None if missing else con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
         raise CorruptStoreError(f"{str(path)!r} is not a readable graddoctor store ({e})") from e
-    if missing or version is None:
-        raise CorruptStoreError(f"{str(path)!r} is not a graddoctor store: missing tables {sorted(missing)}")
-    if json.loads(version[0]) != SCHEMA_VERSION:
-        raise CorruptStoreError(f"{str(path)!r} has schema version {version[0]}; this graddoctor reads version {SCHEMA_VERSION}")
+    try:
+        _check_schema(con, path)
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def _check_schema(con: sqlite3.Connection, path: Path) -> None:
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = sorted(set(_COLUMNS) - tables)
+        if missing:
+            raise CorruptStoreError(f"{str(path)!r} is not a graddoctor store: missing tables {missing}")
+        for table, expected in _COLUMNS.items():
+            columns = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
+            if columns != expected:
+                raise CorruptStoreError(f"{str(path)!r} is not a graddoctor store: table {table!r} has columns "
+                                        f"{columns}; expected {expected}")
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise CorruptStoreError(f"{str(path)!r} is not a readable graddoctor store ({e})") from e
+    if row is None:
+        raise CorruptStoreError(f"{str(path)!r} is not a graddoctor store: its meta table has no schema_version")
+    try:
+        version = json.loads(row[0])
+    except (TypeError, ValueError):
+        version = None
+    if version != SCHEMA_VERSION:
+        raise CorruptStoreError(f"{str(path)!r} has schema version {str(row[0])[:40]}; this graddoctor reads "
+                                f"version {SCHEMA_VERSION}")
 
 
 def read_series(con: sqlite3.Connection, series: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -379,11 +429,15 @@ def read_series(con: sqlite3.Connection, series: str) -> tuple[np.ndarray, Optio
     rows = _chunks(con, series, "SELECT steps, dtype, width, codec, data FROM chunks WHERE series=? ORDER BY first_step")
     if not rows:
         return np.zeros(0, dtype=np.int64), None
-    with _decoding(series):
+    widths = {r[2] for r in rows}
+    if len(widths) > 1:
+        raise CorruptStoreError(f"series {series!r} in {_store_name(con)} has chunks of different widths "
+                                f"{sorted(widths, key=str)}")
+    with _decoding(con, series):
         steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
         data = np.concatenate([decode_array(r[1], r[3], r[2], r[4]) for r in rows])
     if len(steps) != len(data):
-        raise CorruptStoreError(f"series {series!r} in the run store has {len(steps)} steps but {len(data)} rows")
+        raise CorruptStoreError(f"series {series!r} in {_store_name(con)} has {len(steps)} steps but {len(data)} rows")
     return steps, data
 
 
@@ -393,7 +447,7 @@ def read_last_row(con: sqlite3.Connection, series: str) -> Optional[np.ndarray]:
                                 "ORDER BY first_step DESC LIMIT 1")
     if not rows:
         return None
-    with _decoding(series):
+    with _decoding(con, series):
         data = decode_array(*rows[0])
     return data[-1] if len(data) else None
 
@@ -402,13 +456,21 @@ def _chunks(con: sqlite3.Connection, series: str, query: str) -> list[tuple]:
     try:
         return con.execute(query, (series,)).fetchall()
     except sqlite3.DatabaseError as e:
-        raise CorruptStoreError(f"cannot read series {series!r} from the run store ({e})") from e
+        raise CorruptStoreError(f"cannot read series {series!r} from {_store_name(con)} ({e})") from e
 
 
 @contextmanager
-def _decoding(series: str) -> Iterator[None]:
+def _decoding(con: sqlite3.Connection, series: str) -> Iterator[None]:
     """Turn a failure to decode a chunk (a blob cut short or overwritten) into an error naming the series."""
     try:
         yield
     except (ValueError, TypeError, zlib.error) as e:
-        raise CorruptStoreError(f"series {series!r} in the run store cannot be decoded ({e})") from e
+        raise CorruptStoreError(f"series {series!r} in {_store_name(con)} cannot be decoded ({e})") from e
+
+
+def _store_name(con: sqlite3.Connection) -> str:
+    """'the run store /path/graddoctor.sqlite', for an error message."""
+    try:
+        return f"the run store {con.execute('PRAGMA database_list').fetchone()[2]!r}"
+    except (sqlite3.Error, TypeError, IndexError):
+        return "the run store"
