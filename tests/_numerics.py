@@ -239,20 +239,26 @@ def adam_step_gain(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> list
     return out
 
 
-def adam_drift_atol(rel_change, weights, lr: float, beta1: float = 0.9, beta2: float = 0.999):
+def adam_drift_atol(grads, dgrads, weights, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
     """First-order bound, per entry, on how far two Adam runs from the same weights on the same batches
-    drift apart when step t's gradients differ by at most rel_change[t] (a tensor, relative, per entry).
+    drift apart when step t's gradients (|grads[t]|, what Adam is fed) differ by at most dgrads[t].
 
-    Adam's step lr m_hat / (sqrt(v_hat) + eps) moves by <= 2 lr K_t rho_t, rho_t the largest relative change
-    of any gradient averaged so far (see `adam_step_gain`); its own ~10 roundings of the step on either side
-    add 2 gamma_10 lr K_t; each side rounds w - step once (u (|w| + lr)). Linear in the steps: the feedback
-    of a weight difference into the next gradient (H dw) is second order over a few small steps, left out.
-    `weights[t]`: |w| at step t. Returns the bound after the last step.
+    With bias-corrected weights a_s (first moment) and b_s (second), V = sum b_s g_s^2 and
+    D = sqrt(sum b_s dg_s^2) >= |sqrt(V') - sqrt(V)| (the triangle inequality), the step
+    lr m_hat / (sqrt(v_hat) + eps) moves by <= lr (sum a_s |dg_s| + sum a_s |g_s| D / sqrt(V)) / (sqrt(V) + eps);
+    Adam's own ~10 roundings of the step on either side add 2 gamma_10 of it; each side rounds w - step
+    once (u (|w| + step)). Summed over the steps: the feedback of a weight difference into the next
+    gradient (H dw) is second order over a few small steps and left out. `weights[t]`: |w| at step t.
     """
-    ks = adam_step_gain(len(rel_change), beta1, beta2)
-    rho = torch.zeros_like(rel_change[0])
-    out = torch.zeros_like(rel_change[0])
-    for t, (r, w) in enumerate(zip(rel_change, weights)):
-        rho = torch.maximum(rho, r)
-        out = out + 2 * lr * ks[t] * (rho + gamma(10)) + 2 * U32 * (w + lr)
+    out = torch.zeros_like(grads[0])
+    for t in range(1, len(grads) + 1):
+        a = [(1 - beta1) * beta1 ** (t - s) / (1 - beta1 ** t) for s in range(1, t + 1)]
+        b = [(1 - beta2) * beta2 ** (t - s) / (1 - beta2 ** t) for s in range(1, t + 1)]
+        m_abs = sum(ai * g.abs() for ai, g in zip(a, grads[:t]))
+        dm = sum(ai * d for ai, d in zip(a, dgrads[:t]))
+        root = torch.sqrt(sum(bi * g * g for bi, g in zip(b, grads[:t])))
+        d_root = torch.sqrt(sum(bi * d * d for bi, d in zip(b, dgrads[:t])))
+        step = lr * m_abs / (root + eps)
+        d_step = lr * (dm + m_abs * d_root / root.clamp_min(1e-300)) / (root + eps)
+        out = out + d_step + 2 * gamma(10) * step + 2 * U32 * (weights[t - 1] + step)
     return out

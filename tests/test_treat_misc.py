@@ -56,7 +56,7 @@ def decay_trajectory_atol(record, lr: float, adam: bool) -> list[torch.Tensor]:
         size = [step[i][1] for step in record]
         w = [step[i][2] for step in record]
         if adam:
-            out.append(adam_drift_atol([8 * U32 * a / b.clamp_min(1e-300) for a, b in zip(spread, size)], w, lr))
+            out.append(adam_drift_atol(size, [8 * U32 * a for a in spread], w, lr))
         else:
             out.append(sum(lr * 8 * U32 * a + 2 * U32 * (wt + lr * b) for a, b, wt in zip(spread, size, w)))
     return out
