@@ -65,6 +65,9 @@ class Run:
             acts = self._con.execute("SELECT idx, name, kind, lo, hi, relu_family FROM act_modules ORDER BY idx").fetchall()
             widths = {s: self._con.execute("SELECT width FROM chunks WHERE series=? LIMIT 1", (s,)).fetchone()
                       for s in _SERIES_WIDTH}
+            # (chunks, last chunk's first step) of the series written on every step, from the index alone
+            spans = self._con.execute(f"SELECT series, count(*), max(first_step) FROM chunks WHERE series IN "
+                                      f"({', '.join('?' * len(_EVERY_STEP))}) GROUP BY series", _EVERY_STEP).fetchall()
         except sqlite3.DatabaseError as e:
             raise self._corrupt(f"its tables cannot be read ({e})") from e
         self.meta: dict[str, Any] = {k: self._json(f"meta {k!r}", v) for k, v in meta}
@@ -91,6 +94,10 @@ class Run:
             expected, why = _SERIES_WIDTH[series](self)
             if row is not None and row[0] != expected:
                 raise self._corrupt(f"series {series!r} has width {_short(row[0])}; expected {expected} ({why})")
+        for series, n, last in spans[1:]:
+            if (n, last) != tuple(spans[0][1:]):
+                raise self._corrupt(f"series {series!r} has {n} chunks up to step {last} but {spans[0][0]!r} has "
+                                    f"{spans[0][1]} up to step {spans[0][2]}: flushes are missing from one of them")
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"corrupt run store {str(store_path(self.run_dir))!r}: {what}")
@@ -283,6 +290,9 @@ _META_TYPES: dict[str, tuple[Any, str]] = {
 def _per_tensor(r: "Run") -> tuple[int, str]:
     return len(r.tensors), f"one column per tensor, and the tensors table lists {len(r.tensors)} tensors"
 
+
+# The series watch writes on every step, one chunk per flush each: their chunks must match.
+_EVERY_STEP = ("grad_total_norm", "grad_norm", "grad_maxabs", "grad_nonfinite")
 
 # Fields of the events graddoctor writes that its readers use: kind -> field -> (test, what is expected).
 _EVENT_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {

@@ -187,6 +187,8 @@ CORRUPT = [
     ("chunk-dtype-bytes", "UPDATE chunks SET dtype='|S8' WHERE series='loss'", "'loss'", "'|S8'"),
     ("chunk-codec-unknown", "UPDATE chunks SET codec='lz4' WHERE series='loss'", "'loss'", "'lz4'"),
     ("chunk-codec-wrong", "UPDATE chunks SET codec='zlib' WHERE series='loss'", "'loss'", "cannot be decoded"),
+    ("chunk-flush-missing", "DELETE FROM chunks WHERE series='grad_norm' AND first_step=2", "'grad_norm'",
+     "flushes are missing"),
     ("chunk-widths-differ", "UPDATE chunks SET width=2, dtype='<f4' WHERE series='grad_norm' AND first_step=2",
      "'grad_norm'", "different widths"),
     ("chunks-wrong-columns", rename_table("chunks", "series, first_step, last_step, steps"), "'chunks'",
