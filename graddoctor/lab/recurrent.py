@@ -172,8 +172,9 @@ def _figures(res: dict, order: dict, plain, clipped, T: int) -> list[Figure]:
                 title="gradient reaching each time step")
     axes[1].legend()
     figs = [Figure("RNN vs LSTM on the adding problem", P.to_uri(fig),
-                   "Right: how much gradient reaches input step t. The RNN's falls off geometrically with distance "
-                   "from the end; the trained LSTM's reaches the early marked step.")]
+                   "Right: how much gradient reaches input step t. At init the RNN's falls off geometrically with "
+                   "distance from the end; the trained LSTM's reaches the early marked step. The trained RNN's "
+                   "varies from seed to seed (it does not learn the task either way).")]
     if order:
         fig, axes = P.figure(1, width=5.5)
         P.loss_curve(axes[0], {c.upper(): losses(r[0]) for c, r in order.items()}, "temporal order",
