@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _numerics import U64, clip_coef_rel
 from graddoctor import open_run
 from test_lab_cli import quick_lab, quick_results
 
@@ -41,9 +42,12 @@ def test_every_experiment_reproduced(res):
 
 
 def test_chain_analytic_product_matches_autograd_and_watch(res, out):
-    from graddoctor.lab.chain import analytic_bias_grads
+    from graddoctor.lab.chain import WATCH_REL, analytic_bias_grads, rounding_bound
     m = res["chain"]["metrics"]
-    assert m["max_rel_err_autograd"] < 1e-9 and m["max_rel_err_watch"] < 1e-5
+    # within their float64 rounding bounds (chain.rounding_bound: first-order, from u and the z's),
+    # and watch's float32 record within that plus one float32 rounding
+    assert m["autograd_err_over_bound"] <= 1 and m["watch_err_over_bound"] <= 1
+    assert m["max_rel_err_autograd"] < 1e-12  # what those bounds come to for the lab's weights: ~1e-15
     assert m["small_b1_over_b4"] < 1 < m["large_b1_over_b4"]  # shrinks toward the input / grows
     # oracle: the naive product against autograd for random weights, independent of the lab's run
     rng = np.random.default_rng(7)
@@ -54,11 +58,16 @@ def test_chain_analytic_product_matches_autograd_and_watch(res, out):
         for i in range(4):
             a = torch.sigmoid(wt[i] * a + bt[i])
         (0.5 * (a - 0.3) ** 2).backward()
-        np.testing.assert_allclose(analytic_bias_grads(w, b, x0, 0.3), bt.grad.numpy(), rtol=1e-10, atol=1e-300)
-    # the store holds what the summary says: |dC/db1| at step 0 of the small-weight run
+        ana, auto = analytic_bias_grads(w, b, x0, 0.3), bt.grad.numpy()
+        assert (np.abs(ana - auto) <= 2 * rounding_bound(w, b, x0, 0.3) * np.abs(auto)).all()
+    # the store holds what the summary says: |dC/db1| at step 0 of the small-weight run (seed 0's weights)
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 1, 4), rng.normal(0, 1, 4)
+    rel = (1 + 2 * rounding_bound(w, b, 1.0, 0.0)) * (1 + WATCH_REL) - 1
     with open_run(out / "runs/chain/small") as run:
-        recorded = [run.tensor_history(f"{2 * i}.bias").grad_norm[0] for i in range(4)]
-    np.testing.assert_allclose(recorded, m["small_abs_grad_b1_to_b4_step0"], rtol=1e-5)
+        recorded = np.array([run.tensor_history(f"{2 * i}.bias").grad_norm[0] for i in range(4)])
+    want = np.array(m["small_abs_grad_b1_to_b4_step0"])
+    assert (np.abs(recorded - want) <= rel * want).all()
 
 
 def test_deep_sigmoid_vanishes_while_relu_he_keeps_gradient(res, out):
@@ -67,7 +76,9 @@ def test_deep_sigmoid_vanishes_while_relu_he_keeps_gradient(res, out):
     assert deep >= 10
     sig = _ratio_from_store(out / f"runs/activations/sigmoid_d{deep}")
     assert sig < 1e-3
-    assert math.isclose(sig, m["first_over_last_grad_ratio"][f"sigmoid/{deep}"], rel_tol=1e-4)
+    # the same float64 quotients; np.median and the lab's np.nanmedian may form the mean of the middle
+    # pair differently: (a + b) / 2 is within 2 roundings of the exact mean either way
+    assert math.isclose(sig, m["first_over_last_grad_ratio"][f"sigmoid/{deep}"], rel_tol=4 * U64)
     for act in ("relu", "leaky_relu", "elu"):
         assert 0.1 < _ratio_from_store(out / f"runs/activations/{act}_d{deep}") < 10, act
     assert m["first_over_last_grad_ratio"][f"sigmoid/{m['depths'][0]}"] > 100 * sig  # vanishing grows with depth
@@ -107,14 +118,25 @@ def test_plain_net_degrades_with_depth_and_residual_fixes_it(res, out):
 
 
 def test_rnn_fails_adding_problem_lstm_solves_it(res, out):
+    # Hochreiter & Schmidhuber 1997: on the adding problem a vanilla RNN stays at the trivial MSE
+    # 1/6 (predicting 1), an LSTM learns the sum. Margins over seeds 0-4, each also run with 1-ulp
+    # perturbations of the initial weights (what another CPU's rounding does to a training run):
+    # RNN MSE >= 0.157 (threshold 0.133: 7 standard errors of the tail mean of batch losses at the
+    # baseline), LSTM MSE <= 0.017 (threshold 0.05), LSTM last-20 mean <= 0.0067.
     m = res["recurrent"]["metrics"]
     assert m["adding_mse"]["rnn"] > 0.8 * BASELINE
     assert m["adding_mse"]["lstm"] < 0.3 * BASELINE
     with open_run(out / "runs/recurrent/adding_lstm") as run:
         assert np.mean(run.loss()[1][-20:]) < 0.3 * BASELINE
-    # gradient reaching the first time step vs the last: vanishes in the untrained RNN
-    assert m["grad_first_over_last_step_before"]["rnn"] < 1e-2
-    assert m["grad_first_over_last_step_after"]["lstm"] > 100 * m["grad_first_over_last_step_after"]["rnn"]
+    # Gradient reaching the first time step over the last (Bengio et al. 1994; Hochreiter 1991):
+    # it vanishes geometrically in the RNN (seen <= 2.5e-6 over T - 1 = 29 steps), and the trained
+    # LSTM carries it to the first step (seen >= 1.03), far more than at its init (>= 270x seen).
+    before, after = m["grad_first_over_last_step_before"], m["grad_first_over_last_step_after"]
+    assert before["rnn"] < 1e-3
+    assert after["lstm"] > 0.25
+    assert after["lstm"] > 10 * before["lstm"]
+    # Not asserted: the trained RNN's ratio. It does not learn the task either way, but a 1-ulp change
+    # of its init moves that ratio anywhere from 5e-11 to 1 (seeds 0 and 4), so no margin holds for it.
 
 
 def test_norm_clipping_keeps_the_exploding_rnn_finite(out):
@@ -126,8 +148,10 @@ def test_norm_clipping_keeps_the_exploding_rnn_finite(out):
         assert len(intervention_steps(run)) > 0  # the clip acted
         coefs = [e["data"]["clip_norm.coef"] for e in run.events("guard")]
         _, gnorm = run.global_norm()
-        # the guard's coefficient is min(1, 1/||g||) of the norm watch recorded (oracle: the formula)
-        np.testing.assert_allclose(coefs, np.minimum(1.0, 1.0 / (gnorm[: len(coefs)] + 1e-6)), rtol=1e-4)
+        # the guard's coefficient is min(1, 1/||g||) of the norm watch recorded (oracle: the formula); the guard
+        # forms it from that float32 total in float32 (4 roundings: _numerics.clip_coef_rel), the formula in float64
+        np.testing.assert_allclose(coefs, np.minimum(1.0, 1.0 / (gnorm[: len(coefs)] + 1e-6)),
+                                   rtol=clip_coef_rel(0.0) + 3 * U64, atol=0)
 
 
 def test_clipping_methods_contain_explosions_and_spikes(res, out):
@@ -137,13 +161,21 @@ def test_clipping_methods_contain_explosions_and_spikes(res, out):
     dmg = m["spiky_damage"]
     assert dmg["none"] > 0.1
     assert dmg["clip_norm(1.0)"] < 0.5 * dmg["none"]
-    # ZClip acts on the outlier batches and (almost) nowhere else
+    # ZClip acts on the gradient spikes and (almost) nowhere else. An outlier batch (inputs x 30) is a
+    # spike only while the net misclassifies some of it: once it is right on the whole batch, x 30 makes
+    # it certain and the gradient vanishes (seen: norms 0 to 1e-20 at late outlier steps, seeds 1-4).
+    # A spike here: an outlier step whose global norm is >= 10x the median of the 10 steps before it
+    # (seen 15x-138x; the other outlier steps 0x-5.6x). Seeds 0-4: every spike clipped, <= 3 of 200 other steps.
     from graddoctor.lab.clipping import SPIKE_EVERY
     from graddoctor.report._views import intervention_steps
     with open_run(out / "runs/clipping/spiky_zclip") as run:
         acted, n = set(intervention_steps(run)), run.num_steps
+        steps, norms = run.global_norm()
+    norm = dict(zip(steps.tolist(), norms.tolist()))
     outliers = {s for s in range(SPIKE_EVERY - 1, n, SPIKE_EVERY)}
-    assert len(acted & outliers) >= len(outliers) - 1
+    spikes = {s for s in outliers if norm[s] >= 10 * np.median([norm[t] for t in range(s - 10, s)])}
+    assert len(spikes) >= 2  # the set-up makes spikes at all
+    assert spikes <= acted
     assert len(acted - outliers) <= 0.05 * n
 
 
@@ -168,15 +200,28 @@ def test_layerwise_pretraining_beats_random_init(res):
 def test_loss_surface_trajectories_match_the_closed_form(res, out):
     from graddoctor.lab.surface import A, B, RATES, START
     m = res["surface"]["metrics"]
+
+    def rel(lr, curv, k):
+        """Float64 rounding of coordinate k steps in, run against closed form. The gradient curv x is exact
+        (curvatures 1 and 4: products with powers of 2); each step x - lr g rounds twice, relative to the new
+        x that is u (1 + c) with c = lr curv / |1 - lr curv| (cancellation): k u (1 + c) after k steps. The
+        closed form START (1 - lr curv)^k: the base rounds once (k u after the power), the power 1 ulp (2u),
+        the product with START once."""
+        c = lr * curv / abs(1 - lr * curv)
+        return k * U64 * (1 + c) + (k + 3) * U64
+
     for label, lr in RATES.items():
         with open_run(out / f"runs/surface/lr_{lr:g}") as run:
             loss = run.loss()[1]
         k = np.arange(len(loss))
         x, y = START[0] * (1 - lr * A) ** k, START[1] * (1 - lr * B) ** k  # GD on a quadratic, exactly
-        np.testing.assert_allclose(loss, 0.5 * (A * x ** 2 + B * y ** 2), rtol=1e-9)
+        # the loss squares the coordinates (2x their error), each side adds 3 roundings (squares, products, sum)
+        rtol = 2 * np.maximum(rel(lr, A, k), rel(lr, B, k)) + 6 * U64
+        assert (np.abs(loss - 0.5 * (A * x ** 2 + B * y ** 2)) <= rtol * 0.5 * (A * x ** 2 + B * y ** 2)).all()
         n = len(loss)
         d = math.hypot(START[0] * (1 - lr * A) ** n, START[1] * (1 - lr * B) ** n) / math.hypot(*START)
-        assert math.isclose(m["final_distance_over_start"][label], d, rel_tol=1e-9)
+        # the distance: the coordinates' error, hypot (1 ulp) and the division, on either side
+        assert math.isclose(m["final_distance_over_start"][label], d, rel_tol=max(rel(lr, A, n), rel(lr, B, n)) + 6 * U64)
     assert m["final_distance_over_start"]["too small (lr=0.01)"] > 0.25
     assert m["too_large_y_sign_flip_fraction"] == 1.0
 
