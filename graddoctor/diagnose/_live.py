@@ -51,6 +51,7 @@ class LiveDiagnosis:
         self.run_dir = run_dir
         self.on_finding = on_finding
         self.config = config or DiagnoseConfig()
+        self.config.validate()  # a bad threshold is refused when watching starts, not at the first flush
         self.window = window
         self.reported: dict[str, Finding] = {}
         self.findings: list[Finding] = []  # every finding reported so far, in order

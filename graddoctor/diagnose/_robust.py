@@ -71,6 +71,7 @@ def running_median_mad(x: np.ndarray, window: int, min_count: int) -> tuple[np.n
     T = len(x)
     if T == 0 or window < 1:
         return np.full(T, np.nan), np.full(T, np.nan)
+    window = min(window, T)  # entries before the start are NaN padding, ignored: the same result in T x T memory
     clean = np.where(np.isfinite(x), x, np.nan)
     padded = np.concatenate([np.full(window, np.nan), clean])[:-1]
     rows = sliding_window_view(padded, window)  # rows[t] = x[t-window : t]
