@@ -262,3 +262,20 @@ def adam_drift_atol(grads, dgrads, weights, lr: float, beta1: float = 0.9, beta2
         d_step = lr * (dm + m_abs * d_root / root.clamp_min(1e-300)) / (root + eps)
         out = out + d_step + 2 * gamma(10) * step + 2 * U32 * (weights[t - 1] + step)
     return out
+
+
+def torch_mean_std_bounds(x: torch.Tensor) -> tuple[float, float]:
+    """Absolute bounds on PyTorch's float32 `x.mean()` and `x.std()` against float64, any reduction order.
+
+    mean: a float32 sum of n terms (gamma_{n-1} sum |x|), the division and the stored value (u each).
+    var: the two-pass and the updating (Welford) algorithms both keep the sum of squared deviations
+    within ~n u sum x_i^2 (Chan, Golub & LeVeque 1983; Higham section 1.9): gamma_{2n} sum x_i^2, over n - 1.
+    std: sqrt moves by at most e / (2 std) (sqrt(e) near 0), then u.
+    """
+    d = x.detach().double().flatten()
+    n = d.numel()
+    mean, std = float(d.mean()), float(d.std())
+    e_mean = gamma(n - 1) * float(d.abs().sum()) / n + 2 * U32 * abs(mean)
+    e_var = gamma(2 * n) * float((d * d).sum()) / (n - 1)
+    e_std = min(e_var / (2 * std), math.sqrt(e_var)) if std > 0 else math.sqrt(e_var)
+    return e_mean, e_std + U32 * (std + e_std)

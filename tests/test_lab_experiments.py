@@ -65,7 +65,7 @@ def test_chain_analytic_product_matches_autograd_and_watch(res, out):
     w, b = rng.normal(0, 1, 4), rng.normal(0, 1, 4)
     rel = (1 + 2 * rounding_bound(w, b, 1.0, 0.0)) * (1 + WATCH_REL) - 1
     with open_run(out / "runs/chain/small") as run:
-        recorded = np.array([run.tensor_history(f"{2 * i}.bias").grad_norm[0] for i in range(4)])
+        recorded = np.array([run.tensor_history(f"{2 * i}.bias").grad_norm[0] for i in range(4)], dtype=np.float64)
     want = np.array(m["small_abs_grad_b1_to_b4_step0"])
     assert (np.abs(recorded - want) <= rel * want).all()
 
