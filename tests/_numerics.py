@@ -279,3 +279,16 @@ def torch_mean_std_bounds(x: torch.Tensor) -> tuple[float, float]:
     e_var = gamma(2 * n) * float((d * d).sum()) / (n - 1)
     e_std = min(e_var / (2 * std), math.sqrt(e_var)) if std > 0 else math.sqrt(e_var)
     return e_mean, e_std + U32 * (std + e_std)
+
+
+def orthogonality_bound(m: int, n: int, gain: float = 1.0, u: float = U32) -> float:
+    """Entrywise bound on |W W^T - gain^2 I| where W^T (or W) = gain x the Q of a Householder QR of an
+    m x n matrix, m >= n (torch.nn.init.orthogonal_), W W^T formed in float32 (inner length m).
+
+    Higham Thm 19.4: each column of the computed Q is within gamma~_{mn} = c m n u / (1 - c m n u) of an
+    exactly orthonormal one; with c = 1 (Higham leaves c a small constant; the bound is far from tight,
+    a random matrix's Q is orthonormal to ~sqrt(m) u). Then an entry of Q^T Q is within 2 g + g^2 of the
+    identity's, the gain adds one rounding per factor and the dot products of length m add gamma_m.
+    """
+    g = gamma(m * n, u)
+    return gain * gain * (compose(2 * g + g * g, u, u) + gamma(m, u) * (1 + g) ** 2)

