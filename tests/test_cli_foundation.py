@@ -1,4 +1,7 @@
-"""The console script, run as a subprocess like a user would."""
+"""The command line as a user meets it: `graddoctor.cli.main` in process (one torch import for the
+module), and the real console script where the process itself matters (its help and exit codes)."""
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -6,11 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from graddoctor.cli import main
+
 EXE = shutil.which("graddoctor", path=str(Path(sys.executable).parent)) or "graddoctor"
 
 
 def run(*args, check=False):
-    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300, check=check)
+    """`graddoctor ARGS` in this process: a CompletedProcess with its exit status and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's --help and usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    done = subprocess.CompletedProcess(["graddoctor", *args], code, out.getvalue(), err.getvalue())
+    if check:
+        done.check_returncode()
+    return done
 
 
 def test_help_for_every_command():
@@ -18,6 +33,13 @@ def test_help_for_every_command():
         out = run(*args, "--help")
         assert out.returncode == 0, out.stderr
         assert "usage: graddoctor" in out.stdout
+
+
+def test_the_console_script_helps_and_refuses_like_main():
+    out = subprocess.run([EXE, "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage: graddoctor" in out.stdout and "diagnose" in out.stdout
+    out = subprocess.run([EXE, "frobnicate"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "invalid choice" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_demo_shows_the_sigmoid_net_vanishing(tmp_path):
