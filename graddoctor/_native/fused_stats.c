@@ -23,7 +23,7 @@
  * are combined in a fixed order, so results do not depend on the thread count.
  * Squares are summed in the data's precision over blocks of GD_BLOCK elements and
  * the block sums in double: as fast as a float loop, and about as precise as a
- * pairwise sum (relative error ~1e-7 on float32 data, PyTorch's float32 norm ~1e-6).
+ * pairwise sum (typically ~1e-7 relative on float32 data; the worst case is gamma_GD_BLOCK(u)).
  * `omp simd` lets the compiler put a block's sums in vector lanes without
  * -ffast-math, which would break the NaN handling below.
  *
