@@ -129,3 +129,19 @@ def test_run_report_of_a_run_without_steps(tmp_path):
     gd.watch(model, None, tmp_path / "empty").close()
     html = write_run_report([tmp_path / "empty"], tmp_path / "e.html").read_text()
     assert "no training step" in html and "<figure" not in html
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_page_marks_exactly_the_spikes_diagnose_reports(seed):
+    # One detector: on noise neither marks anything; with spikes, the page's are diagnose's.
+    from _diag_synth import make_data
+
+    from graddoctor.diagnose._config import DiagnoseConfig
+    from graddoctor.diagnose._rules_loss import loss_spike
+    rng = np.random.default_rng(seed)
+    noise = 1.0 + 0.05 * rng.standard_normal(2000)
+    assert loss_spikes(noise).tolist() == [] and loss_spike(make_data(loss=noise), DiagnoseConfig()) is None
+    spiky = noise.copy()
+    spiky[[300, 1200, 1900]] = [4.0, 6.0, 9.0]
+    finding = loss_spike(make_data(loss=spiky), DiagnoseConfig())
+    assert loss_spikes(spiky).tolist() == finding.evidence["spike_steps"] == [300, 1200, 1900]

@@ -22,21 +22,40 @@ def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
     return [int(s) for s in steps[:limit]]
 
 
+def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one loss-spike detector (diagnose, the report and the dashboard all use it).
+
+    A finite loss is a spike when it is `spike_z` robust deviations (median/MAD of the preceding
+    losses) above the running median, at least `spike_factor` times it, and at least
+    `spike_min_jump` times the starting loss level above it.
+
+    Args:
+      loss: float[n], the losses in step order (only steps that have one; NaN/Inf are never spikes).
+    Returns:
+      (spike bool[n], running median float64[n], robust z float64[n]).
+    """
+    loss = np.asarray(loss, dtype=np.float64).reshape(-1)
+    if len(loss) < cfg.spike_min_history + 1:
+        return np.zeros(len(loss), dtype=bool), np.full(len(loss), np.nan), np.full(len(loss), np.nan)
+    med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
+    z = robust_z(loss, med, mad, floor=1e-12)
+    finite = loss[np.isfinite(loss)]
+    level = float(np.median(finite[:10])) if len(finite) else float("nan")  # as RunData.initial_loss_level
+    floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
+    with np.errstate(invalid="ignore"):
+        jump = loss - med
+        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * np.abs(med)) & (jump >= floor)
+    return np.nan_to_num(spike, nan=0).astype(bool), med, z
+
+
 def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     """Finite losses far above their running median, robustly (z on median/MAD) and by a factor."""
     given = d.given  # baselines count the given losses, so a loss every k-th step is judged alike
     if given.sum() < cfg.spike_min_history + 1:
         return None
     loss, d_steps = d.loss[given], d.steps[given]
-    med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
+    spike, med, z = spike_mask(loss, cfg)
     scale = np.abs(med)
-    z = robust_z(loss, med, mad, floor=1e-12)
-    level = d.initial_loss_level()
-    floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
-    with np.errstate(invalid="ignore"):
-        jump = loss - med
-        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * scale) & (jump >= floor)
-    spike = np.nan_to_num(spike, nan=0).astype(bool)
     if not spike.any():
         return None
     steps = d_steps[spike]

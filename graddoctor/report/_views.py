@@ -56,23 +56,12 @@ def profile_figure(run_dir: Path | str, title: str = "per-layer gradient norm") 
     return Figure(title, P.to_uri(fig))
 
 
-def loss_spikes(loss: np.ndarray, window: int = 20, k: float = 6.0) -> np.ndarray:
-    """Indices where the loss jumps above the trailing median by more than k robust deviations (MAD), to more than
-    twice that median, by at least 2% of the run's whole (finite) loss range, so flat-tail noise is not a spike."""
-    loss = np.asarray(loss, dtype=np.float64)
-    finite = loss[np.isfinite(loss)]
-    min_jump = 0.02 * float(finite.max() - finite.min()) if finite.size else 0.0
-    out = []
-    for i in range(window, len(loss)):
-        past = loss[i - window:i]
-        past = past[np.isfinite(past)]
-        if len(past) < window // 2 or not np.isfinite(loss[i]):
-            continue
-        med = np.median(past)
-        mad = np.median(np.abs(past - med)) * 1.4826 + 1e-12
-        if loss[i] > med + max(k * mad, min_jump) and loss[i] > 2.0 * med:
-            out.append(i)
-    return np.asarray(out, dtype=np.int64)
+def loss_spikes(loss: np.ndarray) -> np.ndarray:
+    """Indices of the losses diagnose calls spikes (its detector and default thresholds), so the page
+    never marks a spike that `graddoctor diagnose` does not report."""
+    from ..diagnose._config import DiagnoseConfig
+    from ..diagnose._rules_loss import spike_mask
+    return np.flatnonzero(spike_mask(loss, DiagnoseConfig())[0])
 
 
 # Event kinds that record an observation, not an action on the training.
