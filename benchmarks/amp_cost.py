@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import graddoctor as gd
-from graddoctor._amp import overflowed
+from graddoctor.core._amp import overflowed
 from overhead import make_model, sync  # the same workload (benchmarks/ is the script's folder)
 
 VARIANTS = ("amp", "amp+watch(scaler)", "amp+watch(unscale)")

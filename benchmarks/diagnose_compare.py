@@ -24,8 +24,8 @@ from _diag_runs import SCENARIOS, train  # noqa: E402
 from sagemaker_rules import (SAGEMAKER_TO_CODES, THRESHOLD_TO_CODES, sagemaker_verdicts, threshold_verdicts,  # noqa: E402
                              verdict_codes)
 
-from graddoctor._run import open_run  # noqa: E402
-from graddoctor.diagnose import DiagnoseConfig, RunData, diagnose_data  # noqa: E402
+from graddoctor.store._run import open_run  # noqa: E402
+from graddoctor.diagnosis import DiagnoseConfig, RunData, diagnose_data  # noqa: E402
 
 
 def score(found: dict, sc) -> tuple[int, int, int, list[str]]:

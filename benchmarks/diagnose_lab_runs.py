@@ -11,8 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from graddoctor._store import STORE_NAME
-from graddoctor.diagnose import diagnose
+from graddoctor.store._store import STORE_NAME
+from graddoctor.diagnosis import diagnose
 
 
 def main(root: Path) -> None:

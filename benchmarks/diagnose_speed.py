@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sagemaker_rules import sagemaker_verdicts  # noqa: E402
 
-from graddoctor._run import open_run  # noqa: E402
-from graddoctor._store import RunWriter  # noqa: E402
-from graddoctor.diagnose import DiagnoseConfig, RunData, diagnose_data  # noqa: E402
+from graddoctor.store._run import open_run  # noqa: E402
+from graddoctor.store._store import RunWriter  # noqa: E402
+from graddoctor.diagnosis import DiagnoseConfig, RunData, diagnose_data  # noqa: E402
 
 
 def write_store(run_dir: Path, T: int, P: int, M: int = 20, chunk: int = 50, seed: int = 0) -> None:
@@ -74,9 +74,9 @@ def live_flush_cost(run_dir: Path, T: int, repeats: int) -> float:
     import warnings
     from types import SimpleNamespace
 
-    from graddoctor.diagnose._live import LiveDiagnosis
+    from graddoctor.diagnosis._live import LiveDiagnosis
     from graddoctor import open_run
-    from graddoctor.diagnose._live import _SERIES
+    from graddoctor.diagnosis._live import _SERIES
     live = LiveDiagnosis(run_dir)
     fake_watch = SimpleNamespace(_writer=None)  # no store writes: only the listener's own work is timed
     with open_run(run_dir) as run:  # the last flush's chunks, as watch hands them to its listeners

@@ -27,7 +27,7 @@ import time
 import torch
 from torch import nn
 
-from graddoctor import _native
+from graddoctor.core import _native
 
 
 def main() -> None:

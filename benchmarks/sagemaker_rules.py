@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from graddoctor.diagnose import RunData  # noqa: E402
+from graddoctor.diagnosis import RunData  # noqa: E402
 
 SAGEMAKER_TO_CODES = {
     "VanishingGradient": ("vanishing_gradient",),

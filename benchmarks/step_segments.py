@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import graddoctor as gd
-from graddoctor import _watch
+from graddoctor.core import _watch
 from graddoctor.treat import _transforms
 from overhead import make_model  # the same workload (benchmarks/ is the script's folder)
 

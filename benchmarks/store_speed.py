@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import graddoctor as gd
-from graddoctor._store import STORE_NAME
+from graddoctor.store._store import STORE_NAME
 
 from diagnose_speed import store_arguments, timed, write_store
 

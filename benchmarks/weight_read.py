@@ -31,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from graddoctor import _native
+from graddoctor.core import _native
 from overhead import make_model  # the same workload (benchmarks/ is the script's folder)
 
 VARIANTS = ("none", "grads", "grads+weights", "weights after backward", "weights after optimizer",

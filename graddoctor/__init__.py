@@ -1,20 +1,29 @@
 """graddoctor: find, explain and fix vanishing and exploding gradients in PyTorch training.
 
-The verbs, one module each:
-- watch (`_watch`): on-device gradient statistics, written to a run store (`_store`, read with `_run`);
-- diagnose, treat, check, lab: built on what watch records.
+The verbs, one folder each, in the order data flows:
+- core/: watch, the on-device gradient statistics;
+- store/: the run store they are written to, and its reader (`open_run`);
+- diagnosis/: diagnose (findings from a run) and check (a prediction from one batch);
+- treat/: the cures as code (transforms, guard, rollback, init, surgery, regularization);
+- report/, serve.py: the views; lab/: every phenomenon and cure, reproduced.
 """
-from ._config import WatchConfig
+import sys
+
+from .core._config import WatchConfig
 from ._errors import (ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, ResumeMismatchError,
                       RunExistsError, RunLockedError, RunNotFoundError, UnsupportedModelError, WatchClosedError)
-from ._run import History, Run, open_run
-from ._stats import TensorStats, l2_norms, tensor_stats
-from ._native import status as native_status
-from ._compose import watch
-from ._watch import Watch
-from ._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
-from .diagnose import DiagnoseConfig, Finding, diagnose  # note: gd.diagnose is the function, not the subpackage
-from . import init, serve, surgery, treat
+from .store._run import History, Run, open_run
+from .core._stats import TensorStats, l2_norms, tensor_stats
+from .core._native import status as native_status
+from .core._compose import watch
+from .core._watch import Watch
+from .diagnosis._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
+from .diagnosis import DiagnoseConfig, Finding, diagnose  # gd.diagnose is the function; the package is diagnosis
+from . import serve, treat
+from .treat import init, surgery
+
+# `import graddoctor.init` / `graddoctor.surgery`, as before they moved into treat/
+sys.modules[__name__ + ".init"], sys.modules[__name__ + ".surgery"] = init, surgery
 from .lab import run_lab
 from .report import write_run_report
 from .treat import (Guard, agc, auto_clip, chain, clip_norm, clip_norm_per_tensor, clip_value, skip_nonfinite,

@@ -81,8 +81,8 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_runs_summary(args: argparse.Namespace) -> int:
-    from ._run import open_run
-    from ._summary import format_summary
+    from .store._run import open_run
+    from .report._summary import format_summary
     with open_run(args.run_dir) as run:
         print(format_summary(run))
     return 0
@@ -98,7 +98,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import _demo
+    from .lab import _demo
     out = out_dir(args.out)
     print(_demo.run_demo(out, steps=args.steps, depth=args.depth, seed=args.seed))
     return 0
@@ -110,7 +110,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_runs, _add_
 from .lab._cli import register_lab, register_report  # noqa: E402  (lab and report verbs)
 COMMANDS += [register_lab, register_report]
 
-from .diagnose._cli import register as register_diagnose  # noqa: E402  (diagnose verb)
+from .diagnosis._cli import register as register_diagnose  # noqa: E402  (diagnose verb)
 COMMANDS += [register_diagnose]
 
 from .serve import register as register_serve  # noqa: E402  (serve verb: the live dashboard)

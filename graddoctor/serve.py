@@ -75,8 +75,8 @@ from typing import Any, Optional, Sequence
 from urllib.parse import parse_qs
 
 from ._errors import ConfigError, GradDoctorError
-from ._nonfinite_json import encode_nonfinite
-from ._store import STORE_NAME, open_store, read_last_row, store_path
+from .store._nonfinite_json import encode_nonfinite
+from .store._store import STORE_NAME, open_store, read_last_row, store_path
 
 DEFAULT_PORT = 8765
 DEFAULT_REFRESH = 5.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graddoctor.diagnose import RunData
+from graddoctor.diagnosis import RunData
 
 
 def make_data(loss=None, global_norm=None, grad_norm=None, weight_norm=None, *, T=None, P=3, width=16,

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import graddoctor as gd
+from graddoctor.store import _nonfinite_json
 
 mode, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -84,7 +85,7 @@ elif mode == "ddp_amp":
         log.append([taken, float(scaler.get_scale() < taken), norm])
     w.close()
     with open(os.path.join(run_dir, f"amp-rank{rank}.json"), "w") as f:
-        f.write(gd._nonfinite_json.dumps(log))
+        f.write(_nonfinite_json.dumps(log))
 elif mode == "dtensor":
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -100,7 +101,7 @@ elif mode == "dtensor":
     verdict["total"] = [float(got.total_norm), float(ref.total_norm)]
     if rank == 0:
         with open(os.path.join(run_dir, "verdict.json"), "w") as f:
-            f.write(gd._nonfinite_json.dumps(verdict))
+            f.write(_nonfinite_json.dumps(verdict))
 dist.barrier()
 dist.destroy_process_group()
 # Leave without interpreter finalization: there, objects still tied to gloo (the DTensors and the

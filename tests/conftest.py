@@ -17,7 +17,7 @@ def seeded():
 @pytest.fixture
 def native():
     """graddoctor's native kernel, turned on; skipped where it cannot be built (a failure in CI)."""
-    from graddoctor import _native
+    from graddoctor.core import _native
     previous = _native.set_enabled(True)
     if _native.sumsq_maxabs([torch.ones(1)]) is None:
         _native.set_enabled(previous)
@@ -31,7 +31,7 @@ def native():
 @pytest.fixture(params=["native", "torch"])
 def stats_path(request):
     """Run a test once with graddoctor's native statistics kernel and once with the PyTorch ops."""
-    from graddoctor import _native
+    from graddoctor.core import _native
     if request.param == "native":
         request.getfixturevalue("native")  # on for this test, restored after it
         yield request.param

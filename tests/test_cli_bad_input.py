@@ -23,8 +23,8 @@ from torch import nn
 
 import graddoctor as gd
 from graddoctor.cli import main
-from graddoctor.diagnose import DiagnoseConfig
-from graddoctor.diagnose._config import RANGES
+from graddoctor.diagnosis import DiagnoseConfig
+from graddoctor.diagnosis._config import RANGES
 from graddoctor._errors import ConfigError
 
 GRADDOCTOR = str(Path(sys.executable).parent / "graddoctor")
@@ -329,7 +329,7 @@ row("serve-token-and-no-token", lambda e: ["serve", e.run, "--token", "t", "--no
 @pytest.fixture(autouse=True)
 def nothing_trains_or_listens(monkeypatch):
     """A row that gets past the checks fails here instead of training for minutes or serving forever."""
-    import graddoctor._demo
+    import graddoctor.lab._demo
     import graddoctor.lab._runner
     import graddoctor.serve
 
@@ -337,7 +337,7 @@ def nothing_trains_or_listens(monkeypatch):
         def fail(*args, **kwargs):
             raise AssertionError(f"bad input was not refused: {what} started")
         return fail
-    monkeypatch.setattr(graddoctor._demo, "run_demo", started("demo training"))
+    monkeypatch.setattr(graddoctor.lab._demo, "run_demo", started("demo training"))
     monkeypatch.setattr(graddoctor.lab._runner, "Context", started("lab training"))
     monkeypatch.setattr(graddoctor.serve._DashboardHTTPServer, "serve_forever", started("the server"))
 
@@ -377,11 +377,11 @@ def test_bad_input_gives_one_line_and_exit_2(argv, names, base_run, tmp_path, ca
 
 
 def test_interrupt_is_one_line_and_exit_130(base_run, monkeypatch, capsys):
-    import graddoctor._summary
+    import graddoctor.report._summary
 
     def interrupted(run):
         raise KeyboardInterrupt
-    monkeypatch.setattr(graddoctor._summary, "format_summary", interrupted)
+    monkeypatch.setattr(graddoctor.report._summary, "format_summary", interrupted)
     assert main(["runs", "summary", str(base_run)]) == 130
     out, err = capsys.readouterr()
     assert out == "" and err == "graddoctor: interrupted\n"

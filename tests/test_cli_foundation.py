@@ -64,7 +64,7 @@ def test_summary_of_a_run_that_was_not_closed(tmp_path):
     from torch import nn
 
     import graddoctor as gd
-    from graddoctor._summary import format_summary
+    from graddoctor.report._summary import format_summary
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     w = gd.watch(model, None, tmp_path, flush_every=2, live_diagnosis=False)
     for _ in range(3):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import graddoctor as gd
-from graddoctor import _nonfinite_json
+from graddoctor.store import _nonfinite_json
 
 from _diag_runs import by_name, train
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import graddoctor as gd
-from graddoctor.diagnose import Finding
-from graddoctor.diagnose._live import FindingWarning, LiveDiagnosis
+from graddoctor.diagnosis import Finding
+from graddoctor.diagnosis._live import FindingWarning, LiveDiagnosis
 
-pytestmark = pytest.mark.filterwarnings("ignore::graddoctor.diagnose._live.FindingWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::graddoctor.diagnosis._live.FindingWarning")
 
 
 @pytest.fixture(autouse=True)

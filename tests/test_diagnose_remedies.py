@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import graddoctor as gd
-from graddoctor.diagnose import CATALOGUE, remedy
+from graddoctor.diagnosis import CATALOGUE, remedy
 
 
 class _RNNNet(nn.Module):

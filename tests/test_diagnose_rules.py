@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from graddoctor import _nonfinite_json
+from graddoctor.store import _nonfinite_json
 from graddoctor._errors import ConfigError
-from graddoctor.diagnose import (CATALOGUE, CAUSES, CODES, RULES, DiagnoseConfig, Finding, RunData, diagnose,
+from graddoctor.diagnosis import (CATALOGUE, CAUSES, CODES, RULES, DiagnoseConfig, Finding, RunData, diagnose,
                                  diagnose_data, rank_remedies)
-from graddoctor.diagnose._robust import running_median_mad, sustained, trend_test
+from graddoctor.diagnosis._robust import running_median_mad, sustained, trend_test
 
 from _diag_synth import make_data
 from _numerics import U64, gamma

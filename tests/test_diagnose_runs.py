@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import graddoctor as gd
-from graddoctor.diagnose import CATALOGUE
-from graddoctor.diagnose._live import FindingWarning
+from graddoctor.diagnosis import CATALOGUE
+from graddoctor.diagnosis._live import FindingWarning
 
 from _diag_runs import SCENARIOS, train
 
@@ -68,7 +68,7 @@ def test_live_findings_are_reported_once_and_stored(trained, sc):
 
 
 def test_the_table_covers_every_code_and_enough_healthy_nets():
-    from graddoctor.diagnose import CODES
+    from graddoctor.diagnosis import CODES
     expected = set().union(*(s.expect for s in SCENARIOS))
     assert expected == set(CODES)
     assert sum(s.healthy for s in SCENARIOS) >= 4 and len(SCENARIOS) >= 14

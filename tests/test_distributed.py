@@ -14,7 +14,7 @@ from torch import nn
 
 import graddoctor as gd
 from _numerics import U32, compose, gamma, norm_rel, rel_diff_tol, sqrt_rel, total_norm_rel
-from graddoctor import _nonfinite_json
+from graddoctor.store import _nonfinite_json
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 STEPS = 5

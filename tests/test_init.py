@@ -9,7 +9,7 @@ from torch import nn
 
 import graddoctor as gd
 from _numerics import orthogonality_bound
-from graddoctor.init import NoLayersError
+from graddoctor.treat.init import NoLayersError
 
 
 def net(width=400):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from graddoctor import _nonfinite_json
+from graddoctor.store import _nonfinite_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

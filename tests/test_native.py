@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _numerics import U32, U64, gamma, mean_std_bounds, norm_rel, rel_diff_tol, sumsq_rel
-from graddoctor import _native
+from graddoctor.core import _native
 
 # The kernel adds at most GD_BLOCK squares in the data's accumulation precision (float32 for float32
 # and bfloat16, float64 for float64) before the block sum moves to float64 (fused_stats.c).
@@ -144,8 +144,8 @@ def run_python(code: str, **env) -> str:
 
 PROBE = """
 import torch, graddoctor
-from graddoctor import _native
-from graddoctor._stats import tensor_stats
+from graddoctor.core import _native
+from graddoctor.core._stats import tensor_stats
 t = torch.tensor([3.0, -4.0])
 s = tensor_stats([t], torch.device("cpu"))
 print(_native.status())

@@ -136,8 +136,8 @@ def test_the_page_marks_exactly_the_spikes_diagnose_reports(seed):
     # One detector: on noise neither marks anything; with spikes, the page's are diagnose's.
     from _diag_synth import make_data
 
-    from graddoctor.diagnose._config import DiagnoseConfig
-    from graddoctor.diagnose._rules_loss import loss_spike
+    from graddoctor.diagnosis._config import DiagnoseConfig
+    from graddoctor.diagnosis._rules_loss import loss_spike
     rng = np.random.default_rng(seed)
     noise = 1.0 + 0.05 * rng.standard_normal(2000)
     assert loss_spikes(noise).tolist() == [] and loss_spike(make_data(loss=noise), DiagnoseConfig()) is None

@@ -1,7 +1,7 @@
 """`graddoctor serve`: the live dashboard, against real runs written while it serves.
 
 The status is checked against the store read independently (`open_run`), the findings on the page
-against `graddoctor.diagnose` run on the same store, and the page itself in a real headless
+against `graddoctor.diagnosis` run on the same store, and the page itself in a real headless
 Chromium (Debian's, driven by Playwright) while a training writes new flushes under it.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 import graddoctor as gd
 from graddoctor import ConfigError, GradDoctorError, open_run
-from graddoctor._nonfinite_json import decode_nonfinite
+from graddoctor.store._nonfinite_json import decode_nonfinite
 from graddoctor.serve import Dashboard, run_status
 
 from test_browser_report import ARGS, CHROMIUM

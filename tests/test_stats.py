@@ -134,7 +134,7 @@ def test_all_missing_gives_empty_but_valid_stats(stats_path):
 
 def test_cpu_shortcut_and_full_count_agree():
     # The CPU path counts only tensors with a non-finite norm; the accelerator path counts all.
-    from graddoctor._stats import _nonfinite_counts
+    from graddoctor.core._stats import _nonfinite_counts
     ts = make(SHAPES, torch.float32)
     ts[0][0, 0] = float("nan")
     ts[2][1, 1, 1] = float("inf")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import graddoctor as gd
-from graddoctor._store import STORE_NAME, RunWriter, read_series
+from graddoctor.store._store import STORE_NAME, RunWriter, read_series
 
 SCRIPT = Path(__file__).with_name("_train_script.py")
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import graddoctor as gd
-from graddoctor._demo import make_mlp, synthetic_task
-from graddoctor.surgery import Residual, SurgeryNotApplicableError
+from graddoctor.lab._demo import make_mlp, synthetic_task
+from graddoctor.treat.surgery import Residual, SurgeryNotApplicableError
 
 
 def first_last_ratio(model: nn.Module, x, y) -> float:

@@ -100,7 +100,7 @@ def test_remedies_cover_exactly_the_shared_ids():
 
 
 def test_remedies_match_the_diagnose_catalogue():
-    catalogue = pytest.importorskip("graddoctor.diagnose._remedies").CATALOGUE
+    catalogue = pytest.importorskip("graddoctor.diagnosis._remedies").CATALOGUE
     assert set(catalogue) == set(treat.REMEDIES)
 
 

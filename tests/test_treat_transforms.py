@@ -13,7 +13,7 @@ import graddoctor as gd
 from _numerics import (U32, U64, clip_coef_rel, clipped_grad_rel, compose, gamma, norm_rel, rel_diff_tol,
                        total_norm_rel, unit_roundoff)
 from graddoctor import treat
-from graddoctor._stats import tensor_stats
+from graddoctor.core._stats import tensor_stats
 
 SHAPES = [(3,), (4, 5), (2, 3, 4), (1,), (7, 1), (2, 2, 2, 2), (0,), (16,)]
 

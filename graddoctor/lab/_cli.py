@@ -65,7 +65,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .._store import store_path
+    from ..store._store import store_path
     from ..report import write_run_report
     out = Path(args.run_dirs[0]) / "report.html" if args.output is None else args.output
     if out == "":

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _nonfinite_json
+from ..store import _nonfinite_json
 from .._errors import ConfigError
 from ..report import findings_for, write_lab_report
 from ._types import PRESETS, REGISTRY, Context, Result, ordered

@@ -52,7 +52,7 @@ class Result:
       metrics: the numbers (JSON-able; NaN/Inf allowed, written with `_nonfinite_json`).
       figures: plots for the report.
       runs: run directories (relative to the lab's out dir) recorded with watch.
-      findings: run -> list of diagnose findings (dicts), when `graddoctor.diagnose` is available.
+      findings: run -> list of diagnose findings (dicts), when `graddoctor.diagnosis` is available.
       notes: extra remarks shown in the report (e.g. what is CPU-sized compared with the paper).
       seconds: wall time of the experiment; reference: the seeds / papers it reproduces.
       rule: in words, how `reproduced` is computed from `metrics`.

@@ -1,7 +1,7 @@
 """BatchNorm on a deep sigmoid net (Ioffe & Szegedy 2015, fig. 1, CPU-sized).
 
 Three hidden layers of 100 sigmoid units on digits (instead of MNIST), with and
-without BatchNorm before each sigmoid (inserted by `graddoctor.surgery.add_norm`
+without BatchNorm before each sigmoid (inserted by `graddoctor.treat.surgery.add_norm`
 into the same initial net), same SGD settings. We track the 15th,
 50th and 85th percentiles of the input to the last hidden sigmoid over
 training (the paper's fig. 1b/c) and the sigmoid outputs' saturation.
@@ -47,7 +47,7 @@ def _train_one(ctx: Context, bn: bool, steps: int) -> tuple:
     gen = seed_all(ctx.seed)
     model = mlp([64, 100, 100, 100, 10], "sigmoid", "default")
     if bn:  # the cure as model surgery: BatchNorm1d inserted before each sigmoid, same Linear weights
-        from ..surgery import add_norm
+        from ..treat.surgery import add_norm
         model, _ = add_norm(model, "batch")
     sigmoids = [m for m in model if isinstance(m, nn.Sigmoid)]
     probe = PreActivationProbe(sigmoids[-1])

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._run import open_run
-from .._compose import watch
+from ..store._run import open_run
+from ..core._compose import watch
 from ..report import _plots as P
 from ._types import Context, Figure, experiment, result
 

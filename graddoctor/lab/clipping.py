@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..report import _plots as P
-from .._run import open_run
+from ..store._run import open_run
 from ..report._views import intervention_steps, loss_figure
 from ._train import digits, losses, mlp, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result

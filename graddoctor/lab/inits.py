@@ -23,8 +23,8 @@ DEPTH, WIDTH = 30, 64
 
 
 def _model(scheme: str, x: torch.Tensor) -> nn.Sequential:
-    """The 30-layer ReLU MLP initialized with `scheme` (graddoctor.init for Xavier, He and LSUV)."""
-    from .. import init as gd_init
+    """The 30-layer ReLU MLP initialized with `scheme` (graddoctor.treat.init for Xavier, He and LSUV)."""
+    from ..treat import init as gd_init
     model = mlp([64] + [WIDTH] * (DEPTH - 1) + [10], "relu", scheme if scheme in ("small", "large") else "default")
     if scheme == "xavier":  # the paper's Xavier: std sqrt(1/n) = sqrt(2/(n_in+n_out)) with gain 1
         gd_init.xavier_(model, nonlinearity="linear")

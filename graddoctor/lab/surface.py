@@ -15,7 +15,7 @@ from torch import nn
 from ..report import _plots as P
 from ._train import losses
 from ._types import Context, Figure, experiment, result
-from .._compose import watch
+from ..core._compose import watch
 
 NAME = "surface"
 A, B = 1.0, 4.0           # curvatures along x and y

@@ -29,7 +29,7 @@ def write_run_report(run_dirs: Sequence[str | Path], out_file: str | Path, title
       RunNotFoundError / CorruptStoreError for a directory that holds no readable run;
       GradDoctorError naming `out_file` when it cannot be written.
     """
-    from .._run import open_run
+    from ..store._run import open_run
     from ._pages import run_page
     for rd in run_dirs:  # fail early, with the library's error naming the path
         open_run(rd).close()

@@ -1,26 +1,9 @@
-"""Findings for a run from `graddoctor.diagnose`, as plain dicts for the report and JSON.
-
-The report works without the diagnose module (it then says so); with it,
-every run gets its findings beside the plots.
-"""
+"""Findings for a run from `graddoctor.diagnosis`, as plain dicts for the report and JSON."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
-from typing import Any, Optional
-
-
-def _diagnose_module():
-    # importlib, not `from .. import diagnose`: the package re-exports the *function* under that name.
-    return importlib.import_module("graddoctor.diagnose")
-
-
-def diagnose_available() -> bool:
-    try:
-        return hasattr(_diagnose_module(), "diagnose")
-    except ImportError:
-        return False
+from typing import Any
 
 
 def to_dict(obj: Any) -> Any:
@@ -41,10 +24,7 @@ def to_dict(obj: Any) -> Any:
     return str(obj)
 
 
-def findings_for(run_dir: Path | str) -> Optional[list[dict]]:
-    """diagnose(run_dir) as a list of dicts; None when graddoctor.diagnose is not installed."""
-    if not diagnose_available():
-        return None
-    out = _diagnose_module().diagnose(str(run_dir))
-    items = getattr(out, "findings", out)
-    return [to_dict(f) for f in items]
+def findings_for(run_dir: Path | str) -> list[dict]:
+    """`graddoctor.diagnose(run_dir)` as a list of dicts."""
+    from ..diagnosis import diagnose
+    return [to_dict(f) for f in diagnose(str(run_dir))]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import _html as H
-from ._findings import diagnose_available, findings_for
+from ._findings import findings_for
 from ._views import run_figures
 
 
@@ -29,8 +29,6 @@ def lab_page(results: Sequence[Any], info: dict[str, Any]) -> str:
               f"those numbers by each experiment's stated rule.</p>")
     summary = "<h2>Summary</h2>" + H.table(["experiment", "what the seeds / paper say", "what we measured",
                                               "reproduced"], rows, raw_cols=(0, 1, 2, 3))
-    if not diagnose_available():
-        summary += "<p class=\"muted\">graddoctor.diagnose is not installed here: findings are not shown.</p>"
     return H.page("graddoctor lab report", header + summary + "".join(_section(r) for r in results))
 
 
@@ -67,8 +65,6 @@ def run_section(run_dir: Path | str) -> str:
     figs = run_figures(run_dir)
     body = [f"<section><h2>{H.esc(run_dir)}</h2>" + (H.figures(figs) if figs else
             "<p class=\"muted\">this run recorded no training step yet: nothing to plot.</p>")]
-    items = findings_for(run_dir)
-    body.append(H.findings(items, str(run_dir)) if items is not None else
-                "<p class=\"muted\">graddoctor.diagnose is not installed here: findings are not shown.</p>")
+    body.append(H.findings(findings_for(run_dir), str(run_dir)))
     body.append("</section>")
     return "".join(body)

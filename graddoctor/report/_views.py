@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from .._amp import overflowed
-from .._run import Run, open_run
+from ..core._amp import overflowed
+from ..store._run import Run, open_run
 from . import _plots as P
 from ._figure import Figure
 
@@ -59,8 +59,8 @@ def profile_figure(run_dir: Path | str, title: str = "per-layer gradient norm") 
 def loss_spikes(loss: np.ndarray) -> np.ndarray:
     """Indices of the losses diagnose calls spikes (its detector and default thresholds), so the page
     never marks a spike that `graddoctor diagnose` does not report."""
-    from ..diagnose._config import DiagnoseConfig
-    from ..diagnose._rules_loss import spike_mask
+    from ..diagnosis._config import DiagnoseConfig
+    from ..diagnosis._rules_loss import spike_mask
     return np.flatnonzero(spike_mask(loss, DiagnoseConfig())[0])
 
 

@@ -6,7 +6,7 @@
 - `rollback`: restore the last good snapshot after a loss spike, skip the batches that followed.
 - `l1_penalty`, `l2_penalty`: weight penalties (and the note on AdamW's decoupled decay).
 - `layerwise_pretrain`, `fine_tune`: greedy stacked denoising autoencoders, then supervised training.
-- Initialization is `graddoctor.init`, architecture changes are `graddoctor.surgery`.
+- Initialization is `graddoctor.treat.init`, architecture changes are `graddoctor.treat.surgery`.
 - `REMEDIES`: every shared remedy id -> the code (or snippet) that implements it.
 - `interventions(run)` / `format_interventions(run)`: what the guard and rollback did in a recorded run.
 """

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigError
-from .._stats import TensorStats
+from ..core._stats import TensorStats
 from ._base import Grads, GradientTransform, TransformState, check_positive, clip_coefficient, scale_, scaled_stats
 from ._transforms import stats_device
 

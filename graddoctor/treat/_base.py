@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _native
+from ..core import _native
 from .._errors import GradDoctorError
-from .._stats import TensorStats, tensor_stats
+from ..core._stats import TensorStats, tensor_stats
 
 Grads = list[Optional[Tensor]]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._errors import GradDoctorError
-from .._stats import TensorStats, tensor_stats
+from ..core._stats import TensorStats, tensor_stats
 from ._base import GradientTransform
 from ._transforms import stats_device
 

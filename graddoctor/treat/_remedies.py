@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
-from .. import init, surgery
+from . import init, surgery
 from ._adaptive import agc, auto_clip, zclip
 from ._pretrain import layerwise_pretrain
 from ._regularization import l1_penalty, l2_penalty
@@ -21,7 +21,7 @@ def _swap(new: str) -> Callable:
     import torch.nn as nn
 
     def swap(model, old=(nn.Sigmoid, nn.Tanh)):
-        """Swap saturating activations for `{new}` (graddoctor.surgery.swap_activation)."""
+        """Swap saturating activations for `{new}` (graddoctor.treat.surgery.swap_activation)."""
         return surgery.swap_activation(model, old, {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01),
                                                     "elu": nn.ELU}[new])
     swap.__name__ = f"swap_to_{new}"

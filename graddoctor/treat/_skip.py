@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigError, GradDoctorError
-from .._stats import TensorStats
+from ..core._stats import TensorStats
 from ._base import Grads, GradientTransform, TransformState, unchanged_stats
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .._stats import TensorStats
+from ..core._stats import TensorStats
 from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_by_total_norm_, clip_coefficient,
                     group_present, scale_each_, scaled_stats)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .._amp import overflowed
-from .._run import Run
+from ..core._amp import overflowed
+from ..store._run import Run
 from ._robust import safe_log10
 
 RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase"}

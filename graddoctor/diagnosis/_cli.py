@@ -38,7 +38,7 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._run import open_run
+    from ..store._run import open_run
     from ..treat._interventions import interventions
     from ._config import DiagnoseConfig
     from ._data import RunData

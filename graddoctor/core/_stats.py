@@ -7,7 +7,7 @@ the watcher buffers until its next flush.
 How the pass is fused (the pattern of `torch.nn.utils.clip_grad_norm_`):
 - tensors are grouped by (device, dtype);
 - on the CPU, a list of dense float32/float64/bfloat16 tensors is measured by the
-  native kernel (`graddoctor._native`): one read of each tensor gives its L2 norm
+  native kernel (`graddoctor.core._native`): one read of each tensor gives its L2 norm
   and max-abs, and one call returns every statistic finished, because inside a
   training step each further tensor op costs tens of microseconds (BENCHMARKS.md).
   Lists it cannot take whole (missing gradients, mixed dtypes) go by group of

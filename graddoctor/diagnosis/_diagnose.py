@@ -5,7 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .._run import Run, open_run
+from ..store._run import Run, open_run
 from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import activation_class, fitting_init

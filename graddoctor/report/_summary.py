@@ -5,8 +5,8 @@ import time
 
 import numpy as np
 
-from ._amp import overflowed
-from ._run import Run
+from ..core._amp import overflowed
+from ..store._run import Run
 
 
 def _fmt(x: float) -> str:
@@ -74,7 +74,7 @@ def format_summary(run: Run) -> str:
     if findings:
         codes = sorted({e["data"].get("code", "?") for e in findings})
         lines.append(f"findings recorded while training: {', '.join(codes)} (details: graddoctor diagnose {run.run_dir})")
-    from .treat import format_interventions  # treat builds on watch; imported late
+    from ..treat import format_interventions  # treat builds on watch; imported late
     lines.append(format_interventions(run).rstrip() or "interventions: none")
     if not len(steps):
         return "\n".join(lines)

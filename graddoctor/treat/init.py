@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._errors import GradDoctorError
+from .._errors import GradDoctorError
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -193,7 +193,7 @@ def _output_var(model: nn.Module, layer: nn.Module, x: Tensor) -> float:
 def zero_residual_(model: nn.Module) -> list[str]:
     """Start every residual branch at zero, so each block is the identity (Fixup / ReZero style).
 
-    Finds branches of `graddoctor.surgery.Residual` (zeroes the branch's last weight layer, or
+    Finds branches of `graddoctor.treat.surgery.Residual` (zeroes the branch's last weight layer, or
     its ReZero scale), and torchvision-style blocks with a `bn3` / `bn2` BatchNorm (zeroes
     that norm's weight, as torchvision's `zero_init_residual=True`).
 
@@ -213,6 +213,6 @@ def zero_residual_(model: nn.Module) -> list[str]:
             nn.init.zeros_(m.bn2.weight)
             done.append(f"{name}.bn2: weight zeroed")
     if not done:
-        raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.surgery.Residual, or a block "
-                            "with bn2/bn3); add some with graddoctor.surgery.add_residual first")
+        raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.treat.surgery.Residual, or a block "
+                            "with bn2/bn3); add some with graddoctor.treat.surgery.add_residual first")
     return done

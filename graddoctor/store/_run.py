@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _nonfinite_json
-from ._errors import CorruptStoreError, GradDoctorError
+from .._errors import CorruptStoreError, GradDoctorError
 from ._store import _COLUMNS, open_store, read_series, store_path
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ._errors import RunLockedError
+from .._errors import RunLockedError
 
 try:
     import fcntl

@@ -45,7 +45,7 @@ from urllib.parse import quote
 import numpy as np
 
 from . import _nonfinite_json
-from ._errors import ConfigError, CorruptStoreError, ResumeMismatchError, RunExistsError, RunNotFoundError
+from .._errors import ConfigError, CorruptStoreError, ResumeMismatchError, RunExistsError, RunNotFoundError
 from ._lock import RunLock
 
 STORE_NAME = "graddoctor.sqlite"

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._amp import overflowed
+from ..core._amp import overflowed
 from ._config import DiagnoseConfig
 from ._data import NORM, RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask

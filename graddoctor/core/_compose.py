@@ -3,7 +3,7 @@
 `Watch` records statistics and knows nothing of what uses them. This function builds one and
 wires in the two things that do, so that watch never imports upward:
 - the guard (`graddoctor.treat`), a gradient transform run on every step's statistics;
-- live diagnosis (`graddoctor.diagnose`), a flush listener that runs the rules on host data.
+- live diagnosis (`graddoctor.diagnosis`), a flush listener that runs the rules on host data.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._config import WatchConfig
-from ._errors import ConfigError
+from .._errors import ConfigError
 from ._watch import Watch, watched_parameters
 
 
@@ -32,7 +32,7 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
         `graddoctor.treat.Guard`, applied in `step()` to the gradients, reusing the step's
         statistics; each intervention is recorded as an event (see `graddoctor.treat`).
       on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
-        that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnose`).
+        that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnosis`).
       scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`). `step()`
         then unscales the gradients first (unless the loop already called `scaler.unscale_`), so
         statistics and guard see the true gradients, and records each step's loss scale and
@@ -48,11 +48,11 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
     config.validate()
     built_guard = None
     if guard is not None:  # built before the Watch opens its store: a refused guard writes nothing
-        from .treat._guard import as_guard
+        from ..treat._guard import as_guard
         named = watched_parameters(model)
         built_guard = as_guard(guard, [p for _, p in named], [n for n, _ in named])
     w = Watch(model, optimizer, run_dir, config, guard=built_guard, scaler=scaler)
     if w.recording and config.live_diagnosis:
-        from .diagnose._live import attach
+        from ..diagnosis._live import attach
         w.live = attach(w, on_finding)
     return w

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 
 @dataclass

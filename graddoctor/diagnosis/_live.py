@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from .._run import Run
+from ..store._run import Run
 from ._config import DiagnoseConfig
 from ._data import RunData, align_loss
 from ._diagnose import diagnose_data
 from ._findings import Finding
 
 if TYPE_CHECKING:
-    from .._watch import Watch
+    from ..core._watch import Watch
 
 log = logging.getLogger("graddoctor")
 

@@ -7,7 +7,7 @@ float64 sums, for tests). `grad_stats` also takes the weight norms in the gradie
 
 Why: on a CPU, `watch`'s statistics pass is bound by memory and by arithmetic width.
 PyTorch has no single op that returns both an L2 norm and a max-abs, so the portable
-path (`graddoctor._stats`) reads every gradient twice. `fused_stats.c` reads it once,
+path (`graddoctor.core._stats`) reads every gradient twice. `fused_stats.c` reads it once,
 with the vector width of the machine it runs on (BENCHMARKS.md has the numbers).
 
 How it is built: on first use, with the system C compiler (`$CC`, else `cc`), as

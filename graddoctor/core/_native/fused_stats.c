@@ -7,7 +7,7 @@
  * backward; these kernels read it once, with the vector width of the machine
  * (compiled there with -march=native; see BENCHMARKS.md for the numbers). Plain C
  * with no PyTorch headers: it compiles in a fraction of a second on first use
- * (graddoctor/_native/__init__.py) and is called through ctypes with raw pointers.
+ * (graddoctor/core/_native/__init__.py) and is called through ctypes with raw pointers.
  *
  * Six passes, each over a list of contiguous tensors of one dtype:
  *   GD_STATS    sum of squares and max-abs of x                      (gradients)

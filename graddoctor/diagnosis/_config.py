@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, NamedTuple, Optional
 
-from .._config import config_from_options
+from ..core._config import config_from_options
 from .._errors import ConfigError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional
 
-from .. import _nonfinite_json
+from ..store import _nonfinite_json
 from ._findings import SEVERITIES, Finding
 
 SCHEMA = "graddoctor.diagnosis/1"

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from . import _amp, _exit, _native
 from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
 from ._config import WatchConfig
-from ._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
+from .._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
 from ._stats import TensorStats, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
-from ._store import RunWriter
+from ..store._store import RunWriter
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -100,7 +100,7 @@ class Watch:
         self.config.validate()
         self.model = _unwrap(model)
         self.optimizer = optimizer
-        # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor._amp)
+        # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor.core._amp)
         self.scaler = _amp.check_scaler(scaler, optimizer)
         named = watched_parameters(model)
         _check_measurable(self.model, named, run_dir)
@@ -152,7 +152,7 @@ class Watch:
         self.live: Any = None  # live diagnosis, attached by graddoctor.watch() as a flush listener
         self.closed = False
         if self._writer is not None:
-            _exit.register(self)  # flushed and closed at exit, on Ctrl-C and on SIGTERM (see graddoctor._exit)
+            _exit.register(self)  # flushed and closed at exit, on Ctrl-C and on SIGTERM (see graddoctor.core._exit)
 
     # ----------------------------------------------------------------- setup
     def _open_writer(self, model: nn.Module) -> RunWriter:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._errors import GradDoctorError
+from .._errors import GradDoctorError
 from .init import WEIGHT_LAYERS, activation_name
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 AMP_FIELDS = ("scale", "overflow")
 
