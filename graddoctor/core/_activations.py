@@ -5,7 +5,7 @@ reference GPU workload), so the watcher installs these hooks just before a
 sampled step's forward pass and removes them at the end of that step. The
 statistics are computed on the device and buffered; nothing syncs.
 
-What counts as an activation: the module classes in `ACTIVATIONS` below, plus
+What counts as an activation: the module classes in `_layers.ACTIVATIONS`, plus
 recurrent layers (their outputs are bounded by tanh for RNN/LSTM/GRU).
 Activations written as function calls inside `forward` (e.g. `F.relu(x)`)
 have no module to hook and are not seen.
@@ -20,52 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _native
+from ._layers import ActivationKind
 
 # Column order of one activation-statistics row.
 ACT_FIELDS = ("mean", "std", "frac_saturated", "frac_zero", "frac_dead_units", "nonfinite")
 # Column order of one input-statistics row.
 INPUT_FIELDS = ("maxabs", "nonfinite", "mean", "std")
-
-
-@dataclass(frozen=True)
-class ActivationKind:
-    """What an activation is, for the statistics that make sense for it.
-
-    Attributes:
-      kind: short name, e.g. "sigmoid", "relu".
-      bounds: (lo, hi) for bounded activations (saturation is measured near them), else None.
-      relu_family: True where exact zeros mean a unit is switched off.
-    """
-
-    kind: str
-    bounds: Optional[tuple[float, float]]
-    relu_family: bool
-
-
-_BOUNDED = {nn.Sigmoid: ("sigmoid", (0.0, 1.0)), nn.Tanh: ("tanh", (-1.0, 1.0)),
-            nn.Hardsigmoid: ("hardsigmoid", (0.0, 1.0)), nn.Softsign: ("softsign", (-1.0, 1.0))}
-_RELU_FAMILY = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.PReLU: "prelu", nn.RReLU: "rrelu",
-                nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu", nn.GELU: "gelu", nn.SiLU: "silu",
-                nn.Mish: "mish", nn.Softplus: "softplus", nn.Hardswish: "hardswish"}
-
-
-def activation_kind(module: nn.Module) -> Optional[ActivationKind]:
-    """The `ActivationKind` of a module, or None if it is not an activation we watch."""
-    if isinstance(module, nn.ReLU6):
-        return ActivationKind("relu6", (0.0, 6.0), True)
-    if isinstance(module, nn.Hardtanh):
-        return ActivationKind("hardtanh", (float(module.min_val), float(module.max_val)), False)
-    for cls, (kind, bounds) in _BOUNDED.items():
-        if isinstance(module, cls):
-            return ActivationKind(kind, bounds, False)
-    for cls, kind in _RELU_FAMILY.items():
-        if isinstance(module, cls):
-            return ActivationKind(kind, None, True)
-    if isinstance(module, nn.RNN) and module.nonlinearity == "relu":
-        return ActivationKind("rnn_relu", None, True)
-    if isinstance(module, (nn.RNN, nn.LSTM, nn.GRU)):
-        return ActivationKind(type(module).__name__.lower(), (-1.0, 1.0), False)
-    return None
 
 
 def _unit_dim(x: Tensor) -> int:

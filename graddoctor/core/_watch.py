@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _amp, _exit, _native
-from ._activations import ACT_FIELDS, activation_kind, activation_row, first_tensor, input_row, INPUT_FIELDS
+from ._activations import ACT_FIELDS, INPUT_FIELDS, activation_row, first_tensor, input_row
+from ._layers import activation_kind
 from ._config import WatchConfig
 from .._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
 from ._stats import TensorStats, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats

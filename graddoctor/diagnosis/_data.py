@@ -14,14 +14,9 @@ import numpy as np
 
 from ..core._amp import overflowed
 from ..store._run import Run
+from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
 from ._robust import safe_log10
 
-RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase"}
-NORM = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "GroupNorm", "RMSNorm",
-        "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm"}
-EMBEDDING = {"Embedding", "EmbeddingBag"}
-BOUNDED_KINDS = {"sigmoid", "tanh", "hardsigmoid", "softsign", "relu6", "hardtanh", "rnn", "lstm", "gru"}
-EXACT_ZERO_KINDS = {"relu", "relu6", "rnn_relu"}  # units that are off are exactly zero
 ACT_MEAN, ACT_STD, ACT_SAT, ACT_ZERO, ACT_DEAD, ACT_NONFINITE = range(6)
 
 
@@ -102,10 +97,10 @@ class RunData:
 
     @cached_property
     def recurrent_modules(self) -> list[str]:
-        return [m for m, c in self.modules.items() if c in RECURRENT]
+        return [m for m, c in self.modules.items() if c in RECURRENT_NAMES]
 
     def is_recurrent_tensor(self, i: int) -> bool:
-        return self.module_class(self.tensor_module[i]) in RECURRENT
+        return self.module_class(self.tensor_module[i]) in RECURRENT_NAMES
 
     @cached_property
     def initial_weight_rms(self) -> np.ndarray:
@@ -133,7 +128,7 @@ class RunData:
         zero_tol = self.zero_init_rms
         keep = [i for i in range(self.P)
                 if len(self.tensor_shape[i]) >= 2 and int(np.prod(self.tensor_shape[i])) > 1
-                and self.module_class(self.tensor_module[i]) not in NORM | EMBEDDING
+                and self.module_class(self.tensor_module[i]) not in NORM_NAMES | EMBEDDING_NAMES
                 and np.isfinite(rms[i]) and rms[i] > zero_tol]
         return np.asarray(keep, dtype=np.int64)
 

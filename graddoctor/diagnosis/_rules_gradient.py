@@ -13,7 +13,8 @@ import numpy as np
 
 from ..core._amp import overflowed
 from ._config import DiagnoseConfig
-from ._data import NORM, RunData
+from ..core._layers import NORM_NAMES
+from ._data import RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
 from ._findings import Finding
 from ._robust import finite_max, finite_median, robust_z, row_median, running_median_mad, safe_log10, sustained
@@ -284,7 +285,7 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
             (first <= cfg.init_max_step // 5 and prof.poor):
         return "initialization", "the initialization amplifies signals: " + "; ".join(prof.reasons or ["large weights at step 0"])
     if first <= cfg.init_max_step // 5 and len(d.eligible) >= 10:
-        norms = sorted({c for c in d.modules.values() if c in NORM})
+        norms = sorted({c for c in d.modules.values() if c in NORM_NAMES})
         return "depth", (f"gradients are already far above their weights at the start in a chain of {len(d.eligible)} "
                          "weight layers" + (f" with {', '.join(norms)} (without skips, normalization layers amplify "
                                             "gradients toward the input at init; Yang et al. 2019)" if norms else ""))

@@ -30,29 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GradDoctorError
-
-WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                 nn.ConvTranspose3d)
-RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
-_GAIN_NAMES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ReLU6: "relu", nn.LeakyReLU: "leaky_relu",
-               nn.SELU: "selu", nn.ELU: "relu", nn.GELU: "relu", nn.SiLU: "relu", nn.Softplus: "relu",
-               nn.PReLU: "leaky_relu", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid", nn.Mish: "relu"}
-
+from ..core._layers import RECURRENT, WEIGHT_LAYERS, Residual, activation_name
 
 class NoLayersError(GradDoctorError):
     """The model has no layer this initialization applies to."""
-
-
-def activation_name(module: nn.Module) -> Optional[tuple[str, float]]:
-    """(calculate_gain name, parameter) for an activation module, or None if it is not one."""
-    for cls, name in _GAIN_NAMES.items():
-        if isinstance(module, cls):
-            if isinstance(module, nn.LeakyReLU):
-                return name, float(module.negative_slope)
-            if isinstance(module, nn.PReLU):
-                return name, float(module.weight.detach().mean())
-            return name, 0.0
-    return None
 
 
 def layers_with_activation(model: nn.Module) -> list[tuple[str, nn.Module, str, float]]:
@@ -200,8 +181,6 @@ def zero_residual_(model: nn.Module) -> list[str]:
     Returns:
       One line per branch. Raises `NoLayersError` if the model has no residual branch.
     """
-    from .surgery import Residual
-
     done = []
     for name, m in model.named_modules():
         if isinstance(m, Residual):

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GradDoctorError
-from .init import WEIGHT_LAYERS, activation_name
+from ..core._layers import NORMS, WEIGHT_LAYERS, Residual, activation_name
 
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 SHAPE_KEEPING = NORMS + (nn.Dropout, nn.Identity)
 
 
@@ -135,38 +134,6 @@ def add_norm(model: nn.Module, kind: str = "batch") -> tuple[nn.Module, list[str
         raise SurgeryNotApplicableError(f"{type(model).__name__} has no Linear/Conv followed directly by an "
                                         "activation inside an nn.Sequential, so there is nowhere to add a norm")
     return model, changes
-
-
-class Residual(nn.Module):
-    """`x + alpha * branch(x)`: a skip connection around a shape-preserving branch.
-
-    mode "zero": alpha is 1 and the branch's last weight layer starts at zero (Fixup style);
-    mode "rezero": alpha is a learned scalar that starts at 0 (ReZero). Either way the block
-    starts as the identity, so the gradient reaches earlier layers through the skip unchanged.
-    """
-
-    def __init__(self, branch: nn.Module, mode: str = "zero"):
-        super().__init__()
-        self.branch = branch
-        self.mode = mode
-        self.alpha = nn.Parameter(torch.zeros(1)) if mode == "rezero" else None
-        self.zero_()
-
-    @torch.no_grad()
-    def zero_(self) -> str:
-        """Make the block the identity again; returns what was zeroed."""
-        if self.alpha is not None:
-            self.alpha.zero_()
-            return "rezero alpha = 0"
-        last = [m for m in self.branch.modules() if isinstance(m, WEIGHT_LAYERS)][-1]
-        nn.init.zeros_(last.weight)
-        if last.bias is not None:
-            nn.init.zeros_(last.bias)
-        return f"last {type(last).__name__} of the branch zeroed"
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.branch(x)
-        return x + (out if self.alpha is None else self.alpha * out)
 
 
 def _keeps_shape(m: nn.Module) -> bool:
