@@ -13,7 +13,7 @@ import graddoctor as gd
 from _numerics import (U32, U64, clip_coef_rel, clipped_grad_rel, compose, gamma, norm_rel, rel_diff_tol,
                        total_norm_rel, unit_roundoff)
 from graddoctor import treat
-from graddoctor.core._stats import tensor_stats
+from graddoctor.core._stats import group_by_device_dtype, tensor_stats
 
 SHAPES = [(3,), (4, 5), (2, 3, 4), (1,), (7, 1), (2, 2, 2, 2), (0,), (16,)]
 
@@ -95,6 +95,18 @@ def test_clip_norm_equals_torch_float32(seed, none_every, scale, stats_path):
             assert torch.equal(p.grad, r.grad)
         else:  # the native kernel's norm differs from PyTorch's in rounding only
             torch.testing.assert_close(p.grad, r.grad, rtol=clip_rtol(ref), atol=0)
+
+
+def test_group_by_device_dtype_partitions_the_present_tensors():
+    params = make_params(3, dtypes=(torch.float32, torch.float64, torch.bfloat16), none_every=4)
+    grads = [p.grad for p in params]
+    groups = group_by_device_dtype(grads)
+    # oracle: every present tensor exactly once, in the group of its own (device, dtype), ascending
+    assert sorted(i for idx in groups.values() for i in idx) == [i for i, g in enumerate(grads) if g is not None]
+    for (device, dtype), idx in groups.items():
+        assert idx == sorted(idx) and all(grads[i].device == device and grads[i].dtype == dtype for i in idx)
+    assert list(groups) == list(dict.fromkeys((g.device, g.dtype) for g in grads if g is not None))
+    assert group_by_device_dtype([None, None]) == {}
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float16, torch.float32), (torch.bfloat16, torch.float64)])

@@ -90,10 +90,16 @@ def _local_and_reduce_groups(t: Tensor) -> tuple[Tensor, tuple]:
     return t, ()
 
 
-def _group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
+def group_by_device_dtype(tensors: Sequence[Optional[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of the tensors grouped by (device, dtype), groups in order of first appearance,
+    indices ascending within a group; None entries (missing gradients) belong to no group.
+
+    The one grouping behind every fused pass (`torch._foreach_*` takes one device and dtype per call).
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(i)
     return groups
 
 
@@ -135,7 +141,7 @@ def _nonfinite_counts(ts: list[Tensor], norm: Tensor, device: torch.device) -> T
 def _measure_local(tensors: list[Tensor], stats_device: torch.device):
     """Norm, max-abs and non-finite count of each tensor, in the order given."""
     parts, order = [], []
-    for (device, _dtype), idx in _group_by_device_dtype(tensors).items():
+    for (device, _dtype), idx in group_by_device_dtype(tensors).items():
         ts = [tensors[i] for i in idx]
         native = _native.grad_stats(ts) if device.type == "cpu" else None
         if native is not None:
@@ -273,7 +279,7 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
             return native
     locals_, groups = zip(*(_local_and_reduce_groups(t.detach()) for t in tensors)) if tensors else ((), ())
     out: list[Optional[Tensor]] = [None] * len(locals_)
-    for (device, _dtype), idx in _group_by_device_dtype(locals_).items():
+    for (device, _dtype), idx in group_by_device_dtype(locals_).items():
         ts = [locals_[i] for i in idx]
         native = _native.norms(ts) if device.type == "cpu" else None
         norms = native.unbind() if native is not None else _foreach_l2(ts)

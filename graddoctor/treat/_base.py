@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..core import _native
 from .._errors import GradDoctorError
-from ..core._stats import TensorStats, tensor_stats
+from ..core._stats import TensorStats, group_by_device_dtype, tensor_stats
 
 Grads = list[Optional[Tensor]]
 
@@ -173,15 +173,6 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def group_present(grads: Grads) -> dict[tuple, list[int]]:
-    """Indices of the present gradients, grouped by (device, dtype), in list order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, g in enumerate(grads):
-        if g is not None:
-            groups.setdefault((g.device, g.dtype), []).append(i)
-    return groups
-
-
 def scale_(grads: Grads, coef: Tensor) -> None:
     """Multiply every present gradient by the 0-d tensor `coef`: one pass per group, no sync.
 
@@ -199,13 +190,13 @@ def scale_(grads: Grads, coef: Tensor) -> None:
             return
         if coef.dtype == torch.float32 and _native.scale_(grads, c):  # type: ignore[arg-type]
             return
-    for (device, _), idx in group_present(grads).items():
+    for (device, _), idx in group_by_device_dtype(grads).items():
         torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
 
 
 def scale_each_(grads: Grads, coefs: Tensor) -> None:
     """Multiply gradient i by `coefs[i]` (a [P] tensor), one `_foreach_mul_` per group. No sync."""
-    for (device, _), idx in group_present(grads).items():
+    for (device, _), idx in group_by_device_dtype(grads).items():
         local = coefs.to(device)
         torch._foreach_mul_([grads[i] for i in idx], [local[i] for i in idx])
 

@@ -22,9 +22,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..core._stats import TensorStats
+from ..core._stats import TensorStats, group_by_device_dtype
 from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_by_total_norm_, clip_coefficient,
-                    group_present, scale_each_, scaled_stats)
+                    scale_each_, scaled_stats)
 
 
 def stats_device(params: Sequence[Tensor]) -> torch.device:
@@ -65,7 +65,7 @@ def clip_value(clip: float = 0.5) -> GradientTransform:
     c = check_positive("clip", clip)
 
     def update(grads: Grads, state: ClipState, stats: TensorStats, params=None):
-        for _key, idx in group_present(grads).items():
+        for _key, idx in group_by_device_dtype(grads).items():
             group = [grads[i] for i in idx]
             torch._foreach_clamp_min_(group, -c)
             torch._foreach_clamp_max_(group, c)
