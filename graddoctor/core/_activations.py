@@ -22,10 +22,7 @@ from torch import Tensor, nn
 from . import _native
 from ._layers import ActivationKind
 
-# Column order of one activation-statistics row.
-ACT_FIELDS = ("mean", "std", "frac_saturated", "frac_zero", "frac_dead_units", "nonfinite")
-# Column order of one input-statistics row.
-INPUT_FIELDS = ("maxabs", "nonfinite", "mean", "std")
+from ..store._series import ACT_FIELDS, INPUT_FIELDS  # the column order of their rows
 
 
 def _unit_dim(x: Tensor) -> int:

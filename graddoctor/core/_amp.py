@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigError
-
-AMP_FIELDS = ("scale", "overflow")
+from ..store._series import AMP_FIELDS  # the column order of its rows
 
 
 def overflowed(amp: np.ndarray) -> np.ndarray:

@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _amp, _exit, _native
-from ._activations import ACT_FIELDS, INPUT_FIELDS, activation_row, first_tensor, input_row
+from ._activations import ACT_FIELDS, activation_row, first_tensor, input_row
 from ._layers import activation_kind
 from ._config import WatchConfig
 from .._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
 from ._stats import TensorStats, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
+from ..store._series import BY_NAME, FIELDS_META
 from ..store._store import RunWriter
 
 
@@ -168,10 +169,9 @@ class Watch:
                     loss_rows="given",  # a loss row only where step() was given a loss (see Run.loss)
                     model_class=type(self.model).__name__, compiled=model is not self.model and hasattr(model, "_orig_mod"),
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
-                    act_fields=list(ACT_FIELDS), input_fields=list(INPUT_FIELDS),
+                    **{key: list(BY_NAME[name].fields) for name, key in FIELDS_META.items()},
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
-                    amp_fields=list(_amp.AMP_FIELDS),
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
         return RunWriter(self.run_dir, meta, tensors, acts,  # type: ignore[arg-type]
                          overwrite=self.config.overwrite, resume=self.config.resume)

@@ -15,9 +15,12 @@ import numpy as np
 from ..core._amp import overflowed
 from ..store._run import Run
 from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
+from ..store._series import ACT_FIELDS
 from ._robust import safe_log10
 
-ACT_MEAN, ACT_STD, ACT_SAT, ACT_ZERO, ACT_DEAD, ACT_NONFINITE = range(6)
+# Column indices of an activation row (graddoctor.store._series.ACT_FIELDS).
+ACT_MEAN, ACT_STD, ACT_SAT, ACT_ZERO, ACT_DEAD, ACT_NONFINITE = (
+    ACT_FIELDS.index(f) for f in ("mean", "std", "frac_saturated", "frac_zero", "frac_dead_units", "nonfinite"))
 
 
 def _f32(a, shape) -> np.ndarray:
@@ -42,7 +45,7 @@ class RunData:
     tensor_shape: list[tuple]         # P shapes
     modules: dict[str, str] = field(default_factory=dict)   # module name -> class name
     act_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    act: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 6), dtype=np.float32))  # [A, M, 6]
+    act: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(ACT_FIELDS)), dtype=np.float32))  # [A, M, F]
     act_modules: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
     input_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..store._run import Run
 from ._config import DiagnoseConfig
+from ..store._series import ACT_FIELDS, BY_NAME
 from ._data import RunData, align_loss
 from ._diagnose import diagnose_data
 from ._findings import Finding
@@ -94,7 +95,7 @@ class LiveDiagnosis:
                             for k, (st, v) in _series_of(self._template).items()}
             return
         for series, steps, data in chunks:
-            if series in _SERIES:
+            if series in BY_NAME:
                 self._append(series, steps, data, last)
 
     def _append(self, series: str, steps: np.ndarray, data: np.ndarray, last: int) -> None:
@@ -109,24 +110,27 @@ class LiveDiagnosis:
         s = self._series
         P, M = len(t.tensors), len(t.act_modules)
 
-        def get(name, width, dtype):
+        def get(name):  # (steps, data [n, width]) of a series in the window; widths and dtypes from SERIES
+            series = BY_NAME[name]
+            width, dtype = series.width(P, M), np.dtype(series.dtype)
             steps, data = s.get(name, (np.zeros(0, np.int64), np.zeros((0, width), dtype)))
             return steps.astype(np.int64), data.reshape(len(steps), width).astype(dtype, copy=False)
 
-        steps, gnorm = get("grad_total_norm", 1, np.float32)
-        loss, given = align_loss(steps, *get("loss", 1, np.float64))
-        _, gn = get("grad_norm", P, np.float32)
-        _, nf = get("grad_nonfinite", P, np.int64)
-        ss, wn = get("weight_norm", P, np.float32)
-        us, un = get("update_norm", P, np.float32)
-        a_s, act = get("act", M * 6, np.float32)
-        i_s, inp = get("input", 4, np.float32)
-        amp_s, amp = get("amp", 2, np.float32)
+        steps, gnorm = get("grad_total_norm")
+        loss, given = align_loss(steps, *get("loss"))
+        _, gn = get("grad_norm")
+        _, nf = get("grad_nonfinite")
+        ss, wn = get("weight_norm")
+        us, un = get("update_norm")
+        a_s, act = get("act")
+        i_s, inp = get("input")
+        amp_s, amp = get("amp")
         T = min(len(steps), len(gn), len(nf))  # series of one flush are written together
         return RunData(steps=steps[:T], loss=loss[:T], loss_given=given[:T], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
                        grad_nonfinite=nf[:T], sample_steps=ss, weight_norm=wn, update_steps=us, update_norm=un,
                        tensors=t.tensors, tensor_module=t.tensor_module, tensor_shape=t.tensor_shape,
-                       modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, 6), act_modules=t.act_modules,
+                       modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, len(ACT_FIELDS)),
+                       act_modules=t.act_modules,
                        act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=t.meta, amp_steps=amp_s, amp=amp,
                        zero_init_rms=self.config.zero_init_rms)
 
@@ -156,8 +160,6 @@ def _user_stacklevel() -> int:
     return level
 
 
-_SERIES = ("loss", "grad_total_norm", "grad_norm", "grad_nonfinite", "weight_norm", "update_norm", "act", "input",
-           "amp")
 
 
 def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -166,7 +168,7 @@ def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"loss": (d.steps[d.given], d.loss[d.given].reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
             "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
             "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
-            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * 6)), "input": (d.input_steps, d.inputs),
+            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * len(ACT_FIELDS))), "input": (d.input_steps, d.inputs),
             "amp": (d.amp_steps, d.amp)}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _nonfinite_json
 from .._errors import CorruptStoreError, GradDoctorError
+from ._series import ACT_FIELDS, BY_NAME, EVERY_FLUSH, FIELDS_META, SERIES, Series
 from ._store import _COLUMNS, open_store, read_series, store_path
 
 
@@ -63,11 +64,11 @@ class Run:
             meta = self._con.execute("SELECT key, value FROM meta").fetchall()
             rows = self._con.execute("SELECT idx, name, module, shape, numel, dtype FROM tensors ORDER BY idx").fetchall()
             acts = self._con.execute("SELECT idx, name, kind, lo, hi, relu_family FROM act_modules ORDER BY idx").fetchall()
-            widths = {s: self._con.execute("SELECT width FROM chunks WHERE series=? LIMIT 1", (s,)).fetchone()
-                      for s in _SERIES_WIDTH}
+            widths = {s.name: self._con.execute("SELECT width FROM chunks WHERE series=? LIMIT 1", (s.name,)).fetchone()
+                      for s in SERIES}
             # (chunks, last chunk's first step) of the series written on every step, from the index alone
             spans = self._con.execute(f"SELECT series, count(*), max(first_step) FROM chunks WHERE series IN "
-                                      f"({', '.join('?' * len(_EVERY_STEP))}) GROUP BY series", _EVERY_STEP).fetchall()
+                                      f"({', '.join('?' * len(EVERY_FLUSH))}) GROUP BY series", EVERY_FLUSH).fetchall()
         except sqlite3.DatabaseError as e:
             raise self._corrupt(f"its tables cannot be read ({e})") from e
         self.meta: dict[str, Any] = {k: self._json(f"meta {k!r}", v) for k, v in meta}
@@ -91,7 +92,7 @@ class Run:
         self.activation_kinds: dict[str, str] = {a[1]: a[2] for a in acts}
         self.activation_relu_family: dict[str, bool] = {a[1]: bool(a[5]) for a in acts}
         for series, row in widths.items():
-            expected, why = _SERIES_WIDTH[series](self)
+            expected, why = self.width(series), _width_reason(self, BY_NAME[series])
             if row is not None and row[0] != expected:
                 raise self._corrupt(f"series {series!r} has width {_short(row[0])}; expected {expected} ({why})")
         for series, n, last in spans[1:]:
@@ -143,10 +144,17 @@ class Run:
             self._cache[name] = read_series(self._con, name)
         return self._cache[name]
 
-    def _matrix(self, name: str, width: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    def width(self, name: str) -> int:
+        """Columns of one row of a series in this run (see graddoctor.store._series)."""
+        series = BY_NAME[name]
+        recorded = self.meta.get(FIELDS_META.get(name, ""))  # the fields the run was written with
+        return series.width(len(self.tensors), len(self.activation_modules), recorded)
+
+    def _matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, data [T, width]) of a series, an empty [0, width] array if it was never written."""
         steps, data = self.series(name)
         if data is None:
-            return steps, np.zeros((0, width), dtype=dtype)
+            return steps, np.zeros((0, self.width(name)), dtype=np.dtype(BY_NAME[name].dtype))
         return steps, data
 
     @property
@@ -171,11 +179,11 @@ class Run:
         Steps recorded without a loss (`w.step()` with none) have no entry. Stores written before
         this distinction (see `loss_rows_given`) hold NaN for them instead.
         """
-        steps, data = self._matrix("loss", 1, np.float64)
+        steps, data = self._matrix("loss")
         return steps, data[:, 0]
 
     def global_norm(self) -> tuple[np.ndarray, np.ndarray]:
-        steps, data = self._matrix("grad_total_norm", 1, np.float32)
+        steps, data = self._matrix("grad_total_norm")
         return steps, data[:, 0]
 
     def events(self, kind: Optional[str] = None) -> list[dict[str, Any]]:
@@ -224,11 +232,11 @@ class Run:
 
     def _history(self, name: str, cols: list[int]) -> History:
         P = len(self.tensors)
-        steps, norm = self._matrix("grad_norm", P, np.float32)
-        _, maxabs = self._matrix("grad_maxabs", P, np.float32)
-        _, count = self._matrix("grad_nonfinite", P, np.int64)
-        s_steps, weight = self._matrix("weight_norm", P, np.float32)
-        u_steps, update = self._matrix("update_norm", P, np.float32)
+        steps, norm = self._matrix("grad_norm")
+        _, maxabs = self._matrix("grad_maxabs")
+        _, count = self._matrix("grad_nonfinite")
+        s_steps, weight = self._matrix("weight_norm")
+        u_steps, update = self._matrix("update_norm")
         c = count[:, cols]
         missing = (c < 0).all(axis=1)
         return History(
@@ -242,20 +250,18 @@ class Run:
 
     def activations(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps [S], stats [S, M, len(ACT_FIELDS)]) of the sampled activation statistics."""
-        fields = len(self.meta.get("act_fields", [])) or 6
-        steps, data = self.series("act")
-        if data is None:
-            return steps, np.zeros((0, len(self.activation_modules), fields), dtype=np.float32)
+        steps, data = self._matrix("act")
+        fields = len(self.meta.get("act_fields") or ACT_FIELDS)
         return steps, data.reshape(len(steps), len(self.activation_modules), fields)
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, [T, 4]) input-batch statistics: maxabs, nonfinite, mean, std."""
-        return self._matrix("input", 4, np.float32)
+        return self._matrix("input")
 
     def amp(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, [T, 2]) of a run watched with a GradScaler: the loss scale of each step, and 1.0
         where the scaler found an overflow and skipped the optimizer step (empty without a scaler)."""
-        return self._matrix("amp", 2, np.float32)
+        return self._matrix("amp")
 
 
 def _is_int(x: Any) -> bool:
@@ -287,30 +293,18 @@ _META_TYPES: dict[str, tuple[Any, str]] = {
     "closed_at": (_is_time, "a Unix time (seconds since 1970, before the year 10000)"),
 }
 
-def _per_tensor(r: "Run") -> tuple[int, str]:
-    return len(r.tensors), f"one column per tensor, and the tensors table lists {len(r.tensors)} tensors"
-
-
-# The series watch writes on every step, one chunk per flush each: their chunks must match.
-_EVERY_STEP = ("grad_total_norm", "grad_norm", "grad_maxabs", "grad_nonfinite")
-
 # Fields of the events graddoctor writes that its readers use: kind -> field -> (test, what is expected).
 _EVENT_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "finding": {"code": (lambda v: isinstance(v, str), "text"), "severity": (lambda v: isinstance(v, str), "text")},
     "skipped_step": {"bad": (_is_names, "a JSON list of tensor names")},
 }
 
-# The width of each series `watch` writes, from the run's metadata: series -> run -> (width, why).
-_SERIES_WIDTH: dict[str, Any] = {
-    "loss": lambda r: (1, "one loss per step"),
-    "grad_total_norm": lambda r: (1, "one norm per step"),
-    "grad_norm": _per_tensor, "grad_maxabs": _per_tensor, "grad_nonfinite": _per_tensor,
-    "weight_norm": _per_tensor, "update_norm": _per_tensor,
-    "act": lambda r: (len(r.activation_modules) * (len(r.meta.get("act_fields") or []) or 6),
-                      f"{len(r.activation_modules)} activation modules x {len(r.meta.get('act_fields') or []) or 6} fields"),
-    "input": lambda r: (len(r.meta.get("input_fields") or []) or 4, "one column per input field"),
-    "amp": lambda r: (len(r.meta.get("amp_fields") or []) or 2, "one column per amp field"),
-}
+
+def _width_reason(r: "Run", series: Series) -> str:
+    return {"one": "one value per step",
+            "tensor": f"one column per tensor, and the tensors table lists {len(r.tensors)} tensors",
+            "fields": "one column per field",
+            "module x fields": f"{len(r.activation_modules)} activation modules x their fields"}[series.columns]
 
 
 def _combine_norms(norms: np.ndarray, present: Optional[np.ndarray] = None) -> np.ndarray:

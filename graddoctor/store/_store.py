@@ -20,12 +20,8 @@ Schema (version 1):
       Live diagnosis writes kind "finding" with data = `Finding.to_dict()` (code, severity,
       first_step, last_step, layers, evidence, cause, message, remedies) at step = last_step.
 
-Series written by `watch` (width in brackets, P tensors, M activation modules):
-  loss [1] f64, grad_total_norm [1] f32, grad_norm [P] f32, grad_maxabs [P] f32,
-  grad_nonfinite [P] i64 (-1: no gradient that step), weight_norm [P] f32 (every weight_every steps),
-  update_norm [P] f32 (sampled; the update applied at that step), act [M*6] f32 (sampled),
-  input [4] f32 (maxabs, nonfinite, mean, std of each batch),
-  amp [2] f32 (with a GradScaler: the step's loss scale, and 1.0 where the scaler found an overflow).
+The series `watch` writes (names, widths, dtypes, sampling) are the table `SERIES` in
+`graddoctor/store/_series.py`; `graddoctor.store._series.describe()` prints it.
 
 Crash safety: each flush is one transaction; WAL with synchronous=NORMAL keeps
 every committed flush through a killed process. Readers never block the writer.
