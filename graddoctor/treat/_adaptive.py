@@ -44,7 +44,7 @@ class AutoClipState(TransformState):
     coef: Tensor
 
 
-def auto_clip(percentile: float = 10.0, history_size: Optional[int] = None) -> GradientTransform:
+def auto_clip(percentile: float = 10.0, history_size: Optional[int] = None) -> GradientTransform[AutoClipState]:
     """AutoClip: clip the global norm to the `percentile`-th percentile of all global norms so far.
 
     Each step appends the current global norm to the history first, then takes the
@@ -68,12 +68,13 @@ def auto_clip(percentile: float = 10.0, history_size: Optional[int] = None) -> G
         raise ConfigError(f"history_size={history_size!r} is not allowed: use None (keep all) or an integer >= 1")
     q = float(percentile) / 100.0
 
-    def init(params: Sequence[Tensor], names=None) -> AutoClipState:
+    def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> AutoClipState:
         dev = stats_device(params)
         cap = history_size or 256
         return AutoClipState(torch.full((cap,), math.nan, device=dev), 0, torch.full((), math.nan, device=dev))
 
-    def update(grads: Grads, state: AutoClipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: AutoClipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], AutoClipState]:
         history = state.history
         if history_size is None and state.count == history.numel():  # grow: double the buffer
             history = torch.cat([history, torch.full_like(history, math.nan)])
@@ -124,7 +125,7 @@ def _final_layer(names: Optional[Sequence[str]], params: Sequence[Tensor]) -> se
 
 
 def agc(clipping: float = 0.01, eps: float = 1e-3, exclude_final: bool = True,
-        exclude: Sequence[str] = ()) -> GradientTransform:
+        exclude: Sequence[str] = ()) -> GradientTransform[AGCState]:
     """Adaptive gradient clipping, unit-wise: rescale G_i where ||G_i|| / max(||W_i||, eps) > clipping.
 
     For each unit i (row of a weight matrix, filter of a conv, whole bias vector),
@@ -159,7 +160,8 @@ def agc(clipping: float = 0.01, eps: float = 1e-3, exclude_final: bool = True,
             skip |= {i for i, n in enumerate(names) if n in skip_names}
         return AGCState(torch.zeros((), device=stats_device(params)), tuple(sorted(skip)))
 
-    def update(grads: Grads, state: AGCState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: AGCState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], AGCState]:
         if params is None:
             raise ConfigError("agc needs the parameters: call update(grads, state, stats, params) (the guard does)")
         skip = set(state.skip)
@@ -198,7 +200,8 @@ class ZClipState(TransformState):
     coef: Tensor
 
 
-def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, eps: float = 1e-6) -> GradientTransform:
+def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25,
+          eps: float = 1e-6) -> GradientTransform[ZClipState]:
     """ZClip: clip the global norm when its z-score against EMA statistics exceeds `z_threshold`.
 
     Update rule (paper, "adaptive scaling"), for the global norm g_t after warmup:
@@ -230,12 +233,13 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, eps: 
         raise ConfigError(f"warmup={warmup!r} is not allowed: use an integer >= 1")
     e = check_positive("eps", eps)
 
-    def init(params: Sequence[Tensor], names=None) -> ZClipState:
+    def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> ZClipState:
         dev = stats_device(params)
         nan = torch.full((), math.nan, device=dev)
         return ZClipState(torch.full((warmup,), math.nan, device=dev), nan.clone(), nan.clone(), 0, nan.clone())
 
-    def update(grads: Grads, state: ZClipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: ZClipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], ZClipState]:
         g = stats.total_norm.to(torch.float32)
         if state.count < warmup:
             buf = state.warmup.clone()

@@ -1,14 +1,14 @@
 """Gradient transforms, optax-style: a pair of functions and a small typed state.
 
-A transform is a `GradientTransform(name, init, update, report)`:
+A transform is a `GradientTransform[S](name, init, update, report)`, generic in its state type `S`:
 
-- `init(params, names=None) -> state`: the state, a small dataclass (see `TransformState`);
-- `update(grads, state, stats, params=None) -> (grads, state)`: `grads` is the list of
+- `init(params, names=None) -> S`: the state, a small dataclass of its own (see `TransformState`);
+- `update(grads, state, stats, params=None) -> (grads, S)`: `grads` is the list of
   gradients (None where a parameter has no gradient), in the order of `stats`, the
   `TensorStats` that `watch` already computed for them. Transforms change the gradients
   in place (as `clip_grad_norm_` does) and return the list. A transform returns
   `None` instead of a list to say "skip this optimizer step" (see `skip_nonfinite`);
-- `report(state) -> dict`: what the last update did (clip coefficient, ...), as device
+- `report(S) -> dict`: what the last update did (clip coefficient, ...), as device
   tensors or plain values, recorded by the guard without a host sync.
 
 `chain(*transforms)` runs transforms in order, each on the output of the one before, and
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Generic, Optional, Protocol, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -86,33 +86,55 @@ class EmptyState(TransformState):
     """State of a transform that keeps nothing between steps."""
 
 
+S = TypeVar("S", bound=TransformState)
+S_co = TypeVar("S_co", bound=TransformState, covariant=True)
+
+
+class InitFn(Protocol[S_co]):
+    """`init(params, names=None) -> state`."""
+
+    def __call__(self, params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> S_co: ...
+
+
+class UpdateFn(Protocol[S]):
+    """`update(grads, state, stats, params=None) -> (grads, or None to skip the step; new state)`."""
+
+    def __call__(self, grads: Grads, state: S, stats: TensorStats,
+                 params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], S]: ...
+
+
+def no_report(state: TransformState) -> dict[str, Any]:
+    """`report` of a transform with nothing to record."""
+    return {}
+
+
 @dataclass(frozen=True)
-class GradientTransform:
-    """A gradient transform: `init`, `update` and `report` (see the module docstring).
+class GradientTransform(Generic[S]):
+    """A gradient transform with state type `S`: `init`, `update` and `report` (see the module docstring).
 
     Attributes:
       name: short name, used as the key prefix of recorded interventions.
-      init: `(params, names=None) -> state`.
-      update: `(grads, state, stats, params=None) -> (grads or None, state)`.
-      report: `state -> dict` of what the last update did (device tensors allowed).
+      init: `(params, names=None) -> S`.
+      update: `(grads, S, stats, params=None) -> (grads or None, S)`.
+      report: `S -> dict` of what the last update did (device tensors allowed).
       host_syncs: host syncs per step that `update` needs (0 for every clipping transform).
-      stats_after: `(stats, state) -> stats` of the gradients after `update`, derived without a
+      stats_after: `(stats, S) -> stats` of the gradients after `update`, derived without a
         pass over them; None: unknown (a chain measures them again when a transform follows).
     """
 
     name: str
-    init: Callable[..., TransformState]
-    update: Callable[..., tuple[Optional[Grads], TransformState]]
-    report: Callable[[TransformState], dict[str, Any]] = lambda state: {}
+    init: InitFn[S]
+    update: UpdateFn[S]
+    report: Callable[[S], dict[str, Any]] = no_report
     host_syncs: int = 0
-    stats_after: Optional[Callable[[TensorStats, TransformState], TensorStats]] = None
+    stats_after: Optional[Callable[[TensorStats, S], TensorStats]] = None
 
 
 @dataclass
 class ChainState(TransformState):
     """The states of a chain's transforms, in order."""
 
-    inner: tuple
+    inner: tuple[TransformState, ...]
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": [s.state_dict() for s in self.inner]}
@@ -120,13 +142,14 @@ class ChainState(TransformState):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("inner") if isinstance(state, dict) else None
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self.inner):
+            keys = sorted(state) if isinstance(state, dict) else "-"
             raise TransformStateError(f"ChainState.load_state_dict expected {{'inner': [{len(self.inner)} states]}}, "
-                                      f"got {type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else '-'}")
+                                      f"got {type(state).__name__} with keys {keys}")
         for s, d in zip(self.inner, saved):
             s.load_state_dict(d)
 
 
-def chain(*transforms: GradientTransform) -> GradientTransform:
+def chain(*transforms: GradientTransform[Any]) -> GradientTransform[ChainState]:
     """Compose transforms: each `update` gets the gradients the previous one returned.
 
     If a transform returns None (skip the step), the rest are not called and keep
@@ -139,18 +162,21 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
       A `GradientTransform` whose state is a `ChainState`; its host syncs are the sum.
     """
     if not transforms or not all(isinstance(t, GradientTransform) for t in transforms):
-        raise GradDoctorError(f"chain() takes one or more GradientTransform, got {[type(t).__name__ for t in transforms]}")
+        raise GradDoctorError("chain() takes one or more GradientTransform, "
+                              f"got {[type(t).__name__ for t in transforms]}")
     keys = _unique_names([t.name for t in transforms])
 
     def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> ChainState:
         return ChainState(tuple(t.init(params, names) for t in transforms))
 
-    def update(grads: Grads, state: ChainState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: ChainState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], ChainState]:
         new = list(state.inner)
         for i, t in enumerate(transforms):
-            grads, new[i] = t.update(grads, new[i], stats, params)
-            if grads is None:
-                break
+            out, new[i] = t.update(grads, new[i], stats, params)
+            if out is None:  # skip the step: the transforms after this one keep their state
+                return None, ChainState(tuple(new))
+            grads = out
             if i + 1 < len(transforms):
                 stats = t.stats_after(stats, new[i]) if t.stats_after else tensor_stats(grads, stats.norm.device)
         return grads, ChainState(tuple(new))
@@ -173,6 +199,11 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def take(grads: Grads, idx: Sequence[int]) -> list[Tensor]:
+    """The gradients at `idx`, the indices of one `group_by_device_dtype` group (so none is None)."""
+    return cast(list[Tensor], [grads[i] for i in idx])
+
+
 def scale_(grads: Grads, coef: Tensor) -> None:
     """Multiply every present gradient by the 0-d tensor `coef`: one pass per group, no sync.
 
@@ -191,14 +222,15 @@ def scale_(grads: Grads, coef: Tensor) -> None:
         if coef.dtype == torch.float32 and _native.scale_(grads, c):  # type: ignore[arg-type]
             return
     for (device, _), idx in group_by_device_dtype(grads).items():
-        torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
+        torch._foreach_mul_(take(grads, idx), coef.to(device))
 
 
 def scale_each_(grads: Grads, coefs: Tensor) -> None:
     """Multiply gradient i by `coefs[i]` (a [P] tensor), one `_foreach_mul_` per group. No sync."""
     for (device, _), idx in group_by_device_dtype(grads).items():
         local = coefs.to(device)
-        torch._foreach_mul_([grads[i] for i in idx], [local[i] for i in idx])
+        factors: list[Tensor] = [local[i] for i in idx]
+        torch._foreach_mul_(take(grads, idx), factors)
 
 
 def scaled_stats(stats: TensorStats, coef: Tensor) -> TensorStats:
@@ -211,7 +243,7 @@ def scaled_stats(stats: TensorStats, coef: Tensor) -> TensorStats:
     return TensorStats(norm, maxabs, stats.nonfinite, total, stats.present)
 
 
-def unchanged_stats(stats: TensorStats, state: TransformState) -> TensorStats:
+def unchanged_stats(stats: TensorStats, state: Any) -> TensorStats:
     """`stats_after` of a transform that does not change the gradients it passes on."""
     return stats
 

@@ -20,10 +20,11 @@ optimizer step that follows leaves parameters and optimizer state untouched.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, cast
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from .._errors import GradDoctorError
 from ..core._stats import TensorStats, tensor_stats
@@ -43,22 +44,22 @@ class Guard:
       skipped: whether the last step was skipped; steps: steps seen; skipped_total: steps skipped.
     """
 
-    def __init__(self, transform: GradientTransform, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+    def __init__(self, transform: GradientTransform[Any], params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
                  names: Optional[list[str]] = None):
         if not isinstance(transform, GradientTransform):
             raise GradDoctorError(f"guard= takes a GradientTransform (e.g. gd.clip_norm(1.0) or gd.chain(...)), "
                                   f"got {type(transform).__name__}")
-        items = list(params)
-        if items and isinstance(items[0], tuple):
+        items: list[Any] = list(params)
+        if items and isinstance(items[0], tuple):  # named_parameters()
             names, items = [n for n, _ in items], [p for _, p in items]
-        self.params: list[Tensor] = [p for p in items if p.requires_grad]
+        self.params: list[Tensor] = [p for p in cast(list[Tensor], items) if p.requires_grad]
         self.names = list(names) if names is not None else [f"param[{i}]" for i in range(len(self.params))]
         self.transform = transform
         self.state = transform.init(self.params, self.names)
         self.skipped = False
         self.steps = 0
         self.skipped_total = 0
-        self._hook = None
+        self._hook: Optional[RemovableHandle] = None
 
     def apply(self, stats: TensorStats, record: Optional[Recorder] = None, step: Optional[int] = None) -> bool:
         """Transform the current gradients, given their statistics; skip the step if asked.
@@ -75,7 +76,7 @@ class Guard:
         grads = [p.grad for p in self.params]
         new, self.state = self.transform.update(grads, self.state, stats, self.params)
         self.skipped = new is None
-        if self.skipped:
+        if new is None:
             for p in self.params:
                 p.grad = None
             self.skipped_total += 1

@@ -85,7 +85,10 @@ class Snapshot:
     path: Optional[Path] = None
 
     def load(self) -> dict:
-        return self.state if self.state is not None else torch.load(self.path, weights_only=False)
+        if self.state is not None:
+            return self.state
+        assert self.path is not None, "a Snapshot holds its state in memory or in a file"  # internal invariant
+        return torch.load(self.path, weights_only=False)
 
 
 def _clone(obj: Any) -> Any:
@@ -138,7 +141,8 @@ class Rollback:
             raise ConfigError(f"skip={skip!r} is not allowed: use None (= every) or an integer >= 0")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.every, self.keep, self.skip = every, keep, every if skip is None else skip
-        self.max_rollbacks, self.factor, self.max_factor, self.min_history = max_rollbacks, factor, max_factor, min_history
+        self.max_rollbacks, self.factor, self.max_factor = max_rollbacks, factor, max_factor
+        self.min_history = min_history
         self.directory = Path(directory) if directory is not None else None
         self.extra, self.watch = list(extra), watch
         self.steps = 0
@@ -211,9 +215,10 @@ class Rollback:
     def _roll_back(self, reason: str) -> None:
         if len(self.rollbacks) >= self.max_rollbacks:
             raise RollbackLimitError(
-                f"rolled back {len(self.rollbacks)} times (max_rollbacks={self.max_rollbacks}) and the loss spiked again "
-                f"at step {self.steps}: {reason}. Earlier rollbacks at steps {[r[0] for r in self.rollbacks]}. "
-                "The cause is not transient: lower the learning rate, clip gradients (clip_by_norm, zclip), check the data.")
+                f"rolled back {len(self.rollbacks)} times (max_rollbacks={self.max_rollbacks}) and the loss spiked "
+                f"again at step {self.steps}: {reason}. Earlier rollbacks at steps {[r[0] for r in self.rollbacks]}. "
+                "The cause is not transient: lower the learning rate, clip gradients (clip_by_norm, zclip), "
+                "check the data.")
         if self._last_restored is not None and len(self._snapshots) > 1:
             self._snapshots.pop()  # the spike came back from that snapshot: go one further back
         snap = self._snapshots[-1]
@@ -230,9 +235,9 @@ def rollback(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any 
 
     Args:
       model, optimizer, scheduler: what is snapshotted and restored (scheduler optional).
-      **options: every (or total_steps, giving every = total_steps // 200), keep, skip, max_rollbacks, factor, max_factor, window, min_history, directory,
-        extra (more objects with state_dict/load_state_dict, e.g. a `Guard`), watch (records
-        a "rollback" event).
+      **options: every (or total_steps, giving every = total_steps // 200), keep, skip, max_rollbacks, factor,
+        max_factor, window, min_history, directory, extra (more objects with state_dict/load_state_dict,
+        e.g. a `Guard`), watch (records a "rollback" event).
     Returns:
       A `Rollback`.
     """

@@ -45,7 +45,7 @@ class SkipState(TransformState):
     names: tuple[str, ...]
 
 
-def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform:
+def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform[SkipState]:
     """Skip steps whose gradients hold NaN/Inf; raise after more than `max_consecutive` in a row.
 
     Host syncs per step: 1. The non-finite counts that `watch` computed are copied to the
@@ -66,7 +66,8 @@ def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform:
         names = tuple(names) if names else tuple(f"param[{i}]" for i in range(len(list(params))))
         return SkipState(0, 0, False, (), names)
 
-    def update(grads: Grads, state: SkipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: SkipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], SkipState]:
         counts = stats.nonfinite.cpu()  # note: this is a CPU-GPU sync point (the one sync of this transform)
         bad_idx = torch.nonzero(counts > 0).flatten().tolist()
         if not bad_idx:
@@ -75,13 +76,14 @@ def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform:
         consecutive = state.consecutive + 1
         if consecutive > max_consecutive:
             raise NonFiniteGradientError(
-                f"{consecutive} optimizer steps in a row had non-finite gradients (max_consecutive={max_consecutive}); "
-                f"first bad tensors: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(counts)}). "
-                "Likely causes: a learning rate too high, an input outlier or NaN in the data, an overflow in the loss. "
-                "Remedies: lower_learning_rate, sanitize_inputs, clip_by_norm/zclip, rollback.")
+                f"{consecutive} optimizer steps in a row had non-finite gradients "
+                f"(max_consecutive={max_consecutive}); first bad tensors: {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(counts)}). "
+                "Likely causes: a learning rate too high, an input outlier or NaN in the data, an overflow in the "
+                "loss. Remedies: lower_learning_rate, sanitize_inputs, clip_by_norm/zclip, rollback.")
         return None, SkipState(consecutive, state.total + 1, True, bad, state.names)
 
-    def report(s: SkipState) -> dict:
+    def report(s: SkipState) -> dict[str, int]:
         return {"skipped": int(s.skipped)}
 
     return GradientTransform("skip_nonfinite", init, update, report, host_syncs=1, stats_after=unchanged_stats)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..core._stats import TensorStats, group_by_device_dtype
 from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_by_total_norm_, clip_coefficient,
-                    scale_each_, scaled_stats)
+                    scale_each_, scaled_stats, take)
 
 
 def stats_device(params: Sequence[Tensor]) -> torch.device:
@@ -47,11 +47,11 @@ class ClipState(TransformState):
     coef: Tensor
 
 
-def _clip_init(params: Sequence[Tensor], names=None) -> ClipState:
+def _clip_init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> ClipState:
     return ClipState(torch.full((), math.nan, device=stats_device(params)))
 
 
-def clip_value(clip: float = 0.5) -> GradientTransform:
+def clip_value(clip: float = 0.5) -> GradientTransform[ClipState]:
     """Clamp every gradient entry to [-clip, clip], exactly as `torch.nn.utils.clip_grad_value_`.
 
     Host syncs per step: 0. Records `clip_value.clipped`: how many tensors had an entry beyond `clip`
@@ -64,9 +64,10 @@ def clip_value(clip: float = 0.5) -> GradientTransform:
     """
     c = check_positive("clip", clip)
 
-    def update(grads: Grads, state: ClipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: ClipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], ClipState]:
         for _key, idx in group_by_device_dtype(grads).items():
-            group = [grads[i] for i in idx]
+            group = take(grads, idx)
             torch._foreach_clamp_min_(group, -c)
             torch._foreach_clamp_max_(group, c)
         clipped = (stats.maxabs > c).sum().to(torch.float32)
@@ -75,7 +76,7 @@ def clip_value(clip: float = 0.5) -> GradientTransform:
     return GradientTransform("clip_value", _clip_init, update, lambda s: {"clipped": s.coef})
 
 
-def clip_norm(max_norm: float = 1.0) -> GradientTransform:
+def clip_norm(max_norm: float = 1.0) -> GradientTransform[ClipState]:
     """Scale all gradients by `min(1, max_norm / (total_norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
 
     The total norm is `stats.total_norm`, which `tensor_stats` forms as `get_total_norm` does,
@@ -95,7 +96,8 @@ def clip_norm(max_norm: float = 1.0) -> GradientTransform:
     """
     m = check_positive("max_norm", max_norm)
 
-    def update(grads: Grads, state: ClipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: ClipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], ClipState]:
         return grads, ClipState(clip_by_total_norm_(grads, m, stats.total_norm))
 
     return GradientTransform("clip_norm", _clip_init, update, lambda s: {"coef": s.coef},
@@ -113,7 +115,7 @@ class PerTensorClipState(TransformState):
     coef: Tensor
 
 
-def clip_norm_per_tensor(max_norm: float = 1.0) -> GradientTransform:
+def clip_norm_per_tensor(max_norm: float = 1.0) -> GradientTransform[PerTensorClipState]:
     """Clip each gradient tensor to L2 norm `max_norm` on its own (Keras `clipnorm` semantics).
 
     Tensor i is scaled by `min(1, max_norm / (norm_i + 1e-6))`, the coefficient
@@ -128,15 +130,16 @@ def clip_norm_per_tensor(max_norm: float = 1.0) -> GradientTransform:
     """
     m = check_positive("max_norm", max_norm)
 
-    def init(params: Sequence[Tensor], names=None) -> PerTensorClipState:
+    def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> PerTensorClipState:
         return PerTensorClipState(torch.full((len(list(params)),), math.nan, device=stats_device(params)))
 
-    def update(grads: Grads, state: PerTensorClipState, stats: TensorStats, params=None):
+    def update(grads: Grads, state: PerTensorClipState, stats: TensorStats,
+               params: Optional[Sequence[Tensor]] = None) -> tuple[Optional[Grads], PerTensorClipState]:
         coefs = clip_coefficient(m, stats.norm)
         scale_each_(grads, coefs)
         return grads, PerTensorClipState(coefs)
 
-    def report(s: PerTensorClipState) -> dict:
+    def report(s: PerTensorClipState) -> dict[str, Tensor]:
         return {"min_coef": torch.nan_to_num(s.coef, nan=1.0).amin() if s.coef.numel() else s.coef.new_ones(()),
                 "clipped": (s.coef < 1).sum().to(torch.float32)}
 

@@ -24,7 +24,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,34 +36,46 @@ class NoLayersError(GradDoctorError):
     """The model has no layer this initialization applies to."""
 
 
-def layers_with_activation(model: nn.Module) -> list[tuple[str, nn.Module, str, float]]:
+WeightLayer = Union[nn.Linear, nn.modules.conv._ConvNd]  # the classes of WEIGHT_LAYERS
+# (name, layer, calculate_gain name of the activation after it, that gain's parameter)
+LayerInfo = tuple[str, WeightLayer, str, float]
+
+
+def layers_with_activation(model: nn.Module) -> list[LayerInfo]:
     """Every weight layer in module order, with the activation that follows it ("linear" if none)."""
-    out: list[list] = []
+    out: list[LayerInfo] = []
     for name, m in model.named_modules():
         if isinstance(m, WEIGHT_LAYERS):
-            out.append([name, m, "linear", 0.0])
+            out.append((name, m, "linear", 0.0))
         elif out and out[-1][2] == "linear" and (act := activation_name(m)) is not None:
-            out[-1][2], out[-1][3] = act  # only the first activation after a layer counts
-    return [tuple(x) for x in out]  # type: ignore[misc]
+            out[-1] = (out[-1][0], out[-1][1], act[0], act[1])  # only the first activation after a layer counts
+    return out
 
 
-def _layers(model: nn.Module, nonlinearity: Optional[str]) -> list[tuple[str, nn.Module, str, float]]:
+def _gain(nonlinearity: str, param: Optional[float] = None) -> float:
+    """`nn.init.calculate_gain`; it raises ValueError naming the allowed names for any other string."""
+    return nn.init.calculate_gain(cast(Any, nonlinearity), param)  # its stub takes only a Literal of the names
+
+
+def _layers(model: nn.Module, nonlinearity: Optional[str]) -> list[LayerInfo]:
     layers = layers_with_activation(model)
     if not layers:
         raise NoLayersError(f"{type(model).__name__} has no Linear or Conv layer to initialize")
     if nonlinearity is not None:
-        nn.init.calculate_gain(nonlinearity)  # raises ValueError naming the allowed names
+        _gain(nonlinearity)  # raises ValueError naming the allowed names
         layers = [(n, m, nonlinearity, 0.01 if nonlinearity == "leaky_relu" else 0.0) for n, m, _, _ in layers]
     return layers
 
 
 def _zero_bias(m: nn.Module) -> None:
-    if getattr(m, "bias", None) is not None:
-        nn.init.zeros_(m.bias)
+    bias = getattr(m, "bias", None)
+    if isinstance(bias, Tensor):
+        nn.init.zeros_(bias)
 
 
 @torch.no_grad()
-def he_(model: nn.Module, mode: str = "fan_in", nonlinearity: Optional[str] = None) -> list[str]:
+def he_(model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in",
+        nonlinearity: Optional[str] = None) -> list[str]:
     """He (Kaiming) normal init: std = gain / sqrt(fan), gain from the following activation.
 
     Args:
@@ -75,7 +87,7 @@ def he_(model: nn.Module, mode: str = "fan_in", nonlinearity: Optional[str] = No
     """
     done = []
     for name, m, act, param in _layers(model, nonlinearity):
-        nn.init.kaiming_normal_(m.weight, a=param, mode=mode, nonlinearity=act)
+        nn.init.kaiming_normal_(m.weight, a=param, mode=mode, nonlinearity=cast(Any, act))  # act: a gain name
         _zero_bias(m)
         done.append(f"{name}: he ({act}) std={float(m.weight.std()):.4g}")
     return done
@@ -90,7 +102,7 @@ def xavier_(model: nn.Module, nonlinearity: Optional[str] = None) -> list[str]:
     """
     done = []
     for name, m, act, param in _layers(model, nonlinearity):
-        nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain(act, param))
+        nn.init.xavier_normal_(m.weight, gain=_gain(act, param))
         _zero_bias(m)
         done.append(f"{name}: xavier ({act}) std={float(m.weight.std()):.4g}")
     return done
@@ -107,7 +119,7 @@ def orthogonal_(model: nn.Module, nonlinearity: Optional[str] = None) -> list[st
     done = []
     layers = layers_with_activation(model)
     for name, m, act, param in layers:
-        nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain(nonlinearity or act, param))
+        nn.init.orthogonal_(m.weight, gain=_gain(nonlinearity or act, param))
         _zero_bias(m)
         done.append(f"{name}: orthogonal ({nonlinearity or act})")
     for name, m in model.named_modules():
@@ -192,6 +204,6 @@ def zero_residual_(model: nn.Module) -> list[str]:
             nn.init.zeros_(m.bn2.weight)
             done.append(f"{name}.bn2: weight zeroed")
     if not done:
-        raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.treat.surgery.Residual, or a block "
-                            "with bn2/bn3); add some with graddoctor.treat.surgery.add_residual first")
+        raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.treat.surgery.Residual, or a "
+                            "block with bn2/bn3); add some with graddoctor.treat.surgery.add_residual first")
     return done

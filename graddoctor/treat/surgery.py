@@ -14,7 +14,7 @@ new modules have new parameters.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +92,7 @@ def _rebuild_sequentials(model: nn.Module,
     return model
 
 
-def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
+def _norm_for(layer: nn.Linear | nn.modules.conv._ConvNd, kind: str) -> nn.Module:
     if isinstance(layer, nn.Linear):
         n = layer.out_features
         return nn.BatchNorm1d(n) if kind == "batch" else nn.LayerNorm(n)
@@ -142,7 +142,9 @@ def _keeps_shape(m: nn.Module) -> bool:
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if m.in_channels != m.out_channels or any(s != 1 for s in m.stride):
             return False
-        return m.padding == "same" or all(2 * p == d * (k - 1) for p, d, k in zip(m.padding, m.dilation, m.kernel_size))
+        if isinstance(m.padding, str):  # "same" or "valid"
+            return m.padding == "same"
+        return all(2 * p == d * (k - 1) for p, d, k in zip(m.padding, m.dilation, m.kernel_size))
     return activation_name(m) is not None or isinstance(m, SHAPE_KEEPING)
 
 
@@ -180,7 +182,8 @@ def add_residual(model: nn.Module, mode: str = "zero") -> tuple[nn.Module, list[
         for seg in _segments(list(seq.children())):
             if isinstance(seg[-1], WEIGHT_LAYERS) and all(_keeps_shape(m) for m in seg):
                 out.append(Residual(nn.Sequential(*seg), mode))
-                changes.append(f"{seq_name or '<model>'}[{len(out) - 1}]: Residual({', '.join(type(m).__name__ for m in seg)})")
+                inside = ", ".join(type(m).__name__ for m in seg)
+                changes.append(f"{seq_name or '<model>'}[{len(out) - 1}]: Residual({inside})")
             else:
                 out.extend(seg)
         return out if any(isinstance(m, Residual) for m in out) else None
@@ -200,9 +203,10 @@ class LSTMAsRNN(nn.LSTM):
     """
 
     def forward(self, x, hx: Optional[Tensor] = None):  # type: ignore[override]
+        state: Any = hx  # None, or an (h, c) pair given as it is
         if isinstance(hx, Tensor):
-            hx = (hx, torch.zeros(hx.shape[:-1] + (self.hidden_size,), dtype=hx.dtype, device=hx.device))
-        out, (h, _c) = super().forward(x, hx)
+            state = (hx, torch.zeros(hx.shape[:-1] + (self.hidden_size,), dtype=hx.dtype, device=hx.device))
+        out, (h, _c) = super().forward(x, state)
         return out, h
 
 
@@ -222,8 +226,8 @@ def _replace_rnns(model: nn.Module, make: Callable[[dict], nn.Module], what: str
     for name, m in targets:
         new = make(_rnn_args(m)).to(next(m.parameters()).device)
         _set_child(model, name, new)
-        changes.append(f"{name}: RNN({m.input_size}, {m.hidden_size}, layers={m.num_layers}, batch_first={m.batch_first})"
-                       f" -> {type(new).__name__}")
+        changes.append(f"{name}: RNN({m.input_size}, {m.hidden_size}, layers={m.num_layers}, "
+                       f"batch_first={m.batch_first}) -> {type(new).__name__}")
     return model, changes
 
 
