@@ -13,16 +13,15 @@ have no module to hook and are not seen.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _native
 from ._layers import ActivationKind
 
-from ..store._series import ACT_FIELDS, INPUT_FIELDS  # the column order of their rows
+from ..store._series import INPUT_FIELDS  # the column order of an input row
 
 
 def _unit_dim(x: Tensor) -> int:

@@ -15,7 +15,8 @@ from torch import nn
 
 from ._config import WatchConfig
 from .._errors import ConfigError
-from ._watch import Watch, watched_parameters
+from ._params import watched_parameters
+from ._watch import Watch
 
 
 def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

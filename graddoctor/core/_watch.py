@@ -31,34 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _amp, _exit, _native
-from ._activations import ACT_FIELDS, activation_row, first_tensor, input_row
+from ._activations import activation_row, first_tensor, input_row
 from ._layers import activation_kind
+from ._params import check_dense_grads, check_measurable, rank, unwrap, watched_parameters, world_size
 from ._config import WatchConfig
-from .._errors import ConfigError, NoGradientsError, UnsupportedModelError, WatchClosedError
-from ._stats import TensorStats, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
-from ..store._series import BY_NAME, FIELDS_META
+from .._errors import ConfigError, WatchClosedError
+from ._stats import TensorStats, group_by_device_dtype, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
+from ..store._series import ACT_FIELDS, BY_NAME, FIELDS_META
 from ..store._store import RunWriter
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / torch.compile wrappers, so names match an unwrapped run."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
@@ -67,10 +47,7 @@ def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
     note: this is a CPU-GPU sync point; `Watch.flush` is its only caller in the step path.
     """
     out: list[Optional[np.ndarray]] = [None] * len(tensors)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for idx in groups.values():
+    for idx in group_by_device_dtype(tensors).values():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).cpu().numpy()
         offset = 0
         for i in idx:
@@ -100,17 +77,17 @@ class Watch:
         """
         self.config = config or WatchConfig()
         self.config.validate()
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.optimizer = optimizer
         # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor.core._amp)
         self.scaler = _amp.check_scaler(scaler, optimizer)
         named = watched_parameters(model)
-        _check_measurable(self.model, named, run_dir)
+        check_measurable(self.model, named, run_dir)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         first = self.params[0]
         self.stats_device = first.to_local().device if is_dtensor(first) else first.device
-        self.rank = _rank()
+        self.rank = rank()
         if self.stats_device.type == "cpu":
             _native.prepare()  # a first build compiles (under a second): here, not inside the first step
         self._sharded = any(is_dtensor(p) for p in self.params)
@@ -165,7 +142,7 @@ class Watch:
         acts = [dict(idx=i, name=n, kind=k.kind, lo=k.bounds[0] if k.bounds else None,
                      hi=k.bounds[1] if k.bounds else None, relu_family=int(k.relu_family))
                 for i, (n, _, k) in enumerate(self._act_modules)]
-        meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=_world_size(),
+        meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=world_size(),
                     loss_rows="given",  # a loss row only where step() was given a loss (see Run.loss)
                     model_class=type(self.model).__name__, compiled=model is not self.model and hasattr(model, "_orig_mod"),
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
@@ -248,7 +225,7 @@ class Watch:
             raise WatchClosedError("Watch.step() called after close(); create a new watch for a new run")
         self._check_one_step_per_optimizer_step()
         if not self._grads_checked:  # sparse gradients can come from more than nn.Embedding(sparse=True)
-            _check_dense_grads(self.names, self.params)
+            check_dense_grads(self.names, self.params)
             self._grads_checked = True
         s = self.step_index
         stats, weight_norms = None, None
@@ -489,40 +466,3 @@ def _loss_tensor(loss: Optional[Tensor | float], device: torch.device) -> Tensor
             value = value.reshape(-1)[0]
         return value if value.device == device else value.to(device, non_blocking=True)
     return torch.tensor(float(loss), dtype=torch.float64, device=device)
-
-
-def watched_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """(name, parameter) of every trainable parameter watch records, in the order of every per-tensor vector."""
-    inner = _unwrap(model)
-    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-    if not named:
-        raise NoGradientsError(f"{type(inner).__name__} has no parameter with requires_grad=True; nothing to watch")
-    return named
-
-
-def _check_measurable(model: nn.Module, named: list[tuple[str, Tensor]], run_dir: Optional[str | Path]) -> None:
-    """Refuse, by name, parameters whose gradients watch cannot measure: complex, sparse, meta-device."""
-    for name, p in named:
-        if p.is_complex():
-            raise UnsupportedModelError(f"parameter {name!r} is {str(p.dtype).replace('torch.', '')}: graddoctor "
-                                        "watches real floating-point parameters (float16/bfloat16/float32/float64) only")
-        if not p.is_floating_point():
-            raise UnsupportedModelError(f"parameter {name!r} has dtype {str(p.dtype).replace('torch.', '')}: graddoctor "
-                                        "watches real floating-point parameters only")
-    for name, module in model.named_modules():
-        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            raise UnsupportedModelError(f"module {name or type(module).__name__!r} is {type(module).__name__}(sparse=True),"
-                                        " whose gradients are sparse: graddoctor measures dense gradients; use "
-                                        "sparse=False (the default) to watch this model")
-    if run_dir is not None and any(p.device.type == "meta" for _, p in named):
-        raise UnsupportedModelError("the model's parameters are on the meta device, which holds no values to record: "
-                                    "materialize them first (model.to_empty(device=...) and initialize), or pass "
-                                    "run_dir=None")
-
-
-def _check_dense_grads(names: list[str], params: list[Tensor]) -> None:
-    for name, p in zip(names, params):
-        if p.grad is not None and p.grad.layout != torch.strided:
-            raise UnsupportedModelError(f"parameter {name!r} has a {str(p.grad.layout).replace('torch.', '')} "
-                                        "gradient: graddoctor measures dense (strided) gradients only; for "
-                                        "nn.Embedding use sparse=False (the default)")

@@ -231,7 +231,6 @@ class Run:
         return self._history(module, cols)
 
     def _history(self, name: str, cols: list[int]) -> History:
-        P = len(self.tensors)
         steps, norm = self._matrix("grad_norm")
         _, maxabs = self._matrix("grad_maxabs")
         _, count = self._matrix("grad_nonfinite")
