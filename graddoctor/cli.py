@@ -81,8 +81,8 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_runs_summary(args: argparse.Namespace) -> int:
-    from .store._run import open_run
     from .report._summary import format_summary
+    from .store._run import open_run
     with open_run(args.run_dir) as run:
         print(format_summary(run))
     return 0
@@ -108,12 +108,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_runs, _add_demo]
 
 from .lab._cli import register_lab, register_report  # noqa: E402  (lab and report verbs)
+
 COMMANDS += [register_lab, register_report]
 
 from .diagnosis._cli import register as register_diagnose  # noqa: E402  (diagnose verb)
+
 COMMANDS += [register_diagnose]
 
 from .serve import register as register_serve  # noqa: E402  (serve verb: the live dashboard)
+
 COMMANDS += [register_serve]
 
 

@@ -18,10 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..store._series import INPUT_FIELDS  # the column order of an input row
 from . import _native
 from ._layers import ActivationKind
-
-from ..store._series import INPUT_FIELDS  # the column order of an input row
 
 
 def _unit_dim(x: Tensor) -> int:

@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ._config import WatchConfig
 from .._errors import ConfigError
+from ._config import WatchConfig
 from ._params import watched_parameters
 from ._watch import Watch
 

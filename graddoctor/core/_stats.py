@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import _native
 
+
 def dtensor_type() -> Optional[type]:
     """DTensor's class if `torch.distributed.tensor` is loaded, else None.
 

@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _amp, _exit, _native
-from ._activations import activation_row, first_tensor, input_row
-from ._layers import activation_kind
-from ._params import check_dense_grads, check_measurable, rank, unwrap, watched_parameters, world_size
-from ._config import WatchConfig
 from .._errors import ConfigError, WatchClosedError
-from ._stats import TensorStats, group_by_device_dtype, is_dtensor, grad_and_weight_stats, l2_norms, tensor_stats
 from ..store._series import ACT_FIELDS, BY_NAME, FIELDS_META
 from ..store._store import RunWriter
+from . import _amp, _exit, _native
+from ._activations import activation_row, first_tensor, input_row
+from ._config import WatchConfig
+from ._layers import activation_kind
+from ._params import check_dense_grads, check_measurable, rank, unwrap, watched_parameters, world_size
+from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
 
 
 def to_host(tensors: list[Tensor]) -> list[np.ndarray]:

@@ -23,9 +23,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._errors import NoGradientsError
 from ..core._activations import activation_row
 from ..core._layers import activation_kind
-from .._errors import NoGradientsError
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, NamedTuple, Optional
 
-from ..core._config import config_from_options
 from .._errors import ConfigError
+from ..core._config import config_from_options
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..core._amp import overflowed
-from ..store._run import Run
 from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
+from ..store._run import Run
 from ..store._series import ACT_FIELDS
 from ._robust import safe_log10
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._config import DiagnoseConfig
 from ..core._layers import BOUNDED_KINDS, EXACT_ZERO_KINDS
+from ._config import DiagnoseConfig
 from ._data import ACT_DEAD, ACT_SAT, ACT_STD, RunData
 from ._robust import finite_median, robust_z, running_median_mad, safe_log10
 

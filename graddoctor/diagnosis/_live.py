@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 
 from ..store._run import Run
-from ._config import DiagnoseConfig
 from ..store._series import ACT_FIELDS, BY_NAME
+from ._config import DiagnoseConfig
 from ._data import RunData, align_loss
 from ._diagnose import diagnose_data
 from ._findings import Finding

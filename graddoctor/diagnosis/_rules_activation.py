@@ -11,8 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from ._config import DiagnoseConfig
 from ..core._layers import BOUNDED_KINDS, EXACT_ZERO_KINDS
+from ._config import DiagnoseConfig
 from ._data import ACT_DEAD, ACT_SAT, RunData
 from ._evidence import _r, fitting_init, init_profile, large_update_mask, weight_scales
 from ._findings import Finding

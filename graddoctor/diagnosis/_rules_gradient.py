@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 
 from ..core._amp import overflowed
-from ._config import DiagnoseConfig
 from ..core._layers import NORM_NAMES
+from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
 from ._findings import Finding

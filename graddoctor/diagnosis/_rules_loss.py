@@ -14,8 +14,8 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r, input_flags, large_update_mask
 from ._findings import Finding
-from ._rules_gradient import exploding_cause
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
+from ._rules_gradient import exploding_cause
 
 
 def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:

@@ -65,8 +65,8 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ..store._store import store_path
     from ..report import write_run_report
+    from ..store._store import store_path
     out = Path(args.run_dirs[0]) / "report.html" if args.output is None else args.output
     if out == "":
         raise GradDoctorError("-o '' is not allowed: give a file name such as report.html")

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store._run import open_run
-from ..report._summary import format_summary
 from ..core._compose import watch
+from ..report._summary import format_summary
+from ..store._run import open_run
 
 
 def make_mlp(depth: int, width: int, activation: type[nn.Module], init: str, n_in: int = 32, n_out: int = 4) -> nn.Sequential:

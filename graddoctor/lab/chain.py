@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store._run import open_run
 from ..core._compose import watch
 from ..report import _plots as P
+from ..store._run import open_run
 from ._types import Context, Figure, experiment, result
 
 NAME = "chain"

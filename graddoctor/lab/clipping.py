@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..report import _plots as P
-from ..store._run import open_run
 from ..report._views import intervention_steps, loss_figure
+from ..store._run import open_run
 from ._train import digits, losses, mlp, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result
 from .recurrent import EXPLODING_GAIN, EXPLODING_LR, SeqNet, adding_batch

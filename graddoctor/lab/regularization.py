@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..store._run import open_run
 from ..report import _plots as P
+from ..store._run import open_run
 from ._train import digits, losses, mlp, sampler, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result
 

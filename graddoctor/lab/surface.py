@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core._compose import watch
 from ..report import _plots as P
 from ._train import losses
 from ._types import Context, Figure, experiment, result
-from ..core._compose import watch
 
 NAME = "surface"
 A, B = 1.0, 4.0           # curvatures along x and y

@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _nonfinite_json
 from .._errors import CorruptStoreError, GradDoctorError
+from . import _nonfinite_json
 from ._series import ACT_FIELDS, BY_NAME, EVERY_FLUSH, FIELDS_META, SERIES, Series
 from ._store import _COLUMNS, open_store, read_series, store_path
 

@@ -40,8 +40,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import _nonfinite_json
 from .._errors import ConfigError, CorruptStoreError, ResumeMismatchError, RunExistsError, RunNotFoundError
+from . import _nonfinite_json
 from ._lock import RunLock
 
 STORE_NAME = "graddoctor.sqlite"
