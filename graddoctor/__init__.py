@@ -9,25 +9,45 @@ The verbs, one folder each, in the order data flows:
 """
 import sys
 
-from .core._config import WatchConfig
-from ._errors import (ConfigError, CorruptStoreError, GradDoctorError, NoGradientsError, ResumeMismatchError,
-                      RunExistsError, RunLockedError, RunNotFoundError, UnsupportedModelError, WatchClosedError)
-from .store._run import History, Run, open_run
-from .core._stats import TensorStats, l2_norms, tensor_stats
-from .core._native import status as native_status
-from .core._compose import watch
-from .core._watch import Watch
-from .diagnosis._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
-from .diagnosis import DiagnoseConfig, Finding, diagnose  # gd.diagnose is the function; the package is diagnosis
 from . import serve, treat
-from .treat import init, surgery
+from ._errors import (
+    ConfigError,
+    CorruptStoreError,
+    GradDoctorError,
+    NoGradientsError,
+    ResumeMismatchError,
+    RunExistsError,
+    RunLockedError,
+    RunNotFoundError,
+    UnsupportedModelError,
+    WatchClosedError,
+)
+from .core._compose import watch
+from .core._config import WatchConfig
+from .core._native import status as native_status
+from .core._stats import TensorStats, l2_norms, tensor_stats
+from .core._watch import Watch
+from .diagnosis import DiagnoseConfig, Finding, diagnose  # gd.diagnose is the function; the package is diagnosis
+from .diagnosis._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
+from .lab import run_lab
+from .report import write_run_report
+from .store._run import History, Run, open_run
+from .treat import (
+    Guard,
+    agc,
+    auto_clip,
+    chain,
+    clip_norm,
+    clip_norm_per_tensor,
+    clip_value,
+    init,
+    skip_nonfinite,
+    surgery,
+    zclip,
+)
 
 # `import graddoctor.init` / `graddoctor.surgery`, as before they moved into treat/
 sys.modules[__name__ + ".init"], sys.modules[__name__ + ".surgery"] = init, surgery
-from .lab import run_lab
-from .report import write_run_report
-from .treat import (Guard, agc, auto_clip, chain, clip_norm, clip_norm_per_tensor, clip_value, skip_nonfinite,
-                    zclip)
 
 __version__ = "0.1.0"
 
