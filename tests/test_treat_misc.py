@@ -10,11 +10,16 @@ from _numerics import U32, adam_drift_atol, gamma
 from graddoctor import treat
 
 SHARED_IDS = {
-    "clip_by_value", "clip_by_norm", "clip_per_tensor", "auto_clip", "agc", "zclip", "skip_nonfinite", "rollback",
-    "lower_learning_rate", "sanitize_inputs", "l1_regularization", "l2_regularization", "relu", "leaky_relu", "elu",
+    "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip", "skip_nonfinite", "rollback",
+    "lower_learning_rate", "sanitize_inputs", "l1_penalty", "l2_penalty", "relu", "leaky_relu", "elu",
     "he_init", "xavier_init", "lsuv_init", "orthogonal_init", "zero_residual_init", "batch_norm", "layer_norm",
-    "residual_connections", "lstm", "gru", "layerwise_pretraining", "fewer_layers", "smaller_batches", "truncated_bptt",
+    "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers", "smaller_batches",
+    "truncated_bptt",
 }
+# former id -> current id: the ids became the names of the functions that apply the remedies
+RENAMED = {"clip_by_value": "clip_value", "clip_by_norm": "clip_norm", "clip_per_tensor": "clip_norm_per_tensor",
+           "l1_regularization": "l1_penalty", "l2_regularization": "l2_penalty", "residual_connections": "add_residual",
+           "lstm": "rnn_to_lstm", "gru": "rnn_to_gru", "layerwise_pretraining": "layerwise_pretrain"}
 
 
 def twins(seed=0):
@@ -69,7 +74,8 @@ def test_l2_penalty_equals_coupled_weight_decay(opt_cls):
     run(a, opt_cls(a.parameters(), lr=0.05), lambda m: treat.l2_penalty(m, 0.1, include_bias=True), record=record,
         decay=0.1)
     run(b, opt_cls(b.parameters(), lr=0.05, weight_decay=0.1))
-    for p, q, atol in zip(a.parameters(), b.parameters(), decay_trajectory_atol(record, 0.05, opt_cls is torch.optim.Adam)):
+    atols = decay_trajectory_atol(record, 0.05, opt_cls is torch.optim.Adam)
+    for p, q, atol in zip(a.parameters(), b.parameters(), atols):
         assert ((p - q).detach().double().abs() <= atol).all()
 
 
@@ -94,14 +100,47 @@ def test_l1_penalty_gradient_is_sign():
 
 
 def test_remedies_cover_exactly_the_shared_ids():
-    assert set(treat.REMEDIES) == SHARED_IDS
+    assert set(treat.REMEDIES) == set(treat.CATALOGUE) == SHARED_IDS and len(treat.REMEDIES) == len(SHARED_IDS)
     for rid, impl in treat.REMEDIES.items():
         assert callable(impl) or (isinstance(impl, str) and impl.strip()), rid
+        cure = treat.CATALOGUE[rid]
+        assert cure.id == rid and impl is (cure.apply if cure.apply is not None else cure.snippet)
 
 
-def test_remedies_match_the_diagnose_catalogue():
-    catalogue = pytest.importorskip("graddoctor.diagnosis._remedies").CATALOGUE
-    assert set(catalogue) == set(treat.REMEDIES)
+def test_diagnose_uses_the_one_catalogue():
+    diagnosis = pytest.importorskip("graddoctor.diagnosis")
+    assert diagnosis.CATALOGUE is treat.CATALOGUE
+
+
+def test_former_ids_are_aliases_everywhere():
+    from graddoctor.diagnosis import remedy
+    for old, new in RENAMED.items():
+        assert treat.CATALOGUE[old] is treat.CATALOGUE[new] and treat.CATALOGUE[new].aliases == (old,)
+        assert old in treat.CATALOGUE and old in treat.REMEDIES and treat.REMEDIES[old] is treat.REMEDIES[new]
+        assert remedy(old).id == new
+    assert not set(RENAMED) & set(treat.CATALOGUE)  # iteration gives each remedy once, by its current id
+    assert {a for c in treat.CATALOGUE.values() for a in c.aliases} == set(RENAMED)
+    with pytest.raises(treat.UnknownRemedyError, match="unknown remedy id 'clip'"):
+        treat.REMEDIES["clip"]
+    with pytest.raises(KeyError):  # it is a KeyError too, as a Mapping's lookup should raise
+        treat.CATALOGUE["clip"]
+    assert treat.CATALOGUE.get("clip") is None
+
+
+def test_ids_are_the_names_of_the_functions_that_apply_them():
+    # the rule of treat/_catalogue.py: the function's name; `<scheme>_init` for gd.init.<scheme>_; for the
+    # catalogue's own wrappers (swap_to_<activation>, add_<kind>_norm), the argument they pass on
+    for cure in treat.CATALOGUE.values():
+        if cure.apply is None:  # a change to the user's own code
+            continue
+        name, module = cure.apply.__name__, cure.apply.__module__
+        if module == "graddoctor.treat.init":
+            expected = f"{name}init"
+        elif module == "graddoctor.treat._catalogue":
+            expected = name.removeprefix("swap_to_").removeprefix("add_")
+        else:
+            expected = name
+        assert cure.id == expected, (cure.id, module, name)
 
 
 def test_remedy_callables_work_on_a_model():
@@ -111,5 +150,6 @@ def test_remedy_callables_work_on_a_model():
     model, changes = treat.REMEDIES["batch_norm"](model)
     assert isinstance(model[1], nn.BatchNorm1d)
     assert treat.REMEDIES["he_init"](model)
-    assert isinstance(treat.REMEDIES["clip_by_norm"](1.0), treat.GradientTransform)
+    assert isinstance(treat.REMEDIES["clip_norm"](1.0), treat.GradientTransform)
+    assert isinstance(treat.REMEDIES["clip_by_norm"](1.0), treat.GradientTransform)  # the former id
     assert isinstance(gd.treat.REMEDIES["rollback"](model, torch.optim.SGD(model.parameters(), lr=0.1)), treat.Rollback)

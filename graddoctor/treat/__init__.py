@@ -7,16 +7,17 @@
 - `l1_penalty`, `l2_penalty`: weight penalties (and the note on AdamW's decoupled decay).
 - `layerwise_pretrain`, `fine_tune`: greedy stacked denoising autoencoders, then supervised training.
 - Initialization is `graddoctor.treat.init`, architecture changes are `graddoctor.treat.surgery`.
-- `REMEDIES`: every shared remedy id -> the code (or snippet) that implements it.
+- `CATALOGUE`: every remedy once (`Cure`: id, reason, snippet, the callable that applies it, former ids);
+  `REMEDIES` is the same catalogue as id -> that callable (or the snippet). Both accept former ids.
 - `interventions(run)` / `format_interventions(run)`: what the guard and rollback did in a recorded run.
 """
 from ._adaptive import AGCState, AutoClipState, ZClipState, agc, auto_clip, unitwise_norm, zclip
 from ._base import ChainState, EmptyState, GradientTransform, TransformState, TransformStateError, chain
+from ._catalogue import CATALOGUE, REMEDIES, Catalogue, Cure, UnknownRemedyError
 from ._guard import Guard
 from ._interventions import format_interventions, interventions
 from ._pretrain import PretrainError, fine_tune, layerwise_pretrain
 from ._regularization import l1_penalty, l2_penalty
-from ._remedies import REMEDIES
 from ._rollback import Rollback, RollbackLimitError, is_spike, rollback
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._transforms import ClipState, PerTensorClipState, clip_norm, clip_norm_per_tensor, clip_value
@@ -27,5 +28,6 @@ __all__ = [
     "auto_clip", "agc", "zclip", "unitwise_norm", "AutoClipState", "AGCState", "ZClipState",
     "skip_nonfinite", "SkipState", "NonFiniteGradientError", "Guard",
     "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
-    "layerwise_pretrain", "fine_tune", "PretrainError", "REMEDIES", "interventions", "format_interventions",
+    "layerwise_pretrain", "fine_tune", "PretrainError", "CATALOGUE", "REMEDIES", "Catalogue", "Cure",
+    "UnknownRemedyError", "interventions", "format_interventions",
 ]

@@ -217,7 +217,7 @@ class Rollback:
             raise RollbackLimitError(
                 f"rolled back {len(self.rollbacks)} times (max_rollbacks={self.max_rollbacks}) and the loss spiked "
                 f"again at step {self.steps}: {reason}. Earlier rollbacks at steps {[r[0] for r in self.rollbacks]}. "
-                "The cause is not transient: lower the learning rate, clip gradients (clip_by_norm, zclip), "
+                "The cause is not transient: lower the learning rate, clip gradients (clip_norm, zclip), "
                 "check the data.")
         if self._last_restored is not None and len(self._snapshots) > 1:
             self._snapshots.pop()  # the spike came back from that snapshot: go one further back

@@ -80,7 +80,7 @@ def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform[SkipState]:
                 f"(max_consecutive={max_consecutive}); first bad tensors: {', '.join(bad[:5])}"
                 f"{' ...' if len(bad) > 5 else ''} ({len(bad)} of {len(counts)}). "
                 "Likely causes: a learning rate too high, an input outlier or NaN in the data, an overflow in the "
-                "loss. Remedies: lower_learning_rate, sanitize_inputs, clip_by_norm/zclip, rollback.")
+                "loss. Remedies: lower_learning_rate, sanitize_inputs, clip_norm/zclip, rollback.")
         return None, SkipState(consecutive, state.total + 1, True, bad, state.names)
 
     def report(s: SkipState) -> dict[str, int]:

@@ -1,0 +1,206 @@
+"""The remedy catalogue: every cure graddoctor knows, each listed once, with the code that applies it.
+
+A `Cure` has:
+- `id`: stable, used as it is in diagnose's findings and JSON. Where a graddoctor function applies
+  the cure, the id is that function's name (`clip_norm` is `gd.treat.clip_norm`, `add_residual` is
+  `gd.surgery.add_residual`); an init scheme `gd.init.<scheme>_` is `<scheme>_init` (the trailing
+  underscore is PyTorch's mark of an in-place function); a cure that is one argument of a general
+  function is named by that argument (`relu` is `swap_activation(model, old, nn.ReLU)`, `batch_norm`
+  is `add_norm(model, kind="batch")`); a change to the user's own code has a descriptive id.
+- `why`: one line, what it does and why that helps.
+- `snippet`: code that calls graddoctor's API; `{act}` stands for the model's activation class.
+- `apply`: the callable that applies it; None for a change to the user's own training code.
+- `aliases`: former ids. Looking a cure up by one of them finds it, and the `--json` output lists them,
+  so consumers that match the old id keep working.
+- `present_as`: module class names that mean a model already has the cure (diagnose leaves it out).
+
+Diagnose ranks these cures for each finding (`graddoctor.diagnosis._remedies`); nothing else defines one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from .._errors import GradDoctorError
+from . import init, surgery
+from ._adaptive import agc, auto_clip, zclip
+from ._pretrain import layerwise_pretrain
+from ._regularization import l1_penalty, l2_penalty
+from ._rollback import rollback
+from ._skip import skip_nonfinite
+from ._transforms import clip_norm, clip_norm_per_tensor, clip_value
+
+
+class UnknownRemedyError(GradDoctorError, KeyError):
+    """A remedy id that is neither a catalogue id nor one of their aliases."""
+
+
+@dataclass(frozen=True)
+class Cure:
+    """One remedy of the catalogue (see the module docstring for the fields)."""
+
+    id: str
+    why: str
+    snippet: str
+    apply: Optional[Callable[..., Any]] = None
+    aliases: tuple[str, ...] = ()
+    present_as: frozenset[str] = frozenset()
+
+
+class Catalogue(Mapping[str, Cure]):
+    """Cures by id. `catalogue[old_id]` (and `in`, `get`) also finds a cure by a former id; iteration,
+    `len`, `keys()` and `items()` give each cure once, under its current id."""
+
+    def __init__(self, cures: Iterable[Cure]):
+        self._by_id: dict[str, Cure] = {}
+        self._current: dict[str, str] = {}  # every accepted id -> the current one
+        for cure in cures:
+            for name in (cure.id, *cure.aliases):
+                if name in self._current:  # a programming error in the table below
+                    raise ValueError(f"remedy id {name!r} is listed twice")
+                self._current[name] = cure.id
+            self._by_id[cure.id] = cure
+
+    def __getitem__(self, remedy_id: str) -> Cure:
+        current = self._current.get(remedy_id)
+        if current is None:
+            raise UnknownRemedyError(f"unknown remedy id {remedy_id!r}; known ids: {', '.join(self._by_id)}")
+        return self._by_id[current]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class Implementations(Mapping[str, Union[Callable[..., Any], str]]):
+    """`REMEDIES`: the catalogue seen as id -> the callable that applies the cure, or its snippet when the
+    cure is a change to the user's own code. Former ids are accepted, as by the catalogue."""
+
+    def __init__(self, catalogue: Catalogue):
+        self._catalogue = catalogue
+
+    def __getitem__(self, remedy_id: str) -> Union[Callable[..., Any], str]:
+        cure = self._catalogue[remedy_id]
+        return cure.apply if cure.apply is not None else cure.snippet
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._catalogue)
+
+    def __len__(self) -> int:
+        return len(self._catalogue)
+
+
+_SATURATING = (nn.Sigmoid, nn.Tanh)
+
+
+def _swap(kind: str, make: Callable[[], nn.Module]) -> Callable[..., tuple[nn.Module, list[str]]]:
+    def swap(model: nn.Module, old: type | tuple[type, ...] = _SATURATING) -> tuple[nn.Module, list[str]]:
+        return surgery.swap_activation(model, old, make)
+    swap.__name__ = f"swap_to_{kind}"
+    swap.__doc__ = f"Swap saturating activations (Sigmoid, Tanh) for {kind} (surgery.swap_activation)."
+    return swap
+
+
+def _norm(kind: str) -> Callable[[nn.Module], tuple[nn.Module, list[str]]]:
+    def add(model: nn.Module) -> tuple[nn.Module, list[str]]:
+        return surgery.add_norm(model, kind=kind)
+    add.__name__ = f"add_{kind}_norm"
+    add.__doc__ = f"Insert {kind} normalization after each Linear/Conv feeding an activation (surgery.add_norm)."
+    return add
+
+
+_BATCH_NORMS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
+
+CATALOGUE = Catalogue([
+    Cure("clip_value", "Caps every gradient entry (Keras' clipvalue default is 0.5), so one huge entry cannot "
+         "blow up a step.",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.clip_value(0.5))', clip_value, ("clip_by_value",)),
+    Cure("clip_norm", "Rescales the whole gradient to norm <= max_norm (scale = max_norm/||g||), keeping its "
+         "direction.",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.clip_norm(1.0))', clip_norm, ("clip_by_norm",)),
+    Cure("clip_norm_per_tensor", "Clips each layer's gradient norm on its own, so one exploding layer does not "
+         "shrink the rest.",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.clip_norm_per_tensor(1.0))', clip_norm_per_tensor,
+         ("clip_per_tensor",)),
+    Cure("auto_clip", "Clips at a percentile of the run's own gradient-norm history: no threshold to tune "
+         "(AutoClip).",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.auto_clip(percentile=10))', auto_clip),
+    Cure("agc", "Adaptive gradient clipping: caps each unit's gradient relative to its weight norm (NFNets).",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.agc(clipping=0.01))', agc),
+    Cure("zclip", "Clips gradient norms that are z-score outliers against a running mean/std, so spikes are "
+         "cut early.",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.zclip(z_threshold=2.5))', zclip),
+    Cure("skip_nonfinite", "Skips the optimizer step when any gradient is NaN/Inf instead of writing NaN into "
+         "the weights.",
+         'w = gd.watch(model, opt, run_dir, guard=gd.treat.skip_nonfinite())', skip_nonfinite),
+    Cure("rollback", "Restores the last good weights and optimizer state after a loss spike or NaN, then "
+         "continues.",
+         'rb = gd.treat.rollback(model, opt, every=50)\n'
+         '# in the loop: skip the batch while rb.skipping(); call rb.step(loss) after opt.step()', rollback),
+    Cure("lower_learning_rate", "Smaller steps keep updates a small fraction of the weights (update/weight "
+         "~1e-3).",
+         'for g in opt.param_groups:\n    g["lr"] *= 0.1'),
+    Cure("sanitize_inputs", "Drops or clamps non-finite and extreme input values before they reach the model.",
+         'x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).clamp(-10, 10)   # after normalizing x'),
+    Cure("l1_penalty", "Penalizes the sum of |w|, keeping weights small so products of layers stay bounded.",
+         'loss = loss + gd.treat.l1_penalty(model, 1e-5)', l1_penalty, ("l1_regularization",)),
+    Cure("l2_penalty", "Penalizes large weights (weight decay), which keeps the per-layer gain near 1.",
+         'loss = loss + gd.treat.l2_penalty(model, 1e-4)   # the same as SGD(weight_decay=1e-4)', l2_penalty,
+         ("l2_regularization",)),
+    Cure("relu", "ReLU's derivative is 1 where active, instead of sigmoid's at most 0.25 per layer.",
+         'model, _ = gd.surgery.swap_activation(model, {act}, nn.ReLU)', _swap("relu", nn.ReLU),
+         present_as=frozenset({"ReLU"})),
+    Cure("leaky_relu", "A small negative slope keeps a gradient flowing through units that would otherwise die.",
+         'model, _ = gd.surgery.swap_activation(model, {act}, lambda: nn.LeakyReLU(0.01))',
+         _swap("leaky_relu", lambda: nn.LeakyReLU(0.01)), present_as=frozenset({"LeakyReLU"})),
+    Cure("elu", "ELU is smooth, non-saturating for x > 0 and has no dead region.",
+         'model, _ = gd.surgery.swap_activation(model, {act}, nn.ELU)', _swap("elu", nn.ELU),
+         present_as=frozenset({"ELU"})),
+    Cure("he_init", "He init (std sqrt(2/fan_in)) keeps activation variance constant through ReLU layers.",
+         'gd.init.he_(model)', init.he_),
+    Cure("xavier_init", "Xavier init (std sqrt(2/(fan_in+fan_out))) keeps tanh/sigmoid pre-activations out of "
+         "saturation.",
+         'gd.init.xavier_(model)', init.xavier_),
+    Cure("lsuv_init", "Layer-sequential unit-variance init rescales each layer on one batch so activations have "
+         "std 1.",
+         'gd.init.lsuv_(model, x_batch)', init.lsuv_),
+    Cure("orthogonal_init", "Orthogonal weights preserve norms exactly in linear and recurrent chains.",
+         'gd.init.orthogonal_(model)', init.orthogonal_),
+    Cure("zero_residual_init", "Zero-initialising each residual branch's last layer makes every block start as "
+         "the identity.",
+         'gd.init.zero_residual_(model)', init.zero_residual_),
+    Cure("batch_norm", "BatchNorm re-centres and re-scales each layer's input, so the per-layer gain stays near 1.",
+         'model, _ = gd.surgery.add_norm(model, kind="batch")', _norm("batch"), present_as=_BATCH_NORMS),
+    Cure("layer_norm", "LayerNorm normalizes each example (works for sequences and small batches).",
+         'model, _ = gd.surgery.add_norm(model, kind="layer")', _norm("layer"), present_as=frozenset({"LayerNorm"})),
+    Cure("add_residual", "Identity skips give the gradient a path that multiplies by 1, not by each layer's "
+         "Jacobian.",
+         'model, _ = gd.surgery.add_residual(model)', surgery.add_residual, ("residual_connections",)),
+    Cure("rnn_to_lstm", "An LSTM's additive cell state carries gradients across time steps without repeated "
+         "squashing.",
+         'model, _ = gd.surgery.rnn_to_lstm(model)', surgery.rnn_to_lstm, ("lstm",),
+         frozenset({"LSTM", "LSTMCell"})),
+    Cure("rnn_to_gru", "A GRU's gated update also keeps long-range gradients alive, with fewer parameters than an "
+         "LSTM.",
+         'model, _ = gd.surgery.rnn_to_gru(model)', surgery.rnn_to_gru, ("gru",), frozenset({"GRU", "GRUCell"})),
+    Cure("layerwise_pretrain", "Trains one layer at a time, then fine-tunes all: each stage is shallow (Hinton "
+         "2006).",
+         'gd.treat.layerwise_pretrain(model, x_train, steps_per_layer=200)   # then train all layers as usual',
+         layerwise_pretrain, ("layerwise_pretraining",)),
+    Cure("fewer_layers", "Fewer layers means fewer factors in the backprop product.",
+         'model = make_model(depth=depth // 2)   # rebuild with fewer layers'),
+    Cure("smaller_batches", "Smaller batches make smaller, noisier steps, which can keep a run out of the "
+         "exploding regime.",
+         'loader = DataLoader(dataset, batch_size=batch_size // 4, shuffle=True)'),
+    Cure("truncated_bptt", "Backpropagating through a limited number of time steps caps how many recurrent "
+         "factors multiply.",
+         'for chunk in seq.split(35, dim=1):   # backprop through at most 35 steps\n'
+         '    out, h = rnn(chunk, h.detach())   # detach = truncate'),
+])
+
+REMEDIES = Implementations(CATALOGUE)
