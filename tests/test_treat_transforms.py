@@ -121,7 +121,8 @@ def test_clip_norm_matches_torch_other_dtypes(dtypes):
     gs = grads_of(ref)
     n, count, low = max(g.numel() for g in gs), len(gs), max(unit_roundoff(d) for d in dtypes)
     acc = {d: U64 if d == torch.float64 else U32 for d in dtypes}
-    theirs = clip_coef_rel(total_norm_rel(max(norm_rel(n, acc[d], out_u=unit_roundoff(d)) for d in dtypes), count, low), low)
+    per_tensor = max(norm_rel(n, acc[d], out_u=unit_roundoff(d)) for d in dtypes)
+    theirs = clip_coef_rel(total_norm_rel(per_tensor, count, low), low)
     ours = clip_coef_rel(total_norm_rel(norm_rel(n, U32), count))
     rtol = rel_diff_tol(theirs, ours) + 2 * low
     atol = 2.0 ** -25 if torch.float16 in dtypes else 0.0  # float16 products below 2^-14 are subnormal: 2^-24 apart
@@ -339,7 +340,8 @@ def zclip_oracle(norms, alpha, zt, warmup, eps=1e-6):
         d = g_star - new_mu
         e_d = e_star + e_new_mu + u * abs(d)
         new_var = alpha * var + (1 - alpha) * d * d
-        e_var = alpha * e_var + (1 - alpha) * 2 * abs(d) * e_d + 2 * u * (alpha * var + (1 - alpha) * d * d) + u * new_var
+        e_var = (alpha * e_var + (1 - alpha) * 2 * abs(d) * e_d + 2 * u * (alpha * var + (1 - alpha) * d * d)
+                 + u * new_var)
         mu, e_mu, var = new_mu, e_new_mu, new_var
     return out, bound
 
