@@ -13,13 +13,21 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from _numerics import (
+    U32,
+    clip_coef_rel,
+    clipped_grad_rel,
+    compose,
+    gamma,
+    norm_rel,
+    orthogonality_bound,
+    total_norm_rel,
+)
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import graddoctor as gd
-from _numerics import (U32, clip_coef_rel, clipped_grad_rel, compose, gamma, norm_rel, orthogonality_bound,
-                       total_norm_rel)
 from graddoctor.core._layers import Residual
 from graddoctor.diagnosis import CATALOGUE, Finding, Remedy, findings_document, remedy
 

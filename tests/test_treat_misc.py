@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _numerics import U32, adam_drift_atol, gamma
 from torch import nn
 
 import graddoctor as gd
-from _numerics import U32, adam_drift_atol, gamma
 from graddoctor import treat
 
 SHARED_IDS = {
@@ -44,7 +44,9 @@ def run(model, opt, penalty=None, steps=5, record=None, decay=0.0):
                            for gl, w in zip(grads, model.parameters())])
         if penalty is not None:
             loss = loss + penalty(model)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def decay_trajectory_atol(record, lr: float, adam: bool) -> list[torch.Tensor]:

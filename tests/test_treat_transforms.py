@@ -7,11 +7,22 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from _numerics import (
+    U32,
+    U64,
+    clip_coef_rel,
+    clipped_grad_rel,
+    compose,
+    gamma,
+    norm_rel,
+    rel_diff_tol,
+    total_norm_rel,
+    unit_roundoff,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graddoctor as gd
-from _numerics import (U32, U64, clip_coef_rel, clipped_grad_rel, compose, gamma, norm_rel, rel_diff_tol,
-                       total_norm_rel, unit_roundoff)
 from graddoctor import treat
 from graddoctor.core._stats import group_by_device_dtype, tensor_stats
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._errors import ConfigError
 from ..core._stats import TensorStats
-from ._base import Grads, GradientTransform, TransformState, check_positive, clip_coefficient, scale_, scaled_stats
+from ._base import GradientTransform, Grads, TransformState, check_positive, clip_coefficient, scale_, scaled_stats
 from ._transforms import stats_device
 
 

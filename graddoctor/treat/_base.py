@@ -30,8 +30,8 @@ from typing import Any, Callable, Generic, Optional, Protocol, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-from ..core import _native
 from .._errors import GradDoctorError
+from ..core import _native
 from ..core._stats import TensorStats, group_by_device_dtype, tensor_stats
 
 Grads = list[Optional[Tensor]]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._errors import ConfigError, GradDoctorError
 from ..core._stats import TensorStats
-from ._base import Grads, GradientTransform, TransformState, unchanged_stats
+from ._base import GradientTransform, Grads, TransformState, unchanged_stats
 
 
 class NonFiniteGradientError(GradDoctorError):

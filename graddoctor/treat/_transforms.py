@@ -23,8 +23,17 @@ import torch
 from torch import Tensor
 
 from ..core._stats import TensorStats, group_by_device_dtype
-from ._base import (Grads, GradientTransform, TransformState, check_positive, clip_by_total_norm_, clip_coefficient,
-                    scale_each_, scaled_stats, take)
+from ._base import (
+    GradientTransform,
+    Grads,
+    TransformState,
+    check_positive,
+    clip_by_total_norm_,
+    clip_coefficient,
+    scale_each_,
+    scaled_stats,
+    take,
+)
 
 
 def stats_device(params: Sequence[Tensor]) -> torch.device:

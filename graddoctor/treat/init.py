@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .._errors import GradDoctorError
 from ..core._layers import RECURRENT, WEIGHT_LAYERS, Residual, activation_name
 
+
 class NoLayersError(GradDoctorError):
     """The model has no layer this initialization applies to."""
 
