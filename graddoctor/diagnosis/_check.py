@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +122,10 @@ def check(model: nn.Module, inputs: Tensor, targets: Optional[Tensor] = None,
             p.grad = None
         out = model(inputs)
         out = out[0] if isinstance(out, tuple) else out
-        loss = (loss_fn or _default_loss)(out, targets)
+        if loss_fn is None:
+            loss = _default_loss(out, targets)
+        else:  # a custom loss gets the targets as given (None when none were)
+            loss = loss_fn(out, cast(Tensor, targets))
         loss.backward()
         profile = [_profile(n, m, rms.get(n, math.nan)) for n, m in layers]
     finally:
@@ -152,6 +155,7 @@ def _act_hook(rows: dict, name: str, kind):
 
 def _profile(name: str, module: nn.Module, out_rms: float) -> LayerProfile:
     w = _weight(module)
+    assert w is not None, "check() profiles only layers with a weight"
     fan_in = w[0].numel() if w.ndim > 1 else 1
     g = w.grad
     return LayerProfile(name=name, output_rms=out_rms,
@@ -167,7 +171,7 @@ def _verdict(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckT
     signal = last.output_rms / first.output_rms if first.output_rms else math.nan
     gain = signal ** (1.0 / depth) if signal > 0 else (0.0 if signal == 0 else math.nan)
     reasons = _causes(layers, saturated, dead, th)
-    values = [ratio, signal, loss] + [l.grad_norm for l in layers]
+    values = [ratio, signal, loss] + [layer.grad_norm for layer in layers]
     if any(not math.isfinite(v) for v in values if not math.isnan(v)) or math.isnan(loss):
         verdict = "nonfinite"
     elif ratio < th.gradient_ratio_low or signal < th.signal_ratio_low:
@@ -189,13 +193,15 @@ def _causes(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckTh
     dd = [n for n, f in dead.items() if f > th.mostly]
     if dd:
         out.append(f"{len(dd)} ReLU-family activation(s) with most units dead ({', '.join(dd[:3])})")
-    gains = [l.weight_gain for l in layers if math.isfinite(l.weight_gain)]
+    gains = [layer.weight_gain for layer in layers if math.isfinite(layer.weight_gain)]
     if gains:
         mean_gain = sum(gains) / len(gains)
         if mean_gain > 2.0:
-            out.append(f"weights are large for their fan-in (std x sqrt(fan_in) = {mean_gain:.2g}; He is 1.41, Xavier 1)")
+            out.append(f"weights are large for their fan-in (std x sqrt(fan_in) = {mean_gain:.2g}; "
+                       "He is 1.41, Xavier 1)")
         elif mean_gain < 0.5:
-            out.append(f"weights are small for their fan-in (std x sqrt(fan_in) = {mean_gain:.2g}; He is 1.41, Xavier 1)")
+            out.append(f"weights are small for their fan-in (std x sqrt(fan_in) = {mean_gain:.2g}; "
+                       "He is 1.41, Xavier 1)")
     return out
 
 
@@ -203,6 +209,7 @@ def format_check(report: CheckReport) -> str:
     """The report as text: verdict, reasons, and the per-layer profile."""
     lines = [f"check: {report.verdict}"] + [f"  - {r}" for r in report.reasons]
     lines.append(f"  {'layer':<16} {'out RMS':>10} {'grad/weight':>12} {'w-gain':>7}")
-    for l in report.layers:
-        lines.append(f"  {l.name or '(root)':<16} {l.output_rms:>10.3g} {l.grad_to_weight:>12.3g} {l.weight_gain:>7.3g}")
+    for p in report.layers:
+        lines.append(f"  {p.name or '(root)':<16} {p.output_rms:>10.3g} {p.grad_to_weight:>12.3g} "
+                     f"{p.weight_gain:>7.3g}")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ def _f32(a, shape) -> np.ndarray:
 
 @dataclass
 class RunData:
-    """Host arrays of one run. T steps, P tensors, S weight samples, U update samples, A activation samples, M modules."""
+    """Host arrays of one run: T steps, P tensors, S weight / U update / A activation samples, M modules."""
 
     steps: np.ndarray                 # int64[T]
     loss: np.ndarray                  # float64[T], NaN where no loss was given (see loss_given)
@@ -49,7 +49,8 @@ class RunData:
     act_modules: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
     input_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    inputs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))  # maxabs, nonfinite, mean, std
+    # maxabs, nonfinite, mean, std
+    inputs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
     amp_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))     # runs with a GradScaler
     amp: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.float32))     # loss scale, overflow
     meta: dict[str, Any] = field(default_factory=dict)
@@ -76,13 +77,16 @@ class RunData:
         return cls(
             steps=steps.astype(np.int64), loss=loss, loss_given=given if run.loss_rows_given else None,
             global_norm=_f32(gnorm, (T,)),
-            grad_norm=_f32(gn, (T, P)), grad_nonfinite=np.zeros((T, P), np.int64) if nf is None else nf.astype(np.int64),
+            grad_norm=_f32(gn, (T, P)),
+            grad_nonfinite=np.zeros((T, P), np.int64) if nf is None else nf.astype(np.int64),
             sample_steps=s_steps.astype(np.int64), weight_norm=_f32(wn, (len(s_steps), P)),
             update_steps=u_steps.astype(np.int64), update_norm=_f32(un, (len(u_steps), P)),
             tensors=list(run.tensors), tensor_module=[run.tensor_module[t] for t in run.tensors],
-            tensor_shape=[tuple(run.tensor_shape[t]) for t in run.tensors], modules=dict(run.meta.get("modules") or {}),
+            tensor_shape=[tuple(run.tensor_shape[t]) for t in run.tensors],
+            modules=dict(run.meta.get("modules") or {}),
             act_steps=a_steps.astype(np.int64), act=np.asarray(act, dtype=np.float32),
-            act_modules=list(run.activation_modules), act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
+            act_modules=list(run.activation_modules),
+            act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
             input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta),
             amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32))
 

@@ -17,7 +17,8 @@ from ._rules_loss import input_outlier, large_weight_update, loss_not_decreasing
 
 Rule = Callable[[RunData, DiagnoseConfig], Optional[Finding]]
 
-# One rule per finding code (the stable codes listed in the README), in the order findings are reported at equal severity.
+# One rule per finding code (the stable codes listed in the README), in the order findings are
+# reported at equal severity.
 RULES: dict[str, Rule] = {
     "nonfinite_gradient": nonfinite_gradient,
     "exploding_gradient": exploding_gradient,

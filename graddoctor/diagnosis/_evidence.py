@@ -42,8 +42,9 @@ def activation_family(d: RunData) -> str:
 
 
 def fitting_init(d: RunData) -> str:
-    """The init that fits the activations found: He for the ReLU family, Xavier for tanh/sigmoid, orthogonal for linear."""
-    return {"relu": "he_init", "bounded": "xavier_init", "mixed": "lsuv_init", "none": "orthogonal_init"}[activation_family(d)]
+    """The init that fits the activations found: He for ReLU-family, Xavier for tanh/sigmoid, orthogonal for linear."""
+    inits = {"relu": "he_init", "bounded": "xavier_init", "mixed": "lsuv_init", "none": "orthogonal_init"}
+    return inits[activation_family(d)]
 
 
 def activation_class(d: RunData) -> str:
@@ -54,7 +55,10 @@ def activation_class(d: RunData) -> str:
 
 
 def weight_scales(d: RunData) -> dict[str, float]:
-    """Initial weight RMS * sqrt(fan_in) per eligible non-recurrent matrix (1 = LeCun, 1.41 = He, 0.58 = torch default)."""
+    """Initial weight RMS * sqrt(fan_in) per eligible non-recurrent matrix.
+
+    1 is LeCun, 1.41 is He, 0.58 is the torch default.
+    """
     out = {}
     for i in d.eligible:
         if d.is_recurrent_tensor(int(i)):
@@ -99,7 +103,8 @@ def init_profile(d: RunData, cfg: DiagnoseConfig) -> InitProfile:
             if abs(prof.std_orders) >= cfg.init_std_orders:
                 way = "shrinks" if prof.std_orders < 0 else "grows"
                 prof.reasons.append(f"activation std {way} {10 ** abs(prof.std_orders):.3g}x from "
-                                    f"{d.act_modules[acts[ok[0]]]} to {d.act_modules[acts[ok[-1]]]} at step {prof.step}")
+                                    f"{d.act_modules[acts[ok[0]]]} to {d.act_modules[acts[ok[-1]]]} "
+                                    f"at step {prof.step}")
                 prof.layers = [d.act_modules[acts[ok[0]]], d.act_modules[acts[ok[-1]]]]
         bounded = [j for j in acts if d.act_kinds[j] in BOUNDED_KINDS and np.isfinite(d.act[first, j, ACT_SAT])]
         if bounded:
@@ -183,7 +188,7 @@ def bad_input_steps(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
 
 
 def large_update_mask(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
-    """Update samples whose median update/weight ratio over layers exceeds the threshold (non-finite counts as large)."""
+    """Update samples whose median update/weight ratio over layers exceeds the threshold (non-finite is large)."""
     ur = d.log_update_ratio
     if ur.shape[1] == 0:
         return np.zeros(len(d.update_steps), dtype=bool)

@@ -68,6 +68,6 @@ class Finding:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Finding":
         return cls(code=d["code"], severity=d["severity"], first_step=int(d["first_step"]),
-                   last_step=int(d["last_step"]), layers=tuple(d.get("layers", ())), evidence=dict(d.get("evidence", {})),
-                   cause=d["cause"], message=d.get("message", ""),
+                   last_step=int(d["last_step"]), layers=tuple(d.get("layers", ())),
+                   evidence=dict(d.get("evidence", {})), cause=d["cause"], message=d.get("message", ""),
                    remedies=tuple(Remedy(r["id"], r["why"], r["snippet"]) for r in d.get("remedies", ())))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from types import FrameType
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -101,12 +102,14 @@ class LiveDiagnosis:
     def _append(self, series: str, steps: np.ndarray, data: np.ndarray, last: int) -> None:
         old = self._series.get(series)
         if old is not None and len(old[0]):
-            steps, data = np.concatenate([old[0], steps]), np.concatenate([old[1], data.astype(old[1].dtype, copy=False)])
+            steps = np.concatenate([old[0], steps])
+            data = np.concatenate([old[1], data.astype(old[1].dtype, copy=False)])
         keep = steps > last - self.window
         self._series[series] = (steps[keep], data[keep])
 
     def _data(self) -> RunData:
         t = self._template
+        assert t is not None, "the first flush (_take_chunks) sets the template"
         s = self._series
         P, M = len(t.tensors), len(t.act_modules)
 
@@ -137,7 +140,8 @@ class LiveDiagnosis:
     # ----------------------------------------------------------------- reporting
     def _report(self, watch: "Watch", f: Finding) -> None:
         self.findings.append(f)
-        text = f"graddoctor: {f.severity} {f.code} at steps {f.first_step}-{f.last_step} (cause: {f.cause}): {f.message}"
+        text = (f"graddoctor: {f.severity} {f.code} at steps {f.first_step}-{f.last_step} "
+                f"(cause: {f.cause}): {f.message}")
         if f.remedies:
             text += f" Try: {', '.join(r.id for r in f.remedies[:3])}."
         if log.hasHandlers():  # without handlers, logging's last resort would print the warning a second time
@@ -154,22 +158,22 @@ def _user_stacklevel() -> int:
     import os
     import sys
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
 
 
-
-
 def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The per-series arrays of a RunData, keyed by store series name."""
     M = len(d.act_modules)
-    return {"loss": (d.steps[d.given], d.loss[d.given].reshape(-1, 1)), "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
+    return {"loss": (d.steps[d.given], d.loss[d.given].reshape(-1, 1)),
+            "grad_total_norm": (d.steps, d.global_norm.reshape(-1, 1)),
             "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
             "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
-            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * len(ACT_FIELDS))), "input": (d.input_steps, d.inputs),
-            "amp": (d.amp_steps, d.amp)}
+            "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * len(ACT_FIELDS))),
+            "input": (d.input_steps, d.inputs), "amp": (d.amp_steps, d.amp)}
 
 
 def attach(watch: "Watch", on_finding: Optional[Callable[[Finding], None]] = None) -> LiveDiagnosis:

@@ -7,7 +7,7 @@ whole batch for the ReLU family, and the std per layer for the start-of-training
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import AbstractSet, Optional
 
 import numpy as np
 
@@ -29,7 +29,8 @@ class _Persistent:
     at_first_sample: bool  # already over the threshold at the first sample
 
 
-def _persistent(d: RunData, kinds: set, col: int, threshold: float, min_fraction: float) -> Optional[_Persistent]:
+def _persistent(d: RunData, kinds: AbstractSet[str], col: int, threshold: float,
+                min_fraction: float) -> Optional[_Persistent]:
     """Modules of the given kinds whose statistic exceeds `threshold` on >= min_fraction of finite samples."""
     if len(d.act_steps) == 0 or d.act.ndim != 3 or d.act.shape[1] != len(d.act_modules):
         return None
@@ -61,7 +62,8 @@ def saturated_activation(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if first <= cfg.init_max_step and (prof.poor or big_w):
         cause = "initialization"
         why = (f"saturated from the first sample (step {first}); weight scale RMS*sqrt(fan_in) "
-               f"{'up to %.3g' % max(big_w.values()) if big_w else 'normal'} (Xavier: ~1) drives pre-activations into the flat tails")
+               f"{'up to %.3g' % max(big_w.values()) if big_w else 'normal'} (Xavier: ~1) "
+               "drives pre-activations into the flat tails")
     elif large_update_mask(d, cfg).any():
         cause, why = "learning_rate", "saturation set in after large weight updates pushed pre-activations out"
     else:

@@ -116,15 +116,17 @@ def _stall(d: RunData, cfg: DiagnoseConfig) -> tuple[np.ndarray, dict]:
 def _vanishing_cause(d: RunData, cfg: DiagnoseConfig, layers: list[str]) -> tuple[str, str]:
     rec = [n for n in layers if d.is_recurrent_tensor(d.tensors.index(n))]
     if rec:
-        return "recurrence", f"the vanishing layers include recurrent weights ({rec[0]}): backprop through time multiplies one factor per time step"
+        return "recurrence", (f"the vanishing layers include recurrent weights ({rec[0]}): backprop through time "
+                              "multiplies one factor per time step")
     prof = init_profile(d, cfg)
     if prof.poor:
         return "initialization", "the initialization does not preserve signal size: " + "; ".join(prof.reasons)
     fam = activation_family(d)
     if fam in ("bounded", "mixed"):
         kinds = sorted({k for k in d.act_kinds if k in ("sigmoid", "tanh", "hardsigmoid", "softsign")})
-        return "activation", (f"saturating activations ({', '.join(kinds) or 'bounded'}) multiply the gradient by their "
-                              f"derivative (sigmoid: at most 0.25) once per layer; the initialization keeps activations in range")
+        return "activation", (f"saturating activations ({', '.join(kinds) or 'bounded'}) multiply the gradient "
+                              "by their derivative (sigmoid: at most 0.25) once per layer; the initialization keeps "
+                              "activations in range")
     if len(d.eligible) >= 10:
         return "depth", f"{len(d.eligible)} weight layers in a chain with healthy init and non-saturating activations"
     return "unknown", "no saturation, no init problem and no recurrence found in the recorded statistics"
@@ -277,13 +279,14 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
     if _input_bad_by(d, cfg, first):
         return "data", f"the input batch at step {first} was an outlier or non-finite"
     if d.recurrent_modules:
-        return "recurrence", (f"the model has recurrent layers ({', '.join(d.recurrent_modules[:3])}): backprop through "
-                              "time multiplies the recurrent weight once per time step")
+        return "recurrence", (f"the model has recurrent layers ({', '.join(d.recurrent_modules[:3])}): "
+                              "backprop through time multiplies the recurrent weight once per time step")
     prof = init_profile(d, cfg)
     grows = np.isfinite(prof.std_orders) and prof.std_orders >= cfg.init_std_orders
     if grows or (np.isfinite(prof.gain_orders) and prof.gain_orders >= cfg.init_gain_orders) or \
             (first <= cfg.init_max_step // 5 and prof.poor):
-        return "initialization", "the initialization amplifies signals: " + "; ".join(prof.reasons or ["large weights at step 0"])
+        return "initialization", ("the initialization amplifies signals: "
+                                  + "; ".join(prof.reasons or ["large weights at step 0"]))
     if first <= cfg.init_max_step // 5 and len(d.eligible) >= 10:
         norms = sorted({c for c in d.modules.values() if c in NORM_NAMES})
         return "depth", (f"gradients are already far above their weights at the start in a chain of {len(d.eligible)} "
@@ -293,13 +296,14 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
     upd = d.update_steps[big & (d.update_steps <= first)]
     if len(upd):
         lr = d.meta.get("lr")
-        return "learning_rate", (f"updates were large before the rise (median update/weight ratio above "
-                                 f"{cfg.large_update_ratio} at step {int(upd[-1])}" + (f", initial lr={lr}" if lr else "") +
-                                 ") while the first steps were healthy")
+        return "learning_rate", ("updates were large before the rise (median update/weight ratio above "
+                                 f"{cfg.large_update_ratio} at step {int(upd[-1])}"
+                                 + (f", initial lr={lr}" if lr else "") + ") while the first steps were healthy")
     if growth:
         return "depth", "gradients grow layer by layer toward the input"
     if first > cfg.init_max_step:
-        return "learning_rate", "training was stable for the first steps, then gradients rose: the step size is the usual trigger"
+        return "learning_rate", ("training was stable for the first steps, then gradients rose: "
+                                 "the step size is the usual trigger")
     return "unknown", "no input outlier, recurrence, init problem or large update found before the rise"
 
 
@@ -349,9 +353,11 @@ def nonfinite_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
           "nonfinite_steps": int(bad.sum()), "recovered": not bool(bad[-1]),
           "layers_nonfinite_at_first_step": len(layers), "layers_total": d.P}
     if len(d.amp_steps):
-        ev["amp_scale_overflow_steps"] = len(d.amp_overflow_steps) - int(np.isin(d.steps[bad], d.amp_overflow_steps).sum())
+        overflow_in_bad = int(np.isin(d.steps[bad], d.amp_overflow_steps).sum())
+        ev["amp_scale_overflow_steps"] = len(d.amp_overflow_steps) - overflow_in_bad
     if which == "input":
-        cause, why = "data", f"the input batch held NaN/Inf at step {in_first}, before or with the first non-finite gradient"
+        cause, why = "data", (f"the input batch held NaN/Inf at step {in_first}, "
+                              "before or with the first non-finite gradient")
     else:
         cause, why = _nonfinite_cause(d, cfg, first, which)
     ev["reasoning"] = why
@@ -375,9 +381,9 @@ def scale_overflows(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     after = overflow[calibration:]
     fraction = float(after.mean()) if len(after) else 1.0
     low = float(np.nanmin(scale))
-    ev = {"amp_scale_overflow_steps": int(len(skipped)), "amp_steps": n, "calibration_steps": calibration,
-          "overflow_fraction_after_calibration": round(fraction, 4) if len(after) else None,
-          "first_scale": float(scale[0]), "last_scale": float(scale[-1]), "min_scale": low}
+    ev: dict = {"amp_scale_overflow_steps": int(len(skipped)), "amp_steps": n, "calibration_steps": calibration,
+                "overflow_fraction_after_calibration": round(fraction, 4) if len(after) else None,
+                "first_scale": float(scale[0]), "last_scale": float(scale[-1]), "min_scale": low}
     if (len(after) and fraction > cfg.amp_stalled_fraction) or (not len(after) and low < cfg.amp_min_scale):
         severity, why = "critical", ("it skipped nearly every step, even at a scale below 1, so training has all "
                                      "but stopped: the gradients overflow whatever the scale")
@@ -406,5 +412,7 @@ def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) ->
         cause, why = exploding_cause(d, cfg, first, [], False)
         return cause, "gradients rose, or were far above their weights, before going non-finite; " + why
     if which == "loss":
-        return "unknown", "the loss went non-finite with no rise in gradients before it (check the loss for log(0) or division by zero)"
-    return "unknown", "gradients went non-finite with a finite input and no rise before (check for sqrt/log/division at 0 in the model)"
+        return "unknown", ("the loss went non-finite with no rise in gradients before it "
+                           "(check the loss for log(0) or division by zero)")
+    return "unknown", ("gradients went non-finite with a finite input and no rise before "
+                       "(check for sqrt/log/division at 0 in the model)")

@@ -44,7 +44,8 @@ def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.nd
     floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
     with np.errstate(invalid="ignore"):
         jump = loss - med
-        spike = np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * np.abs(med)) & (jump >= floor)
+        spike = (np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * np.abs(med))
+                 & (jump >= floor))
     return np.nan_to_num(spike, nan=0).astype(bool), med, z
 
 
@@ -67,7 +68,8 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if with_input:
         cause, why = "data", f"spike step(s) {with_input[:5]} coincide with outlier input batches"
     elif len(big) and (big <= steps[0] + 1).any():
-        cause, why = "learning_rate", f"large updates (update/weight above {cfg.large_update_ratio}) came before the spike"
+        cause, why = "learning_rate", (f"large updates (update/weight above {cfg.large_update_ratio}) "
+                                       "came before the spike")
     else:
         cause, why = "unknown", "no outlier input and no large update recorded at the spike steps"
     ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d_steps[worst]),
@@ -156,7 +158,8 @@ def input_outlier(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if not flagged.any():
         return None
     steps = d.input_steps[flagged]
-    ev = {"outlier_steps": _steps_list(d.input_steps[outlier]), "nonfinite_steps": _steps_list(d.input_steps[nonfinite]),
+    ev = {"outlier_steps": _steps_list(d.input_steps[outlier]),
+          "nonfinite_steps": _steps_list(d.input_steps[nonfinite]),
           "max_orders_above_median": _r(finite_max(above[outlier])) if outlier.any() else None,
           "reasoning": "input statistics are recorded before the model sees the batch, so the data is the source"}
     if outlier.any():
@@ -166,8 +169,10 @@ def input_outlier(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
         ev["first_outlier_orders_above_median"] = _r(above[i])
     parts = []
     if nonfinite.any():
-        parts.append(f"{int(nonfinite.sum())} input batch(es) held NaN/Inf (first at step {int(d.input_steps[nonfinite][0])})")
+        parts.append(f"{int(nonfinite.sum())} input batch(es) held NaN/Inf "
+                     f"(first at step {int(d.input_steps[nonfinite][0])})")
     if outlier.any():
-        parts.append(f"{int(outlier.sum())} batch(es) had max |x| or std up to 10^{ev['max_orders_above_median']:.1f} times the usual")
+        parts.append(f"{int(outlier.sum())} batch(es) had max |x| or std up to "
+                     f"10^{ev['max_orders_above_median']:.1f} times the usual")
     return Finding("input_outlier", "critical" if nonfinite.any() else "warning", int(steps[0]), int(steps[-1]), (),
                    ev, "data", "; ".join(parts) + ".")
