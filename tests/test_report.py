@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,7 +48,44 @@ def test_mark_nonfinite_counts_exactly_the_bad_points():
     fig, axes = P.figure(1)
     y = np.array([1.0, np.nan, 2.0, np.inf, -np.inf])
     assert P.mark_nonfinite(axes[0], np.arange(5), y) == 3
-    P.plt().close(fig)
+
+
+CALLER = """
+import sys, warnings
+import matplotlib
+matplotlib.use("pdf")  # the caller's choices, which drawing a report must leave as they are
+matplotlib.rcParams.update({"font.size": 13.0, "axes.grid": False, "figure.dpi": 150.0})
+before = dict(matplotlib.rcParams)
+import torch
+from torch import nn
+import graddoctor as gd
+from graddoctor.lab import run_lab
+from graddoctor.report import write_run_report
+
+warnings.simplefilter("ignore")
+out = sys.argv[1]
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+with gd.watch(model, None, out + "/run", flush_every=5) as w:
+    for _ in range(10):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        w.step()
+html = write_run_report([out + "/run"], out + "/run.html").read_text()
+assert html.count("data:image/png;base64,") >= 3
+lab = run_lab(preset="quick", only=["surface"], out=out + "/lab", progress=False)
+assert lab.report.read_text().count("data:image/png;base64,") >= 1
+changed = {k: (before[k], v) for k, v in matplotlib.rcParams.items() if v != before[k]}
+assert not changed, changed
+assert matplotlib.get_backend() == "pdf", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+
+
+def test_reports_leave_the_callers_matplotlib_as_it_was(tmp_path):
+    """A run report and a lab report change neither the caller's backend nor its rcParams, and never
+    import pyplot (which picks a backend); in a fresh process, where nothing else has imported it."""
+    proc = subprocess.run([sys.executable, "-c", CALLER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_loss_spikes_finds_injected_spikes_only():

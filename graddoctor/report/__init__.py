@@ -1,4 +1,4 @@
-"""HTML reports: self-contained pages (no network, no script), plots drawn with matplotlib's Agg backend.
+"""HTML reports: self-contained pages (no network, no script), plots drawn as matplotlib figures (no pyplot).
 
     from graddoctor.report import write_run_report
     write_run_report(["runs/exp1"], "exp1.html")

@@ -1,4 +1,7 @@
-"""Plot primitives for the HTML report: matplotlib (Agg backend) figures as inline PNG data URIs.
+"""Plot primitives for the HTML report: matplotlib figures as inline PNG data URIs.
+
+The figures are made by `_style` (matplotlib's object API: no pyplot, no global rcParams), so
+drawing a report leaves the caller's matplotlib as it was.
 
 Every primitive survives NaN and Inf, the very values this tool is about:
 non-finite points are left out of lines and drawn as red markers at the edge
@@ -8,44 +11,30 @@ the plot. Log scales use only positive finite values.
 from __future__ import annotations
 
 import base64
-import io
 from typing import Optional, Sequence
 
 import numpy as np
 
-_MPL = None
 NONFINITE_COLOR = "#d62728"
 
 
-def plt():
-    """matplotlib.pyplot with the Agg backend (no display needed); imported lazily with an install hint."""
-    global _MPL
-    if _MPL is None:
-        try:
-            import matplotlib
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("the report needs matplotlib: pip install 'graddoctor[lab]'") from e
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as pyplot
-        pyplot.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
-                                "figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
-        _MPL = pyplot
-    return _MPL
+def _style():
+    """The `_style` module, imported on first use (matplotlib is optional), with an install hint."""
+    try:
+        from . import _style as style
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the report needs matplotlib: pip install 'graddoctor[lab]'") from e
+    return style
 
 
 def figure(ncols: int = 1, width: float = 4.6, height: float = 3.0):
     """A new figure with `ncols` axes side by side; returns (fig, list of axes)."""
-    fig, axes = plt().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    return _style().new_figure(ncols, width, height)
 
 
 def to_uri(fig) -> str:
-    """Render and close a figure; return a `data:image/png;base64,...` URI."""
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    """Render a figure; return a `data:image/png;base64,...` URI."""
+    return "data:image/png;base64," + base64.b64encode(_style().png(fig)).decode("ascii")
 
 
 def as_float(values) -> np.ndarray:
@@ -84,6 +73,7 @@ def amp_scale(ax, steps: np.ndarray, scale: np.ndarray) -> None:
     right.plot(as_float(steps), as_float(scale), color="grey", linestyle="--", linewidth=1)
     right.set_yscale("log", base=2)
     right.set_ylabel("AMP loss scale (log2)", color="grey")
+    _style().style_plain(right, grid=True)
 
 
 def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, title: str,
@@ -93,13 +83,14 @@ def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, ti
     Args:
       values: [T, L] (steps x layers).
     """
+    from matplotlib import colormaps
     from matplotlib.colors import LogNorm, ListedColormap
     v = np.asarray(values, dtype=np.float64).T  # layers on the y axis, input layer at the top
     pos = v[np.isfinite(v) & (v > 0)]
     lo, hi = (pos.min(), pos.max()) if pos.size else (1e-8, 1.0)
     if hi <= lo:
         hi = lo * 10
-    cmap = plt().get_cmap("viridis").with_extremes(bad="#bbbbbb")
+    cmap = colormaps["viridis"].with_extremes(bad="#bbbbbb")
     masked = np.ma.masked_where(~(np.isfinite(v) & (v > 0)), v)
     extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5) if len(steps) else None
     im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(lo, hi), extent=extent)
@@ -107,7 +98,7 @@ def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, ti
     if bad.any():
         red = np.ma.masked_where(~bad, np.ones_like(v))
         ax.imshow(red, aspect="auto", interpolation="nearest", cmap=ListedColormap([NONFINITE_COLOR]), extent=extent)
-    ax.figure.colorbar(im, ax=ax, label=cbar_label)
+    _style().style_plain(ax.figure.colorbar(im, ax=ax, label=cbar_label).ax)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([_short(n) for n in layers] if len(layers) <= 24 else
                        [_short(n) if i % max(1, len(layers) // 12) == 0 else "" for i, n in enumerate(layers)])
@@ -150,7 +141,8 @@ def loss_curve(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
         ev = np.asarray((events or {}).get(label, []), dtype=np.float64)
         if ev.size:
             ax.plot(ev, np.full(ev.size, 0.03 + 0.04 * i), "^", color="purple", transform=ax.get_xaxis_transform(),
-                    markersize=4, linestyle="none", label=f"intervention ({label})" if len(curves) > 1 else "intervention")
+                    markersize=4, linestyle="none",
+                    label=f"intervention ({label})" if len(curves) > 1 else "intervention")
     if baseline is not None:
         ax.axhline(baseline[0], color="black", linestyle="--", linewidth=0.8, label=baseline[1])
     if ylim is not None:
