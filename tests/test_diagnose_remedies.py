@@ -380,7 +380,9 @@ def _norm_check(kind: type[nn.Module], dim: int):
         norms = [m for m in model.modules() if isinstance(m, kind)]
         assert len(norms) == sum(isinstance(m, nn.Sigmoid) for m in model.modules()) == 2
         seen = []
-        handles = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].double(), o.double()))) for m in norms]
+        def hook(m, i, o):
+            seen.append((i[0].detach().double(), o.detach().double()))
+        handles = [m.register_forward_hook(hook) for m in norms]
         model.train()
         out = model(ns["x"])
         for h in handles:

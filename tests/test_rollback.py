@@ -76,7 +76,9 @@ def test_rollback_restores_bit_identical_state_and_training_continues(tmp_path, 
         rb.step(train_step(model, opt, sched, *batch(i)))
     assert trained == list(range(24, 30))
     ref_model, ref_opt, ref_sched = setup()  # (setup reseeds torch: only after the real run)
-    ref_model.load_state_dict(good[0]); ref_opt.load_state_dict(good[1]); ref_sched.load_state_dict(good[2])
+    ref_model.load_state_dict(good[0])
+    ref_opt.load_state_dict(good[1])
+    ref_sched.load_state_dict(good[2])
     torch.set_rng_state(good[3])
     for i in trained:  # the same batches from the same state give the same weights: nothing else leaked
         train_step(ref_model, ref_opt, ref_sched, *batch(i))

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import torch
-from torch import nn
-
 from _numerics import adam_drift_atol, clip_coef_rel, compose, gamma, norm_rel, rel_diff_tol, total_norm_rel
+from torch import nn
 
 STEPS = 6
 NAN_STEP = 2
@@ -76,7 +75,8 @@ def reference():
             for acc, t in zip(spread, torch.autograd.grad(share, params)):
                 acc += t.double().abs()
         loss = (model(x) - y).pow(2).mean()
-        opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+        loss.backward()
         grad = [p.grad.double() for p in params]
         dg = [2 * gamma(k) * a for a in spread]
         total = float(torch.linalg.vector_norm(torch.cat([gr.flatten() for gr in grad])))

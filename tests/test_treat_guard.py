@@ -6,10 +6,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _numerics import (
+    U32,
+    U64,
+    adam_step_gain,
+    clip_coef_rel,
+    clipped_grad_rel,
+    gamma,
+    norm_rel,
+    rel_diff_tol,
+    total_norm_rel,
+)
 from torch import nn
 
 import graddoctor as gd
-from _numerics import U32, U64, adam_step_gain, clip_coef_rel, clipped_grad_rel, gamma, norm_rel, rel_diff_tol, total_norm_rel
 from graddoctor import treat
 
 
@@ -66,19 +76,28 @@ def test_nan_step_leaves_params_and_optimizer_state_bit_identical(opt_cls):
         for step in range(5):  # build optimizer state first
             x, y = batch(step)
             loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            w.step(loss)
+            opt.step()
         params_before = [p.detach().clone() for p in model.parameters()]
         state_before = opt_state_copy(opt)
         x, y = batch(99)
         x[3, 2] = float("nan")
         loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        w.step(loss)
+        opt.step()
         assert w.guard.skipped
         assert all(torch.equal(a, p) for a, p in zip(params_before, model.parameters()))
         assert_same_opt_state(state_before, opt.state_dict())
         x, y = batch(6)  # and training goes on
         loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); w.step(loss); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        w.step(loss)
+        opt.step()
         assert not w.guard.skipped
         assert not all(torch.equal(a, p) for a, p in zip(params_before, model.parameters()))
 
@@ -153,7 +172,8 @@ def test_watch_guard_records_interventions_and_raw_stats(tmp_path, stats_path):
     run = gd.open_run(tmp_path / "run")
     steps, norms = run.global_norm()
     finite = [float(n) for s, n in zip(steps, norms) if s != 6]
-    assert all(abs(f - n) <= t_rel * n for f, n in zip(finite, raw_norms))  # the store keeps the gradients as backward made them
+    # the store keeps the gradients as backward made them
+    assert all(abs(f - n) <= t_rel * n for f, n in zip(finite, raw_norms))
     # the guard's float32 coefficient from its total (t_rel from PyTorch's): 3 roundings, against the formula in float64
     c_rel = clip_coef_rel(t_rel) + gamma(3, U64)
     guard_events = run.events("guard")
