@@ -23,6 +23,7 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,29 @@ def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
     dash.busy = 1.0
     assert dash.content()[1] == current
     t.close()
+
+
+def test_sections_draw_in_parallel_and_each_change_once(tmp_path, monkeypatch):
+    """No dashboard lock around drawing: sections drawn in four threads at once are byte for byte the ones
+    drawn one at a time (the report renders one figure at a time, as mathtext's parser is process-wide);
+    answers asked at once draw each run once."""
+    from graddoctor.report import _pages
+    for name in ("a", "b"):
+        t = Trainer(tmp_path / name, flush_every=5, seed=len(name))
+        t.steps(5)
+        t.close()
+    runs = [tmp_path / "a", tmp_path / "b"]
+    serial = {run: _pages.run_section(run) for run in runs}
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(_pages.run_section, runs * 2)) == [serial[run] for run in runs * 2]
+    drawn, draw = [], _pages.run_section
+    monkeypatch.setattr(_pages, "run_section", lambda run: drawn.append(run) or draw(run))
+    dash = Dashboard(runs, busy=1.0)
+    dash.first_draw_seconds = 600.0  # every run in one answer
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: dash.content(), range(4)))
+    assert sorted(drawn) == runs  # the other answers waited for the drawing and took it from the cache
+    assert all(html == serial[runs[0]] + serial[runs[1]] for html, _ in answers)
 
 
 def test_bad_options_are_refused_with_the_value(tmp_path):
@@ -436,7 +460,7 @@ def test_every_answer_carries_the_security_headers(tmp_path):
 def test_serve_options_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """Each bad option: exit 2, one line naming the value and what is allowed, no traceback (never serves)."""
     from graddoctor.cli import main
-    monkeypatch.setattr(gd.serve._DashboardHTTPServer, "serve_forever",  # a check that is missing fails, not hangs
+    monkeypatch.setattr(gd.serve._server._DashboardHTTPServer, "serve_forever",  # a missing check fails, not hangs
                         lambda self, *a: (_ for _ in ()).throw(KeyboardInterrupt))
     (tmp_path / "file").write_text("x")
     taken = socket.socket()
@@ -509,7 +533,8 @@ def test_cli_prints_the_address_with_its_token(tmp_path):
     for options, tokened in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--no-token"], False),
                              (["--token", "mine"], True)):
         proc = subprocess.Popen([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--port", "0",
-                                 *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                                 *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=ROOT)
         try:
             link = proc.stdout.readline().split()[2]
             assert ("?token=" in link) == tokened, (options, link)
@@ -520,8 +545,8 @@ def test_cli_prints_the_address_with_its_token(tmp_path):
         finally:
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=30)
-    both = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--token", "a", "--no-token"],
-                          capture_output=True, text=True, cwd=ROOT)
+    both = subprocess.run([sys.executable, "-m", "graddoctor.cli", "serve", str(tmp_path), "--token", "a",
+                           "--no-token"], capture_output=True, text=True, cwd=ROOT)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
