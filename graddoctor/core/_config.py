@@ -53,7 +53,8 @@ class WatchConfig:
         if not isinstance(r, bool) and not (isinstance(r, int) and r >= 0):
             raise ConfigError(f"resume={r!r} is not allowed: use True, False, or the step number (>= 0) to continue at")
         if self.overwrite and r is not False:
-            raise ConfigError(f"overwrite=True with resume={r!r} is not allowed: replace the run, or continue it, not both")
+            raise ConfigError(f"overwrite=True with resume={r!r} is not allowed: "
+                              "replace the run, or continue it, not both")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "WatchConfig":
@@ -66,7 +67,8 @@ MAX_EVERY = 10**9
 
 def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{name}={value!r} is not allowed: use an integer in {lo}..{hi:_}" + (f" {why}" if why else ""))
+        raise ConfigError(f"{name}={value!r} is not allowed: use an integer in {lo}..{hi:_}"
+                          + (f" {why}" if why else ""))
 
 
 def config_from_options(cls: type, options: dict[str, Any], what: str) -> Any:

@@ -7,7 +7,7 @@ come from the tables here, so a new activation or norm is one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,8 +79,9 @@ def activation_kind(module: nn.Module) -> Optional[ActivationKind]:
         return ActivationKind(type(module).__name__.lower(), (-1.0, 1.0), False)
     for cls, kind in ACTIVATIONS:
         if isinstance(module, cls):
-            if kind.kind == "hardtanh":
-                return ActivationKind("hardtanh", (float(module.min_val), float(module.max_val)), False, "tanh")
+            if kind.kind == "hardtanh":  # cls is nn.Hardtanh
+                hardtanh = cast(nn.Hardtanh, module)
+                return ActivationKind("hardtanh", (float(hardtanh.min_val), float(hardtanh.max_val)), False, "tanh")
             return kind
     return None
 

@@ -34,7 +34,7 @@ def world_size() -> int:
 def watched_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     """(name, parameter) of every trainable parameter watch records, in the order of every per-tensor vector."""
     inner = unwrap(model)
-    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    named: list[tuple[str, Tensor]] = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
     if not named:
         raise NoGradientsError(f"{type(inner).__name__} has no parameter with requires_grad=True; nothing to watch")
     return named
@@ -44,15 +44,17 @@ def check_measurable(model: nn.Module, named: list[tuple[str, Tensor]], run_dir:
     """Refuse, by name, parameters whose gradients watch cannot measure: complex, sparse, meta-device."""
     for name, p in named:
         if p.is_complex():
-            raise UnsupportedModelError(f"parameter {name!r} is {str(p.dtype).replace('torch.', '')}: graddoctor "
-                                        "watches real floating-point parameters (float16/bfloat16/float32/float64) only")
+            raise UnsupportedModelError(f"parameter {name!r} is {str(p.dtype).replace('torch.', '')}: "
+                                        "graddoctor watches real floating-point parameters "
+                                        "(float16/bfloat16/float32/float64) only")
         if not p.is_floating_point():
-            raise UnsupportedModelError(f"parameter {name!r} has dtype {str(p.dtype).replace('torch.', '')}: graddoctor "
-                                        "watches real floating-point parameters only")
+            raise UnsupportedModelError(f"parameter {name!r} has dtype {str(p.dtype).replace('torch.', '')}: "
+                                        "graddoctor watches real floating-point parameters only")
     for name, module in model.named_modules():
         if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            raise UnsupportedModelError(f"module {name or type(module).__name__!r} is {type(module).__name__}(sparse=True),"
-                                        " whose gradients are sparse: graddoctor measures dense gradients; use "
+            raise UnsupportedModelError(f"module {name or type(module).__name__!r} is "
+                                        f"{type(module).__name__}(sparse=True), whose gradients are sparse: "
+                                        "graddoctor measures dense gradients; use "
                                         "sparse=False (the default) to watch this model")
     if run_dir is not None and any(p.device.type == "meta" for _, p in named):
         raise UnsupportedModelError("the model's parameters are on the meta device, which holds no values to record: "

@@ -32,12 +32,15 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, TypeGuard, cast
 
 import torch
 from torch import Tensor
 
 from . import _native
+
+if TYPE_CHECKING:  # never imported at run time (see dtensor_type)
+    from torch.distributed.tensor import DTensor
 
 
 def dtensor_type() -> Optional[type]:
@@ -50,7 +53,7 @@ def dtensor_type() -> Optional[type]:
     return getattr(module, "DTensor", None)
 
 
-def is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     cls = dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -245,7 +248,8 @@ def grad_and_weight_stats(grads: Sequence[Optional[Tensor]], weights: Sequence[T
     return tensor_stats(grads, stats_device), l2_norms(weights, stats_device)
 
 
-def _scatter_missing(norm: Tensor, maxabs: Tensor, count: Tensor, present: tuple[bool, ...]):
+def _scatter_missing(norm: Tensor, maxabs: Tensor, count: Tensor,
+                     present: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """Expand vectors over present tensors to vectors over all tensors (NaN / -1 where missing)."""
     nan = norm.new_full((1,), math.nan)
     missing = count.new_full((1,), _MISSING_COUNT)
@@ -288,7 +292,7 @@ def l2_norms(tensors: Sequence[Tensor], stats_device: torch.device) -> Tensor:
             out[i] = norms[j].to(stats_device, torch.float32, non_blocking=True)
     if not out:
         return torch.zeros(0, device=stats_device)
-    norm = torch.stack(out)
+    norm = torch.stack(cast(list[Tensor], out))  # every index is in one of the groups, so none is left None
     if any(groups):
         zeros = torch.zeros_like(norm)
         norm, _, _ = _reduce_shards(norm, zeros, zeros.long(), list(groups))

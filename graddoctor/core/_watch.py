@@ -123,7 +123,8 @@ class Watch:
             # (or if its step is skipped) the next `step()` takes it instead.
             self._update_handle = optimizer.register_step_post_hook(lambda *_: self._record_update())
         # Counts optimizer steps, so two `step()` calls with no optimizer step between can be named.
-        self._optimizer_steps, self._optimizer_steps_at_last_step = 0, None
+        self._optimizer_steps = 0
+        self._optimizer_steps_at_last_step: Optional[int] = None
         self._count_handle = optimizer.register_step_post_hook(self._count_optimizer_step) if optimizer else None
         self._warned_double_step = False
         self._grads_checked = False
@@ -144,7 +145,8 @@ class Watch:
                 for i, (n, _, k) in enumerate(self._act_modules)]
         meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=world_size(),
                     loss_rows="given",  # a loss row only where step() was given a loss (see Run.loss)
-                    model_class=type(self.model).__name__, compiled=model is not self.model and hasattr(model, "_orig_mod"),
+                    model_class=type(self.model).__name__,
+                    compiled=model is not self.model and hasattr(model, "_orig_mod"),
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
                     **{key: list(BY_NAME[name].fields) for name, key in FIELDS_META.items()},
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
@@ -230,7 +232,10 @@ class Watch:
         s = self.step_index
         stats, weight_norms = None, None
         # Under a GradScaler: the true gradients, and this step's loss scale and overflow flag.
-        amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device) if self.scaler is not None else None
+        amp = None
+        if self.scaler is not None:
+            assert self.optimizer is not None, "check_scaler refuses a scaler without its optimizer"
+            amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device)
         # Sharded gradients: the weight/update norms are all-reduces too, so every rank computes
         # them (rank 0 alone keeps them, see `_push`).
         measure_weights = self.recording or self._sharded
@@ -245,6 +250,7 @@ class Watch:
                 stats = tensor_stats(grads, self.stats_device)
             self.latest = stats
         if measure_weights:
+            assert stats is not None, "measured above"
             self._record(s, stats, loss, weight_norms, amp)
         if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
             self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)

@@ -153,7 +153,8 @@ def _load() -> Optional[ctypes.CDLL]:
         return _lib
     _loaded = True
     errors = []
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"graddoctor-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"graddoctor-{uid}"):
         for flags in _FLAG_SETS:
             path = _library_path(directory, flags)
             try:
@@ -294,9 +295,11 @@ def grad_stats(tensors: Sequence[Tensor], weights: Optional[Sequence[Tensor]] = 
 
 def _norms(pass_: int, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]]) -> Optional[Tensor]:
     scans = _pair(xs, ys) if ys is not None else (_scan(xs), None)
-    if scans is None or scans[0] is None:
+    if scans is None:
         return None
     x, y = scans
+    if x is None:
+        return None
     norm = torch.empty(len(xs), dtype=torch.float32)
     pointers, numels = x.args()
     code = _lib.gd_norms(pass_, len(xs), pointers, y.args()[0] if y is not None else None,  # type: ignore[union-attr]
