@@ -62,8 +62,10 @@ class Run:
         self._cache: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}
         try:
             meta = self._con.execute("SELECT key, value FROM meta").fetchall()
-            rows = self._con.execute("SELECT idx, name, module, shape, numel, dtype FROM tensors ORDER BY idx").fetchall()
-            acts = self._con.execute("SELECT idx, name, kind, lo, hi, relu_family FROM act_modules ORDER BY idx").fetchall()
+            rows = self._con.execute("SELECT idx, name, module, shape, numel, dtype FROM tensors "
+                                     "ORDER BY idx").fetchall()
+            acts = self._con.execute("SELECT idx, name, kind, lo, hi, relu_family FROM act_modules "
+                                     "ORDER BY idx").fetchall()
             widths = {s.name: self._con.execute("SELECT width FROM chunks WHERE series=? LIMIT 1", (s.name,)).fetchone()
                       for s in SERIES}
             # (chunks, last chunk's first step) of the series written on every step, from the index alone
@@ -92,9 +94,9 @@ class Run:
         self.activation_kinds: dict[str, str] = {a[1]: a[2] for a in acts}
         self.activation_relu_family: dict[str, bool] = {a[1]: bool(a[5]) for a in acts}
         for series, row in widths.items():
-            expected, why = self.width(series), _width_reason(self, BY_NAME[series])
-            if row is not None and row[0] != expected:
-                raise self._corrupt(f"series {series!r} has width {_short(row[0])}; expected {expected} ({why})")
+            want, why = self.width(series), _width_reason(self, BY_NAME[series])
+            if row is not None and row[0] != want:
+                raise self._corrupt(f"series {series!r} has width {_short(row[0])}; expected {want} ({why})")
         for series, n, last in spans[1:]:
             if (n, last) != tuple(spans[0][1:]):
                 raise self._corrupt(f"series {series!r} has {n} chunks up to step {last} but {spans[0][0]!r} has "
@@ -216,7 +218,8 @@ class Run:
         index = {t: i for i, t in enumerate(self.tensors)}
         missing = [n for n in names if n not in index]
         if missing:
-            raise GradDoctorError(f"unknown tensor(s) {missing}; this run has {self.tensors[:8]}{' ...' if len(self.tensors) > 8 else ''}")
+            more = " ..." if len(self.tensors) > 8 else ""
+            raise GradDoctorError(f"unknown tensor(s) {missing}; this run has {self.tensors[:8]}{more}")
         return [index[n] for n in names]
 
     def tensor_history(self, name: str) -> History:
@@ -224,7 +227,10 @@ class Run:
         return self._history(name, self._columns([name]))
 
     def layer_history(self, module: str) -> History:
-        """History of one module's parameters combined: norms as sqrt of summed squares, max of max-abs, summed counts."""
+        """History of one module's parameters combined.
+
+        Norms as the sqrt of summed squares, the max of max-abs, summed non-finite counts.
+        """
         cols = [i for i, t in enumerate(self.tensors) if self.tensor_module[t] == module]
         if not cols:
             raise GradDoctorError(f"unknown layer {module!r}; this run's layers are {self.layers}")
@@ -241,7 +247,8 @@ class Run:
         return History(
             name=name, steps=steps,
             grad_norm=_combine_norms(norm[:, cols], c >= 0),
-            grad_maxabs=np.where(missing, np.nan, np.max(np.where(c >= 0, maxabs[:, cols], -np.inf), axis=1, initial=-np.inf)),
+            grad_maxabs=np.where(missing, np.nan,
+                                 np.max(np.where(c >= 0, maxabs[:, cols], -np.inf), axis=1, initial=-np.inf)),
             grad_nonfinite=np.where(missing, -1, np.where(c >= 0, c, 0).sum(axis=1)),
             sample_steps=s_steps, weight_norm=_combine_norms(weight[:, cols]),
             update_steps=u_steps, update_norm=_combine_norms(update[:, cols]),

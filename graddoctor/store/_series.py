@@ -43,7 +43,8 @@ class Series:
         """Columns of one row, for a run with `tensors` tensors and `act_modules` activation modules
         (`fields`: the field names the run recorded in its metadata, if they differ from today's)."""
         n_fields = len(fields) if fields else len(self.fields)
-        return {"one": 1, "tensor": tensors, "fields": n_fields, "module x fields": act_modules * n_fields}[self.columns]
+        widths = {"one": 1, "tensor": tensors, "fields": n_fields, "module x fields": act_modules * n_fields}
+        return widths[self.columns]
 
 
 SERIES: tuple[Series, ...] = (

@@ -235,7 +235,8 @@ def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory as a Path, created if missing; a `ConfigError` for an empty name, a file, or
     a directory that cannot be created."""
     if not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == "":
-        raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path (or run_dir=None to record nothing)")
+        raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path "
+                          "(or run_dir=None to record nothing)")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run_dir {str(path)!r} is a file, not a directory: give a directory path")
@@ -281,7 +282,8 @@ def _prepare(con: sqlite3.Connection, path: Path, meta: dict[str, Any], tensors:
             con.execute("DELETE FROM chunks")
             con.execute("DELETE FROM events")
             con.execute("DELETE FROM meta")
-        con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, _nonfinite_json.dumps(v)) for k, v in header.items()])
+        con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [(k, _nonfinite_json.dumps(v)) for k, v in header.items()])
         con.execute("DELETE FROM meta WHERE key='closed_at'")  # a run recorded again is open again
         con.execute("DELETE FROM tensors")
         con.executemany("INSERT INTO tensors VALUES (:idx, :name, :module, :shape, :numel, :dtype)", tensors)
@@ -319,8 +321,9 @@ def _check_same_layout(con: sqlite3.Connection, path: Path, tensors: list[dict],
     if changed:
         problems.append(f"changed shape or dtype: {changed[:8]}")
     old_acts = [r[0] for r in con.execute("SELECT name FROM act_modules ORDER BY idx")]
-    if old_acts != [a["name"] for a in act_modules]:
-        problems.append(f"activation modules differ (recorded {old_acts[:8]}, model {[a['name'] for a in act_modules][:8]})")
+    new_acts = [a["name"] for a in act_modules]
+    if old_acts != new_acts:
+        problems.append(f"activation modules differ (recorded {old_acts[:8]}, model {new_acts[:8]})")
     if problems:
         raise ResumeMismatchError(f"cannot resume the run in {str(path.parent)!r}: the model's tensors differ from "
                                   f"the recorded ones: {'; '.join(problems)}. Resume with the same model, or "
@@ -370,19 +373,23 @@ def open_store(run_dir: str | Path) -> sqlite3.Connection:
     or CorruptStoreError (not SQLite, missing tables or columns, another schema version), naming the path.
     """
     if str(run_dir) == "":  # Path("") would be the current directory
-        raise RunNotFoundError("run directory '' is not allowed: give the path of a run directory made by graddoctor.watch")
+        raise RunNotFoundError("run directory '' is not allowed: "
+                               "give the path of a run directory made by graddoctor.watch")
     run_dir = Path(run_dir)
     try:
         os.stat(run_dir)
     except FileNotFoundError:
         raise RunNotFoundError(f"run directory {str(run_dir)!r} does not exist") from None
     except (OSError, ValueError) as e:  # a name too long, a file where a folder should be, a NUL byte
-        raise RunNotFoundError(f"run directory {str(run_dir)!r} cannot be read: {getattr(e, 'strerror', None) or e}") from e
+        raise RunNotFoundError(f"run directory {str(run_dir)!r} cannot be read: "
+                               f"{getattr(e, 'strerror', None) or e}") from e
     if not os.path.isdir(run_dir):
-        raise RunNotFoundError(f"{str(run_dir)!r} is not a directory; expected a run directory made by graddoctor.watch")
+        raise RunNotFoundError(f"{str(run_dir)!r} is not a directory; "
+                               "expected a run directory made by graddoctor.watch")
     path = store_path(run_dir)
     if not os.path.lexists(path):
-        raise RunNotFoundError(f"no run store in {str(run_dir)!r}: expected the file {STORE_NAME!r} written by graddoctor.watch")
+        raise RunNotFoundError(f"no run store in {str(run_dir)!r}: "
+                               f"expected the file {STORE_NAME!r} written by graddoctor.watch")
     try:
         con = _connect(path, readonly=True)
     except sqlite3.DatabaseError as e:
@@ -422,7 +429,8 @@ def _check_schema(con: sqlite3.Connection, path: Path) -> None:
 
 def read_series(con: sqlite3.Connection, series: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(steps int64[T], data [T, width]) for one series, in step order; data is None if never written."""
-    rows = _chunks(con, series, "SELECT steps, dtype, width, codec, data FROM chunks WHERE series=? ORDER BY first_step")
+    rows = _chunks(con, series,
+                   "SELECT steps, dtype, width, codec, data FROM chunks WHERE series=? ORDER BY first_step")
     if not rows:
         return np.zeros(0, dtype=np.int64), None
     widths = {r[2] for r in rows}
