@@ -43,25 +43,6 @@ def select(only: Optional[Sequence[str]]) -> list:
     return [e for e in exps if e.name in set(only)]
 
 
-class _Progress:
-    """A tqdm bar over training runs (on stderr); silent when `enabled` is False."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="run", desc="graddoctor lab", file=sys.stderr, dynamic_ncols=True)
-
-    def tick(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(label[-40:], refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_lab(preset: str = "default", only: Optional[Sequence[str]] = None, seed: int = 0,
             out: str | Path = "runs/lab", progress: bool = True, threads: int = 1) -> LabResult:
     """Run the experiments, diagnose every recorded run, write `results.json` and `report.html` under `out`.
@@ -81,11 +62,21 @@ def run_lab(preset: str = "default", only: Optional[Sequence[str]] = None, seed:
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} is not allowed: use an integer >= 0")
     exps = select(only)
+    try:
+        from tqdm import tqdm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the lab needs tqdm: pip install 'graddoctor[lab]'") from e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    bar = _Progress(sum(e.runs(preset) for e in exps), progress)
+    bar = tqdm(total=sum(e.runs(preset) for e in exps), unit="run", desc="graddoctor lab", file=sys.stderr,
+               dynamic_ncols=True, disable=not progress)
+
+    def tick(label: str) -> None:  # after each training run: one step, and its label beside the bar
+        bar.set_postfix_str(label[-40:], refresh=False)
+        bar.update(1)
+
     t0, results = time.perf_counter(), []
     try:
         for e in exps:
@@ -93,7 +84,7 @@ def run_lab(preset: str = "default", only: Optional[Sequence[str]] = None, seed:
             with warnings.catch_warnings():
                 # watch's live diagnosis warns as it trains; the lab shows every finding in the report instead.
                 warnings.filterwarnings("ignore", message="graddoctor: ")
-                r = e.run(Context(out=out, preset=preset, seed=seed, tick=bar.tick))
+                r = e.run(Context(out=out, preset=preset, seed=seed, tick=tick))
             r.seconds = time.perf_counter() - t
             r.findings = _diagnose(out, r.runs)
             results.append(r)
