@@ -15,7 +15,8 @@ import graddoctor as gd
 from graddoctor.report import _plots as P
 from graddoctor.report import write_run_report
 from graddoctor.report._html import fmt, findings
-from graddoctor.report._views import acted, loss_spikes, run_figures
+from graddoctor.report._views import loss_spikes, run_figures
+from graddoctor.treat._interventions import acted
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # watch's live diagnosis warns about the NaN run on purpose; the report shows those findings instead.
@@ -97,12 +98,43 @@ def test_loss_spikes_finds_injected_spikes_only():
 
 
 def test_acted_distinguishes_clipping_from_observation():
+    """treat's `acted` is the one definition; the report's loss plot marks the steps it says acted."""
+    from graddoctor.report import _views
+    assert _views.acted is acted
     assert acted({"kind": "guard", "data": {"clip_norm.coef": 0.5}})
     assert not acted({"kind": "guard", "data": {"clip_norm.coef": 1.0}})
     assert acted({"kind": "guard", "data": {"agc.clipped": 0.25}})
+    assert acted({"kind": "guard", "data": {"clip_norm_per_tensor.min_coef": 0.5, "clip_norm_per_tensor.clipped": 2}})
+    assert acted({"kind": "guard", "data": {"a.clip_norm.coef": [0.5]}})  # a chain's key, a value stored as a list
     assert not acted({"kind": "guard", "data": {"zclip.coef": float("nan")}})
-    assert acted({"kind": "skipped_step", "data": {}})
+    assert not acted({"kind": "guard", "data": {"skip_nonfinite.skipped": 0, "agc.clipped": 0.0}})
+    assert acted({"kind": "skipped_step", "data": {}}) and acted({"kind": "rollback", "data": {}})
     assert not acted({"kind": "finding", "data": {"code": "loss_spike"}})
+    assert not acted({"kind": "note", "data": {"text": "checkpoint"}})
+
+
+def test_the_report_and_the_runs_summary_count_the_same_interventions(tmp_path):
+    """A clipped run: the loss plot's purple steps are the steps the summary says the clip acted on."""
+    from graddoctor.treat import interventions
+    from graddoctor.treat._interventions import intervention_steps
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gd.watch(model, opt, tmp_path / "run", guard=gd.clip_norm(0.5), flush_every=10) as w:
+        for step in range(30):
+            x = torch.randn(16, 8) * (10.0 if step % 3 == 0 else 0.1)  # every third batch is clipped
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            w.step(loss)
+            w.record_event("note", {"text": "checkpoint"}) if step == 4 else None
+            opt.step()
+    with gd.open_run(tmp_path / "run") as run:
+        steps, (summary,) = intervention_steps(run), interventions(run)
+    assert summary["what"] == "clip_norm.coef" and 0 < summary["steps"] < 30
+    assert len(steps) == summary["steps"] and (steps[0], steps[-1]) == (summary["first_step"], summary["last_step"])
+    (loss_plot,) = [f for f in run_figures(tmp_path / "run") if f.title.startswith("loss")]
+    assert f"{summary['steps']} step(s) where a recorded intervention acted (guard)" in loss_plot.caption
 
 
 def test_fmt_and_findings_escape_and_spell_nonfinite():

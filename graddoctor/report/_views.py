@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core._amp import overflowed
 from ..store._run import Run, open_run
+from ..treat._interventions import acted, intervention_steps  # noqa: F401 (lab/clipping.py imports it here)
 from . import _plots as P
 from ._figure import Figure
 
@@ -64,30 +65,6 @@ def loss_spikes(loss: np.ndarray) -> np.ndarray:
     return np.flatnonzero(spike_mask(loss, DiagnoseConfig())[0])
 
 
-# Event kinds that record an observation, not an action on the training.
-NOT_INTERVENTIONS = {"finding", "note"}
-
-
-def acted(event: dict) -> bool:
-    """Whether a recorded event changed something: a guard event counts only if it clipped (coef < 1 or a
-    clipped fraction > 0); findings and notes never count; any other kind (skipped step, rollback) does."""
-    if event.get("kind") in NOT_INTERVENTIONS:
-        return False
-    if event.get("kind") != "guard":
-        return True
-    for key, value in (event.get("data") or {}).items():
-        if not isinstance(value, (int, float)) or not np.isfinite(value):
-            continue
-        if (key.endswith(".coef") and value < 1.0) or (key.endswith(".clipped") and value > 0.0):
-            return True
-    return False
-
-
-def intervention_steps(run: Run) -> list[int]:
-    """Steps on which a recorded intervention acted (see `acted`)."""
-    return sorted({int(e["step"]) for e in run.events() if acted(e)})
-
-
 def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm") -> Figure:
     """Loss and global gradient norm over steps; spikes (orange), interventions (purple) and NaN/Inf (red) marked."""
     with open_run(run_dir) as run:
@@ -103,9 +80,10 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
                  spikes={"loss": spikes}, events={"loss": interventions})
     P.line(axes[1], gsteps, gnorm, log=True, color="C1")
     axes[1].set(xlabel="training step", ylabel="global gradient L2 norm (log)", title="global gradient norm")
-    caption = f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) where a recorded " \
-              f"intervention acted ({', '.join(sorted({e['kind'] for e in events})) or 'none'}) as purple triangles at " \
-              f"the bottom; grey x: a value of 0 that a log axis cannot show."
+    kinds = ", ".join(sorted({e["kind"] for e in events})) or "none"
+    caption = (f"{len(spikes)} loss spike(s) marked in orange; {len(interventions)} step(s) where a recorded "
+               f"intervention acted ({kinds}) as purple triangles at the bottom; grey x: a value of 0 that a log "
+               f"axis cannot show.")
     if len(amp_steps):  # mixed precision: the GradScaler's loss scale, and the steps it skipped
         P.amp_scale(axes[1], amp_steps, amp[:, 0])
         skipped = int(overflowed(amp).sum())

@@ -1,12 +1,17 @@
-"""What the guard and rollback did in a recorded run, summarized for `diagnose` and the CLI.
+"""What the guard and rollback did in a recorded run: the one definition of an event that changed the training.
 
 Reads the events the guard writes (kind "guard": per-step reports such as `clip_norm.coef`;
-kind "skipped_step": the bad tensors) and rollback writes (kind "rollback").
+kind "skipped_step": the bad tensors) and rollback writes (kind "rollback"). `acted` decides,
+event by event, which of them changed the training: the runs summary (through `interventions`),
+the report's loss plot and the lab read that one decision.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
+
+# Event kinds that record what was seen, not an action on the training.
+OBSERVATIONS = frozenset({"finding", "note"})
 
 
 def _acted(key: str, value: float) -> bool:
@@ -14,6 +19,32 @@ def _acted(key: str, value: float) -> bool:
     if key.endswith("coef") or key.endswith("min_coef"):
         return value < 1.0
     return value > 0  # counts and fractions: clipped tensors / units, skipped
+
+
+def _guard_values(event: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """A guard event's finite numeric report values, as (key, value)."""
+    for key, value in (event.get("data") or {}).items():
+        v = value[0] if isinstance(value, list) and value else value
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            yield key, float(v)
+
+
+def acted(event: dict[str, Any]) -> bool:
+    """Whether a recorded event changed the training.
+
+    A guard event only if one of its transforms acted (a coefficient below 1, a clipped count or
+    fraction above 0); an observation (a finding, a note) never; any other kind (a skipped step,
+    a rollback, a kind of the user's own) always.
+    """
+    kind = event.get("kind")
+    if kind in OBSERVATIONS:
+        return False
+    return kind != "guard" or any(_acted(key, value) for key, value in _guard_values(event))
+
+
+def intervention_steps(run: Any) -> list[int]:
+    """The steps of an open `graddoctor.Run` on which a recorded intervention acted (see `acted`)."""
+    return sorted({int(e["step"]) for e in run.events() if acted(e)})
 
 
 def interventions(run: Any) -> list[dict[str, Any]]:
@@ -26,11 +57,10 @@ def interventions(run: Any) -> list[dict[str, Any]]:
       coefficient or largest count, None for skips and rollbacks) and `detail`.
     """
     per_key: dict[str, list[tuple[int, float]]] = {}
-    for e in run.events("guard"):
-        for key, value in e["data"].items():
-            v = value[0] if isinstance(value, list) and value else value
-            if isinstance(v, (int, float)) and math.isfinite(v) and _acted(key, float(v)):
-                per_key.setdefault(key, []).append((e["step"], float(v)))
+    for e in run.events("guard"):  # per report key, by the rule `acted` applies to the whole event
+        for key, value in _guard_values(e):
+            if _acted(key, value):
+                per_key.setdefault(key, []).append((e["step"], value))
     out = []
     for key, hits in sorted(per_key.items()):
         values = [v for _, v in hits]
@@ -46,8 +76,8 @@ def interventions(run: Any) -> list[dict[str, Any]]:
     if rollbacks:
         out.append(dict(what="rollback", steps=len(rollbacks), first_step=rollbacks[0]["step"],
                         last_step=rollbacks[-1]["step"], extreme=None,
-                        detail="; ".join(f"step {e['step']} -> {e['data'].get('restored_step')}: {e['data'].get('reason')}"
-                                         for e in rollbacks[:3])))
+                        detail="; ".join(f"step {e['step']} -> {e['data'].get('restored_step')}: "
+                                         f"{e['data'].get('reason')}" for e in rollbacks[:3])))
     return out
 
 
