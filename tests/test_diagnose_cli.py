@@ -1,32 +1,33 @@
-"""`graddoctor diagnose` through the installed console script, as CI pipelines would call it."""
+"""`graddoctor diagnose` as CI pipelines call it: its text, its JSON and its exit status.
+
+The command runs in this process (`graddoctor.cli.main`, output captured); one test runs the installed
+console script, where the process's own exit status is the point.
+"""
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import graddoctor as gd
 from graddoctor.store import _nonfinite_json
 
+from _cli import EXE, run
 from _diag_runs import by_name, train
-
-GRADDOCTOR = str(Path(sys.executable).parent / "graddoctor")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("diag_cli")
-    runs = {n: train(by_name(n), root / n, live_diagnosis=False) for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
-    runs["clipped"] = train(by_name("healthy_slow_sgd"), root / "clipped", live_diagnosis=False,
-                            guard=gd.treat.clip_norm(0.05))  # clips every step: global norm is ~0.4
+def runs(labelled_runs, tmp_path_factory):
+    # the labelled runs are shared with test_diagnose_runs (conftest.py: trained once per session)
+    runs = {n: labelled_runs[n][0] for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
+    runs["clipped"] = train(by_name("healthy_slow_sgd"), tmp_path_factory.mktemp("diag_cli") / "clipped",
+                            live_diagnosis=False, guard=gd.treat.clip_norm(0.05))  # clips every step: global norm is ~0.4
     return runs
 
 
 def cli(*args):
-    return subprocess.run([GRADDOCTOR, "diagnose", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return run("diagnose", *args)
 
 
 def test_text_report_groups_by_severity_with_layers_and_numbers(runs):
@@ -50,7 +51,7 @@ def test_json_document_follows_the_documented_schema(runs):
     keys = {"code", "severity", "first_step", "last_step", "layers", "evidence", "cause", "message", "remedies"}
     for f in doc["findings"]:
         assert set(f) == keys
-        assert all(set(r) == {"id", "why", "snippet"} for r in f["remedies"])
+        assert all(set(r) - {"aliases"} == {"id", "why", "snippet"} for r in f["remedies"])
     want = [f.to_dict() for f in gd.diagnose(runs["nan_batch"])]
     assert _nonfinite_json.loads(p.stdout)["findings"] == _nonfinite_json.loads(_nonfinite_json.dumps(want))
     assert doc["interventions"] == []
@@ -82,3 +83,10 @@ def test_healthy_run_says_so_and_bad_paths_exit_2(runs, tmp_path):
     assert p.returncode == 0 and "no findings" in p.stdout
     p = cli(tmp_path / "missing")
     assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_the_console_script_exits_1_on_a_finding_at_the_fail_on_level(runs):
+    p = subprocess.run([EXE, "diagnose", str(runs["nan_batch"]), "--fail-on", "critical"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and "nonfinite_gradient" in p.stdout, p.stderr

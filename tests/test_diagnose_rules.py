@@ -22,10 +22,10 @@ from _numerics import U64, gamma
 
 CFG = DiagnoseConfig()
 # The shared remedy ids (common brief): the catalogue and graddoctor.treat must both use exactly these.
-SHARED_IDS = {"clip_by_value", "clip_by_norm", "clip_per_tensor", "auto_clip", "agc", "zclip", "skip_nonfinite", "rollback",
-              "lower_learning_rate", "sanitize_inputs", "l1_regularization", "l2_regularization", "relu", "leaky_relu",
+SHARED_IDS = {"clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip", "skip_nonfinite",
+              "rollback", "lower_learning_rate", "sanitize_inputs", "l1_penalty", "l2_penalty", "relu", "leaky_relu",
               "elu", "he_init", "xavier_init", "lsuv_init", "orthogonal_init", "zero_residual_init", "batch_norm",
-              "layer_norm", "residual_connections", "lstm", "gru", "layerwise_pretraining", "fewer_layers",
+              "layer_norm", "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers",
               "smaller_batches", "truncated_bptt"}
 
 
@@ -252,8 +252,8 @@ def test_catalogue_uses_exactly_the_shared_ids_and_every_id_is_reachable():
                 f = Finding(code, "warning", 0, 0, (), {}, cause, "")
                 reachable |= {r.id for r in rank_remedies(f, init)}
     assert reachable == SHARED_IDS
-    for why, snippet in CATALOGUE.values():
-        assert why and "\n" not in why and snippet
+    for c in CATALOGUE.values():
+        assert c.why and "\n" not in c.why and c.snippet
 
 
 def test_remedies_name_the_init_that_fits_the_activations():
@@ -296,4 +296,4 @@ def test_rising_gradients_while_the_loss_falls_are_not_an_explosion():
 def test_remedies_already_in_the_model_are_not_suggested():
     f = Finding("vanishing_gradient", "warning", 0, 0, (), {}, "depth", "")
     ids = [r.id for r in rank_remedies(f, present=frozenset({"batch_norm"}))]
-    assert "batch_norm" not in ids and ids[0] == "residual_connections"
+    assert "batch_norm" not in ids and ids[0] == "add_residual"

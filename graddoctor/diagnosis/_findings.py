@@ -12,14 +12,22 @@ CAUSES = ("activation", "initialization", "data", "learning_rate", "depth", "rec
 
 @dataclass(frozen=True)
 class Remedy:
-    """One ranked remedy of a finding: a catalogue id, a one-line reason and a code snippet."""
+    """One ranked remedy of a finding: a catalogue id, a one-line reason and a code snippet.
+
+    `aliases` are the id's former names (written to JSON only when there are some), so a consumer
+    that matches an old id keeps working.
+    """
 
     id: str
     why: str
     snippet: str
+    aliases: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "why": self.why, "snippet": self.snippet}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "why": self.why, "snippet": self.snippet}
+        if self.aliases:
+            d["aliases"] = list(self.aliases)
+        return d
 
 
 @dataclass(frozen=True)
@@ -70,4 +78,5 @@ class Finding:
         return cls(code=d["code"], severity=d["severity"], first_step=int(d["first_step"]),
                    last_step=int(d["last_step"]), layers=tuple(d.get("layers", ())),
                    evidence=dict(d.get("evidence", {})), cause=d["cause"], message=d.get("message", ""),
-                   remedies=tuple(Remedy(r["id"], r["why"], r["snippet"]) for r in d.get("remedies", ())))
+                   remedies=tuple(Remedy(r["id"], r["why"], r["snippet"], tuple(r.get("aliases", ())))
+                                  for r in d.get("remedies", ())))

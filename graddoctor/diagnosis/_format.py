@@ -5,7 +5,6 @@ import math
 from typing import Any, Iterable, Optional
 
 from ..store import _nonfinite_json
-from ..treat._catalogue import CATALOGUE
 from ._findings import SEVERITIES, Finding
 
 SCHEMA = "graddoctor.diagnosis/1"
@@ -18,17 +17,7 @@ def findings_document(findings: Iterable[Finding], run_dir: Optional[str] = None
     findings = list(findings)
     return {"schema": SCHEMA, "run_dir": run_dir, "steps": steps,
             "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES},
-            "findings": [_finding_dict(f) for f in findings], "interventions": list(interventions or [])}
-
-
-def _finding_dict(f: Finding) -> dict:
-    """`f.to_dict()`, each renamed remedy with `aliases`: its former ids, so consumers matching them keep working."""
-    d = f.to_dict()
-    for r in d["remedies"]:
-        aliases = CATALOGUE[r["id"]].aliases if r["id"] in CATALOGUE else ()
-        if aliases:
-            r["aliases"] = list(aliases)
-    return d
+            "findings": [f.to_dict() for f in findings], "interventions": list(interventions or [])}
 
 
 def format_json(findings: Iterable[Finding], run_dir: Optional[str] = None, steps: Optional[int] = None,

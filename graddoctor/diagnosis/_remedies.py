@@ -57,7 +57,7 @@ def remedy(remedy_id: str, act: str = "nn.ReLU") -> Remedy:
     """The catalogue entry for one id (a former id too), as a `Remedy` under its current id; `act` fills the
     activation class in swap snippets. `UnknownRemedyError` (a KeyError) for an unknown id."""
     cure = CATALOGUE[remedy_id]
-    return Remedy(cure.id, cure.why, cure.snippet.replace("{act}", act))
+    return Remedy(cure.id, cure.why, cure.snippet.replace("{act}", act), tuple(cure.aliases))
 
 
 def present_remedies(module_classes: set[str]) -> set[str]:
