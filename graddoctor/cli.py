@@ -61,7 +61,8 @@ def out_dir(path: str, option: str = "--out") -> Path:
         raise GradDoctorError(f"{option} '' is not allowed: give a directory (it is created if missing)")
     out = Path(path)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise GradDoctorError(f"{option} {path!r} is a file, not a directory: give a directory (it is created if missing)")
+        raise GradDoctorError(f"{option} {path!r} is a file, not a directory: "
+                              "give a directory (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -121,7 +122,8 @@ COMMANDS += [register_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="graddoctor", description="Find, explain and fix vanishing and exploding gradients in PyTorch training.")
+    parser = Parser(prog="graddoctor",
+                    description="Find, explain and fix vanishing and exploding gradients in PyTorch training.")
     # Sub-parsers are `Parser`s too. A missing COMMAND is refused in `main`, after unknown options, so
     # that `graddoctor --bogus` names --bogus.
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
