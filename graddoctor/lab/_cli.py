@@ -11,7 +11,8 @@ from ._types import PRESETS
 
 def register_lab(sub: argparse._SubParsersAction) -> None:
     from ..cli import SEED_MAX, int_in
-    p = sub.add_parser("lab", help="reproduce every vanishing/exploding-gradient phenomenon and cure; write an HTML report")
+    p = sub.add_parser("lab",
+                       help="reproduce every vanishing/exploding-gradient phenomenon and cure; write an HTML report")
     p.add_argument("--preset", choices=PRESETS, default="default",
                    help="quick (under a minute, for CI), default (a few minutes on 2 cores) or full")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments (see --list)")
@@ -49,7 +50,8 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 def register_report(sub: argparse._SubParsersAction) -> None:
     from ..cli import run_dir
-    p = sub.add_parser("report", help="write a self-contained HTML report of recorded runs (heat map, profiles, loss, findings)")
+    p = sub.add_parser("report", help="write a self-contained HTML report of recorded runs "
+                                      "(heat map, profiles, loss, findings)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=run_dir,
                    help="run directories written by graddoctor.watch")
     p.add_argument("-o", "--output", default=None, help="HTML file to write (default RUN_DIR/report.html)")
@@ -75,6 +77,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for rd in args.run_dirs:  # writing the page over a run's store would destroy the run
         store = store_path(rd)
         if any(_same_file(out, f) for f in (store, f"{store}-wal", f"{store}-shm")):
-            raise GradDoctorError(f"-o {str(out)!r} is the run store of {rd!r}: give another file name such as report.html")
+            raise GradDoctorError(f"-o {str(out)!r} is the run store of {rd!r}: "
+                                  "give another file name such as report.html")
     print(write_run_report(args.run_dirs, out, args.title))
     return 0

@@ -19,7 +19,8 @@ from ..report._summary import format_summary
 from ..store._run import open_run
 
 
-def make_mlp(depth: int, width: int, activation: type[nn.Module], init: str, n_in: int = 32, n_out: int = 4) -> nn.Sequential:
+def make_mlp(depth: int, width: int, activation: type[nn.Module], init: str, n_in: int = 32,
+             n_out: int = 4) -> nn.Sequential:
     """A plain MLP of `depth` Linear layers; init is 'he' or 'default'."""
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
     layers: list[nn.Module] = []
@@ -72,5 +73,6 @@ def run_demo(out: Path, steps: int = 60, depth: int = 10, seed: int = 0) -> str:
         train(model, run_dir, steps, seed)
         with open_run(run_dir) as run:
             parts.append(format_summary(run))
-        parts.append(f"first/last layer gradient-norm ratio ({name}, {depth} layers): {first_last_ratio(run_dir):.3g}\n")
+        parts.append(f"first/last layer gradient-norm ratio ({name}, {depth} layers): "
+                     f"{first_last_ratio(run_dir):.3g}\n")
     return "\n".join(parts)

@@ -45,14 +45,15 @@ def run(ctx: Context):
             ctx.tick(f"{NAME}/{act}/depth {depth}")
     deep = depths[-1]
     m = {"depths": depths, "first_over_last_grad_ratio": ratio, "final_loss": final, "deepest": deep}
-    ok = (ratio[f"sigmoid/{deep}"] < 1e-3 and all(0.1 < ratio[f"{a}/{deep}"] < 10 for a in ("relu", "leaky_relu", "elu"))
+    ok = (ratio[f"sigmoid/{deep}"] < 1e-3
+          and all(0.1 < ratio[f"{a}/{deep}"] < 10 for a in ("relu", "leaky_relu", "elu"))
           and ratio[f"sigmoid/{deep}"] < ratio[f"sigmoid/{depths[0]}"])
     measured = (f"first/last layer gradient ratio at depth {deep}: " +
                 ", ".join(f"{a} {ratio[f'{a}/{deep}']:.2g}" for a in ACTS) +
                 f"; final loss sigmoid {final[f'sigmoid/{deep}']:.2f} vs ReLU {final[f'relu/{deep}']:.2f}.")
     return result(NAME, measured, ok, m, _figures(depths, run_of, ratio), list(run_of.values()), ctx,
-                  rule=("at the deepest depth the sigmoid net's first/last ratio is < 1e-3 and ReLU, LeakyReLU and ELU are "
-                        'within 0.1..10; the sigmoid ratio is smaller than at the shallowest depth.'))
+                  rule=("at the deepest depth the sigmoid net's first/last ratio is < 1e-3 and ReLU, LeakyReLU and "
+                        'ELU are within 0.1..10; the sigmoid ratio is smaller than at the shallowest depth.'))
 
 
 def _figures(depths: list[int], run_of: dict, ratio: dict) -> list[Figure]:
@@ -62,7 +63,8 @@ def _figures(depths: list[int], run_of: dict, ratio: dict) -> list[Figure]:
     for act in ACTS:
         _, _, g = layer_profile(run_of[f"{act}/{deep}"])
         rows[act] = np.nanmedian(g, axis=0)
-    P.profiles(axes[0], [str(i) for i in range(deep)], rows, f"per-layer gradient norm, depth {deep} (median over steps)")
+    P.profiles(axes[0], [str(i) for i in range(deep)], rows,
+               f"per-layer gradient norm, depth {deep} (median over steps)")
     P.loss_curve(axes[1], {a: losses(run_of[f"{a}/{deep}"]) for a in ACTS}, f"training loss, depth {deep}",
                  ylabel="cross-entropy (nats)")
     figs = [Figure(f"Gradient profiles and training curves at depth {deep}", P.to_uri(fig))]

@@ -8,6 +8,8 @@ training (the paper's fig. 1b/c) and the sigmoid outputs' saturation.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -48,10 +50,10 @@ def _train_one(ctx: Context, bn: bool, steps: int) -> tuple:
     model = mlp([64, 100, 100, 100, 10], "sigmoid", "default")
     if bn:  # the cure as model surgery: BatchNorm1d inserted before each sigmoid, same Linear weights
         from ..treat.surgery import add_norm
-        model, _ = add_norm(model, "batch")
+        model = cast(nn.Sequential, add_norm(model, "batch")[0])  # a Sequential stays a Sequential
     sigmoids = [m for m in model if isinstance(m, nn.Sigmoid)]
     probe = PreActivationProbe(sigmoids[-1])
-    outputs = {}
+    outputs: dict[int, np.ndarray] = {}
     hooks = [s.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.detach().numpy().ravel().copy()))
              for i, s in enumerate(sigmoids)]
     run_dir = ctx.run_dir(NAME, "batchnorm" if bn else "plain")
@@ -82,9 +84,10 @@ def run(ctx: Context):
                 f"with; largest drift of a percentile of the last sigmoid's input from the first to the last 10 steps: "
                 f"{m['plain_percentile_drift']:.2f} without, {m['batchnorm_percentile_drift']:.2f} with.")
     return result(NAME, measured, ok, m, _figures(plain, bn), [plain[0], bn[0]], ctx,
-                  notes=f"digits instead of MNIST, 3 hidden layers of 100 sigmoids, SGD lr 0.5, batch 60, {steps} steps.",
-                  rule=("BatchNorm's final loss < 0.8 x the plain net's, and its largest percentile drift is smaller than the"
-                        " plain net's."))
+                  notes=f"digits instead of MNIST, 3 hidden layers of 100 sigmoids, SGD lr 0.5, batch 60, "
+                        f"{steps} steps.",
+                  rule=("BatchNorm's final loss < 0.8 x the plain net's, and its largest percentile drift is smaller "
+                        "than the plain net's."))
 
 
 def _figures(plain: tuple, bn: tuple) -> list[Figure]:

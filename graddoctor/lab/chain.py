@@ -11,9 +11,11 @@ of 8 and biases that put z near 0, each factor is about 2 and it grows.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core._compose import watch
 from ..report import _plots as P
@@ -45,7 +47,8 @@ def chain_net(w: list[float], b: list[float]) -> nn.Sequential:
 
 def analytic_bias_grads(w: np.ndarray, b: np.ndarray, x0: float, y: float) -> np.ndarray:
     """dC/db_i for C = (a4 - y)^2 / 2 from the product of seed 000 (a naive loop, no autograd)."""
-    a, zs = x0, []
+    a: float | np.ndarray = x0
+    zs = []
     for wi, bi in zip(w, b):
         z = wi * a + bi
         zs.append(z)
@@ -111,7 +114,8 @@ def train_chain(net: nn.Sequential, run_dir, steps: int, x0: float, y: float, lr
             w.step(loss)
             ana.append(analytic_bias_grads(*_params(net), x0, y))
             bound.append(rounding_bound(*_params(net), x0, y))
-            auto.append([m.bias.grad.item() for m in net if isinstance(m, nn.Linear)])
+            # backward() above set every bias's .grad
+            auto.append([cast(Tensor, m.bias.grad).item() for m in net if isinstance(m, nn.Linear)])
             opt.step()
     return {"analytic": np.array(ana), "autograd": np.array(auto), "bound": np.array(bound)}
 
@@ -159,9 +163,9 @@ def run(ctx: Context):
                 f"{m['large_b1_over_b4']:.3g} with w = 8.")
     return result(NAME, measured, ok, m, _figures(out, cases), runs, ctx,
                   notes="Seed 000's printed product repeats w2; the chain rule (and autograd) uses w2, w3, w4.",
-                  rule=("analytic vs autograd within twice the float64 rounding bound of the product (chain.rounding_bound, "
-                        "~1e-15 here), watch's float32 record within that plus float32 rounding, and |dC/db1|/|dC/db4| < 1"
-                        ' with small weights but > 1 with w = 8.'))
+                  rule=("analytic vs autograd within twice the float64 rounding bound of the product "
+                        "(chain.rounding_bound, ~1e-15 here), watch's float32 record within that plus float32 "
+                        "rounding, and |dC/db1|/|dC/db4| < 1 with small weights but > 1 with w = 8."))
 
 
 def _metrics(out: dict) -> dict:
@@ -170,8 +174,8 @@ def _metrics(out: dict) -> dict:
     m["max_rel_err_watch"] = max(_rel_err(o["recorded"], np.abs(o["analytic"])) for o in out.values())
     # the errors over their bounds (<= 1 expected): analytic and autograd each within `bound` of the exact value
     m["autograd_err_over_bound"] = max(_over(o["autograd"], o["analytic"], 2 * o["bound"]) for o in out.values())
-    m["watch_err_over_bound"] = max(_over(o["recorded"], np.abs(o["analytic"]), (1 + 2 * o["bound"]) * (1 + WATCH_REL) - 1)
-                                    for o in out.values())
+    m["watch_err_over_bound"] = max(
+        _over(o["recorded"], np.abs(o["analytic"]), (1 + 2 * o["bound"]) * (1 + WATCH_REL) - 1) for o in out.values())
     for k, o in out.items():
         g0 = np.abs(o["analytic"][0])
         m[f"{k}_abs_grad_b1_to_b4_step0"] = g0.tolist()

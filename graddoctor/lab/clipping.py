@@ -13,10 +13,11 @@ intervention is recorded as an event:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..report import _plots as P
 from ..report._views import intervention_steps, loss_figure
@@ -38,9 +39,10 @@ def _methods() -> dict:
 def _exploding_run(ctx: Context, label: str, guard, steps: int):
     gen = seed_all(ctx.seed)
     model = SeqNet("rnn", 2, 1, nonlinearity="relu")
+    w_hh = cast(Tensor, model.rnn.weight_hh_l0)
     with torch.no_grad():
-        nn.init.orthogonal_(model.rnn.weight_hh_l0)
-        model.rnn.weight_hh_l0 *= EXPLODING_GAIN
+        nn.init.orthogonal_(w_hh)
+        w_hh *= EXPLODING_GAIN
     run_dir = ctx.run_dir(NAME, "exploding_" + _slug(label))
     train(model, run_dir, steps, lambda s: adding_batch(64, 30, gen), nn.functional.mse_loss,
           torch.optim.SGD(model.parameters(), lr=EXPLODING_LR), guard=guard)
@@ -89,8 +91,8 @@ def run(ctx: Context):
         exploding[label] = _exploding_run(ctx, label, guard, steps_e)
     for label, guard in _methods().items():
         spiky[label] = _spiky_run(ctx, label, guard, steps_s)
-    m = {"exploding_finite": {}, "exploding_final_loss": {}, "spiky_damage": {}, "spiky_final_loss": {},
-         "interventions": {}}
+    m: dict[str, dict] = {"exploding_finite": {}, "exploding_final_loss": {}, "spiky_damage": {},
+                          "spiky_final_loss": {}, "interventions": {}}
     for label, r in exploding.items():
         loss = losses(r)[1]
         m["exploding_finite"][label] = bool(np.isfinite(loss).all())
@@ -120,16 +122,17 @@ def run(ctx: Context):
                         "(the paper's 0.01 is for batch 4096). The RNN explodes within its first few steps: ZClip does "
                         "not clip during its 25-step warm-up, and AutoClip's percentile of a history of one or two "
                         "norms is the exploding norm itself, so adaptive clips can miss it (depending on the seed).",
-                  rule=("the unclipped RNN has a NaN/Inf loss; with value and with norm clipping (the seeds' cures) it stays "
-                        "finite; the unclipped spiky run's post-spike damage is > 0.1 and at least 3 methods halve it."))
+                  rule=("the unclipped RNN has a NaN/Inf loss; with value and with norm clipping (the seeds' cures) "
+                        "it stays finite; the unclipped spiky run's post-spike damage is > 0.1 and at least 3 methods "
+                        "halve it."))
 
 
 def _figures(exploding: dict, spiky: dict) -> list[Figure]:
     fig, axes = P.figure(2)
     P.loss_curve(axes[0], {k: losses(r) for k, r in exploding.items()}, "exploding ReLU RNN (adding problem)",
                  ylabel="MSE", log=True)
-    P.loss_curve(axes[1], {k: losses(r) for k, r in spiky.items()}, f"MLP with an outlier batch every {SPIKE_EVERY} steps",
-                 ylabel="cross-entropy (nats)", log=True)
+    P.loss_curve(axes[1], {k: losses(r) for k, r in spiky.items()},
+                 f"MLP with an outlier batch every {SPIKE_EVERY} steps", ylabel="cross-entropy (nats)", log=True)
     for s in range(SPIKE_EVERY - 1, 10 ** 5, SPIKE_EVERY):
         if s > axes[1].get_xlim()[1]:
             break

@@ -60,11 +60,11 @@ def run(ctx: Context):
     measured = ("mean loss over the last 10% of steps: " + ", ".join(f"{s} {final[s]:.3g}" for s in SCHEMES) +
                 f" (chance ln 10 = {ln10:.3f}).")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
-                  notes=f"{DEPTH} Linear layers of width {WIDTH}, SGD lr 0.003 momentum 0.9, batch 128, digits, {steps} "
-                        "steps (also in the full preset: given about 800 steps, the Xavier net starts to escape "
-                        "the plateau). 'large' is 3x He's standard deviation.",
-                  rule=('final loss (mean of the last 10% of steps): Xavier and small > 0.95 ln 10; He and LSUV < 0.75 ln 10;'
-                        ' large not below 0.95 ln 10 (NaN counts as not below).'))
+                  notes=f"{DEPTH} Linear layers of width {WIDTH}, SGD lr 0.003 momentum 0.9, batch 128, digits, "
+                        f"{steps} steps (also in the full preset: given about 800 steps, the Xavier net starts to "
+                        "escape the plateau). 'large' is 3x He's standard deviation.",
+                  rule=('final loss (mean of the last 10% of steps): Xavier and small > 0.95 ln 10; '
+                        'He and LSUV < 0.75 ln 10; large not below 0.95 ln 10 (NaN counts as not below).'))
 
 
 def _figures(runs: dict) -> list[Figure]:

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable, cast
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -53,11 +55,12 @@ class SeqNet(nn.Module):
 
     def __init__(self, cell: str, n_in: int, n_out: int, hidden: int = 32, nonlinearity: str = "tanh"):
         super().__init__()
+        self.rnn: nn.RNNBase
         if cell == "lstm":
             self.rnn = nn.LSTM(n_in, hidden, batch_first=True)
             with torch.no_grad():  # forget-gate bias 1 (Gers et al. 2000): remember by default
-                self.rnn.bias_ih_l0[hidden:2 * hidden].fill_(1.0)
-                self.rnn.bias_hh_l0[hidden:2 * hidden].zero_()
+                cast(Tensor, self.rnn.bias_ih_l0)[hidden:2 * hidden].fill_(1.0)
+                cast(Tensor, self.rnn.bias_hh_l0)[hidden:2 * hidden].zero_()
         else:
             self.rnn = nn.RNN(n_in, hidden, batch_first=True, nonlinearity=nonlinearity)
         self.head = nn.Linear(hidden, n_out)
@@ -81,14 +84,17 @@ def _runs(preset: str) -> int:
 
 def _train_task(ctx: Context, task: str, cell: str, T: int, steps: int) -> tuple:
     gen = seed_all(ctx.seed)
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
     if task == "adding":
         model, batch, loss_fn = SeqNet(cell, 2, 1), (lambda s: adding_batch(64, T, gen)), nn.functional.mse_loss
     else:
         model, batch, loss_fn = SeqNet(cell, 6, 4), (lambda s: order_batch(64, T, gen)), nn.functional.cross_entropy
-    before = grad_per_time_step(model, *adding_batch(256, T, torch.Generator().manual_seed(99))) if task == "adding" else None
+    before = (grad_per_time_step(model, *adding_batch(256, T, torch.Generator().manual_seed(99)))
+              if task == "adding" else None)
     run_dir = ctx.run_dir(NAME, f"{task}_{cell}")
     train(model, run_dir, steps, batch, loss_fn, torch.optim.Adam(model.parameters(), lr=0.01))
-    after = grad_per_time_step(model, *adding_batch(256, T, torch.Generator().manual_seed(99))) if task == "adding" else None
+    after = (grad_per_time_step(model, *adding_batch(256, T, torch.Generator().manual_seed(99)))
+             if task == "adding" else None)
     ctx.tick(f"{NAME}/{task}/{cell}")
     return run_dir, tail_mean(losses(run_dir)[1]), before, after
 
@@ -97,9 +103,10 @@ def _exploding(ctx: Context, clip: bool, T: int, steps: int):
     """ReLU RNN with recurrent gain EXPLODING_GAIN on the adding problem, SGD, with or without norm clipping."""
     gen = seed_all(ctx.seed)
     model = SeqNet("rnn", 2, 1, nonlinearity="relu")
+    w_hh = cast(Tensor, model.rnn.weight_hh_l0)
     with torch.no_grad():
-        nn.init.orthogonal_(model.rnn.weight_hh_l0)
-        model.rnn.weight_hh_l0 *= EXPLODING_GAIN
+        nn.init.orthogonal_(w_hh)
+        w_hh *= EXPLODING_GAIN
     guard = None
     if clip:
         from ..treat import clip_norm
@@ -123,13 +130,14 @@ def run(ctx: Context):
     order = {}
     if ctx.preset != "quick":
         order = {cell: _train_task(ctx, "order", cell, ctx.pick(0, 40, 60), steps) for cell in ("rnn", "lstm")}
-    plain, clipped = _exploding(ctx, False, 30, ctx.pick(60, 100, 200)), _exploding(ctx, True, 30, ctx.pick(60, 100, 200))
+    plain = _exploding(ctx, False, 30, ctx.pick(60, 100, 200))
+    clipped = _exploding(ctx, True, 30, ctx.pick(60, 100, 200))
     m = _metrics(res, order, plain, clipped, T)
     ok = (m["adding_mse"]["rnn"] > 0.8 * BASELINE and m["adding_mse"]["lstm"] < 0.3 * BASELINE
           and not m["exploding_plain_finite"] and m["exploding_clipped_finite"]
           and (not order or (m["order_loss"]["rnn"] > 0.9 * np.log(4) and m["order_loss"]["lstm"] < 0.5 * np.log(4))))
-    measured = (f"adding problem (T={T}): final MSE RNN {m['adding_mse']['rnn']:.3f}, LSTM {m['adding_mse']['lstm']:.4f} "
-                f"(baseline 0.167). " +
+    measured = (f"adding problem (T={T}): final MSE RNN {m['adding_mse']['rnn']:.3f}, "
+                f"LSTM {m['adding_mse']['lstm']:.4f} (baseline 0.167). " +
                 (f"Temporal order: loss RNN {m['order_loss']['rnn']:.2f}, LSTM {m['order_loss']['lstm']:.2f} "
                  f"(chance 1.39). " if order else "") +
                 f"Exploding ReLU RNN: {m['exploding_plain_nonfinite_steps']} NaN/Inf loss step(s) without clipping "
@@ -140,17 +148,19 @@ def run(ctx: Context):
     return result(NAME, measured, ok, m, _figures(res, order, plain, clipped, T), runs, ctx,
                   notes="One-layer nets with 32 hidden units, Adam lr 0.01, batch 64. The LSTM's forget-gate bias "
                         "starts at 1. Temporal order runs in the default and full presets only.",
-                  rule=('adding problem: RNN MSE > 0.8 x 0.167 and LSTM MSE < 0.3 x 0.167; the unclipped exploding run has a '
-                        'NaN/Inf loss and the clipped one none; temporal order (default and full presets): RNN loss > 0.9 ln '
-                        '4, LSTM < 0.5 ln 4.'))
+                  rule=('adding problem: RNN MSE > 0.8 x 0.167 and LSTM MSE < 0.3 x 0.167; the unclipped exploding '
+                        'run has a NaN/Inf loss and the clipped one none; temporal order (default and full presets): '
+                        'RNN loss > 0.9 ln 4, LSTM < 0.5 ln 4.'))
 
 
 def _metrics(res: dict, order: dict, plain, clipped, T: int) -> dict:
     pl, cl = losses(plain)[1], losses(clipped)[1]
     bad = np.flatnonzero(~np.isfinite(pl))
     m = {"T": T, "adding_mse": {c: r[1] for c, r in res.items()}, "adding_baseline_mse": BASELINE,
-         "exploding_plain_finite": bool(np.isfinite(pl).all()), "exploding_clipped_finite": bool(np.isfinite(cl).all()),
-         "exploding_plain_nonfinite_steps": int(len(bad)), "exploding_clipped_nonfinite_steps": int((~np.isfinite(cl)).sum()),
+         "exploding_plain_finite": bool(np.isfinite(pl).all()),
+         "exploding_clipped_finite": bool(np.isfinite(cl).all()),
+         "exploding_plain_nonfinite_steps": int(len(bad)),
+         "exploding_clipped_nonfinite_steps": int((~np.isfinite(cl)).sum()),
          "exploding_plain_first_nonfinite": int(bad[0]) if len(bad) else -1,
          "exploding_clipped_first_mse": float(cl[0]), "exploding_clipped_final_mse": tail_mean(cl),
          "grad_first_over_last_step_before": {c: float(r[2][0] / r[2][-1]) for c, r in res.items()},

@@ -31,6 +31,7 @@ def _weights(run_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample steps, total weight L2 norm, global gradient norm per step) as recorded by watch."""
     with open_run(run_dir) as run:
         steps, w = run.series("weight_norm")
+        assert w is not None, f"{run_dir} has no weight norms (train() records them)"
         _, g = run.global_norm()
         return steps, np.sqrt(np.square(w.astype(np.float64)).sum(axis=1)), g
 
@@ -46,7 +47,7 @@ def run(ctx: Context):
     g0 = torch.Generator().manual_seed(ctx.seed)
     idx = torch.randperm(len(x), generator=g0)[:200]
     x, y = x[idx], y[idx]
-    runs, zero_frac, models = {}, {}, {}
+    runs, zero_frac = {}, {}
     for label, lam in PENALTIES.items():
         gen = seed_all(ctx.seed)
         model = mlp([64, 128, 128, 10], "relu", "default")
@@ -60,8 +61,8 @@ def run(ctx: Context):
         zero_frac[label] = float((w.abs() < 1e-3).float().mean())
         runs[label] = run_dir
         ctx.tick(f"{NAME}/{label}")
-    m = {"final_weight_norm": {}, "weight_norm_growth": {}, "late_grad_norm": {}, "near_zero_weight_fraction": zero_frac,
-         "final_loss": {k: tail_mean(losses(r)[1]) for k, r in runs.items()}}
+    m = {"final_weight_norm": {}, "weight_norm_growth": {}, "late_grad_norm": {},
+         "near_zero_weight_fraction": zero_frac, "final_loss": {k: tail_mean(losses(r)[1]) for k, r in runs.items()}}
     for k, r in runs.items():
         _, wn, g = _weights(r)
         m["final_weight_norm"][k], m["weight_norm_growth"][k] = float(wn[-1]), float(wn[-1] / wn[0])
@@ -71,12 +72,14 @@ def run(ctx: Context):
           and zero_frac["L1 (1e-3)"] > 5 * zero_frac["none"])
     measured = ("weight-norm growth over training: " + ", ".join(f"{k} x{v:.2f}" for k, v in growth.items()) +
                 "; weights below 1e-3: " + ", ".join(f"{k} {v:.1%}" for k, v in zero_frac.items()) +
-                "; late global gradient norm: " + ", ".join(f"{k} {v:.3g}" for k, v in m["late_grad_norm"].items()) + ".")
+                "; late global gradient norm: " +
+                ", ".join(f"{k} {v:.3g}" for k, v in m["late_grad_norm"].items()) + ".")
     return result(NAME, measured, ok, m, _figures(runs), list(runs.values()), ctx,
-                  notes=f"MLP 64-128-128-10 (ReLU, PyTorch default init) on 200 digits, SGD lr 0.3, batch 32, {steps} steps; "
-                        "the penalty (gd.treat.l1_penalty / l2_penalty) is added to the loss that watch records.",
-                  rule=('the unpenalized weight norm grows (x > 1), the L1 and L2 runs end below their start (x < 1), and L1 '
-                        'leaves > 5x as many near-zero weights as no penalty.'))
+                  notes=f"MLP 64-128-128-10 (ReLU, PyTorch default init) on 200 digits, SGD lr 0.3, batch 32, "
+                        f"{steps} steps; the penalty (gd.treat.l1_penalty / l2_penalty) is added to the loss that "
+                        "watch records.",
+                  rule=('the unpenalized weight norm grows (x > 1), the L1 and L2 runs end below their start (x < 1), '
+                        'and L1 leaves > 5x as many near-zero weights as no penalty.'))
 
 
 def _figures(runs: dict) -> list[Figure]:

@@ -72,8 +72,8 @@ def run(ctx: Context):
     return result(NAME, measured, ok, m, _figures(runs, depths), list(runs.values()), ctx,
                   notes=f"MLP blocks of width {WIDTH} on digits instead of CIFAR-10 convolutions; SGD lr 0.02, "
                         f"momentum 0.9, batch 64, {steps} steps.",
-                  rule=("the deepest plain net's loss is above the shallowest plain net's, and the deepest residual net's is "
-                        "below half the deepest plain net's."))
+                  rule=("the deepest plain net's loss is above the shallowest plain net's, and the deepest residual "
+                        "net's is below half the deepest plain net's."))
 
 
 def _figures(runs: dict, depths: list[int]) -> list[Figure]:
