@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_lab_cli import ARTIFACTS, quick_lab, quick_results
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -14,7 +14,7 @@ from torch import nn
 import graddoctor as gd
 from graddoctor.report import _plots as P
 from graddoctor.report import write_run_report
-from graddoctor.report._html import fmt, findings
+from graddoctor.report._html import findings, fmt
 from graddoctor.report._views import loss_spikes, run_figures
 from graddoctor.treat._interventions import acted
 

@@ -11,13 +11,13 @@ import hashlib
 import http.client
 import json
 import math
-import re
 import os
-import signal
+import re
 import shutil
+import signal
 import socket
-import ssl
 import sqlite3
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -28,15 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_browser_report import ARGS, CHROMIUM
+from test_lab_cli import ARTIFACTS
 from torch import nn
 
 import graddoctor as gd
 from graddoctor import ConfigError, GradDoctorError, open_run
-from graddoctor.store._nonfinite_json import decode_nonfinite
 from graddoctor.serve import Dashboard, run_status
-
-from test_browser_report import ARGS, CHROMIUM
-from test_lab_cli import ARTIFACTS
+from graddoctor.store._nonfinite_json import decode_nonfinite
 
 ROOT = Path(__file__).resolve().parents[1]
 

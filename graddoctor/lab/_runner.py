@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..store import _nonfinite_json
 from .._errors import ConfigError
 from ..report import findings_for, write_lab_report
+from ..store import _nonfinite_json
 from ._types import PRESETS, REGISTRY, Context, Result, ordered
 
 
@@ -64,8 +64,8 @@ def run_lab(preset: str = "default", only: Optional[Sequence[str]] = None, seed:
     exps = select(only)
     try:
         from tqdm import tqdm
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the lab needs tqdm: pip install 'graddoctor[lab]'") from e
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the lab needs tqdm: pip install 'graddoctor[lab]'") from err
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old_threads = torch.get_num_threads()

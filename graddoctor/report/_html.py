@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 from ._figure import Figure
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;
+background:#fafafa}
 main{max-width:1180px;margin:0 auto;padding:24px}
 h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:28px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:15px;margin:14px 0 4px}
@@ -79,7 +80,8 @@ def findings(items: Sequence[dict], run: str) -> str:
     for f in items:
         sev = str(f.get("severity", ""))
         steps = f"{fmt(f.get('first_step'))}–{fmt(f.get('last_step'))}"
-        layers = ", ".join(str(x) for x in (f.get("layers") or [])[:4]) + (" …" if len(f.get("layers") or []) > 4 else "")
+        all_layers = f.get("layers") or []
+        layers = ", ".join(str(x) for x in all_layers[:4]) + (" …" if len(all_layers) > 4 else "")
         remedies = ", ".join(_remedy_id(r) for r in (f.get("remedies") or [])[:4])
         rows.append([f"<span class=\"sev-{esc(sev)}\">{esc(sev)}</span>", f"<code>{esc(f.get('code', ''))}</code>",
                      esc(steps), esc(layers), esc(f.get("cause", "")), esc(remedies), esc(f.get("message", ""))])

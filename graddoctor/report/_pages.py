@@ -22,8 +22,9 @@ def lab_page(results: Sequence[Any], info: dict[str, Any]) -> str:
              f"<span class=\"{'yes' if r.reproduced else 'no'}\">{'yes' if r.reproduced else 'no'}</span>"]
             for r in results]
     header = (f"<h1>graddoctor lab: vanishing and exploding gradients, reproduced</h1>"
-              f"<p class=\"muted\">{n_ok} of {len(results)} experiments reproduced · preset <b>{H.esc(info.get('preset'))}</b>"
-              f" · seed {H.esc(info.get('seed'))} · {H.fmt(info.get('seconds', float('nan')))} s · torch "
+              f"<p class=\"muted\">{n_ok} of {len(results)} experiments reproduced · preset "
+              f"<b>{H.esc(info.get('preset'))}</b> · seed {H.esc(info.get('seed'))} · "
+              f"{H.fmt(info.get('seconds', float('nan')))} s · torch "
               f"{H.esc(info.get('torch'))} · {H.esc(info.get('created', ''))}. Every number below was measured in this "
               f"run from real trainings recorded with <code>graddoctor.watch</code>; 'reproduced' is computed from "
               f"those numbers by each experiment's stated rule.</p>")
@@ -43,8 +44,8 @@ def _section(r: Any) -> str:
         parts.append(f"<p class=\"muted\"><b>Rule for 'reproduced':</b> {H.esc(r.rule)}</p>")
     if r.notes:
         parts.append(f"<p class=\"muted\"><b>Set-up:</b> {H.esc(r.notes)}</p>")
-    parts.append(f"<p class=\"muted\">{len(r.runs)} run(s) recorded with watch under <code>runs/{H.esc(r.name)}/</code> "
-                 f"in {H.fmt(getattr(r, 'seconds', float('nan')))} s.</p>")
+    parts.append(f"<p class=\"muted\">{len(r.runs)} run(s) recorded with watch under "
+                 f"<code>runs/{H.esc(r.name)}/</code> in {H.fmt(getattr(r, 'seconds', float('nan')))} s.</p>")
     parts.append(H.figures(r.figures))
     parts.append(H.findings_overview(r.findings or {}))
     parts.append("</section>")

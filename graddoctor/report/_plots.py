@@ -84,7 +84,7 @@ def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, ti
       values: [T, L] (steps x layers).
     """
     from matplotlib import colormaps
-    from matplotlib.colors import LogNorm, ListedColormap
+    from matplotlib.colors import ListedColormap, LogNorm
     v = np.asarray(values, dtype=np.float64).T  # layers on the y axis, input layer at the top
     pos = v[np.isfinite(v) & (v > 0)]
     lo, hi = (pos.min(), pos.max()) if pos.size else (1e-8, 1.0)

@@ -73,7 +73,8 @@ def format_summary(run: Run) -> str:
     findings = run.events("finding")
     if findings:
         codes = sorted({e["data"].get("code", "?") for e in findings})
-        lines.append(f"findings recorded while training: {', '.join(codes)} (details: graddoctor diagnose {run.run_dir})")
+        lines.append(f"findings recorded while training: {', '.join(codes)} "
+                     f"(details: graddoctor diagnose {run.run_dir})")
     from ..treat import format_interventions  # treat builds on watch; imported late
     lines.append(format_interventions(run).rstrip() or "interventions: none")
     if not len(steps):

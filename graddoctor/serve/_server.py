@@ -44,6 +44,10 @@ class _Handler(BaseHTTPRequestHandler):
     def tls(self) -> bool:
         return self.tls_context is not None
 
+    @property
+    def _port(self) -> int:
+        return int(self.server.server_address[1])  # type: ignore[index]  # a TCP server's: (host, port)
+
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
         path = self.path.split("?", 1)[0]
         try:
@@ -71,16 +75,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refusal(self, host: str, host_header: str) -> Optional[str]:
         """Why this request may not read the dashboard (the 403's text), or None (see `_auth.refusal`)."""
-        port = self.server.server_address[1]
-        given = _auth.given_token(self.path, self.headers.get("Cookie", ""), port) if self.token is not None else None
+        cookies = self.headers.get("Cookie", "")
+        given = _auth.given_token(self.path, cookies, self._port) if self.token is not None else None
         return _auth.refusal(host, host_header, self.loopback_only, self.token, given,
-                             "https" if self.tls else "http", port)
+                             "https" if self.tls else "http", self._port)
 
     def _cookie(self) -> Optional[dict[str, str]]:
         """The page's Set-Cookie header, which keeps the token for its polls; None without a token."""
         if self.token is None:
             return None
-        name, secure = _auth.cookie_name(self.server.server_address[1]), "; Secure" if self.tls else ""
+        name, secure = _auth.cookie_name(self._port), "; Secure" if self.tls else ""
         return {"Set-Cookie": f"{name}={self.token}; Path=/; HttpOnly; SameSite=Strict{secure}"}
 
     def _send(self, code: HTTPStatus, kind: str, body: str, headers: Optional[dict[str, str]] = None) -> None:
