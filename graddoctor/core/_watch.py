@@ -24,7 +24,7 @@ import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
             n = tensors[i].numel()
             out[i] = flat[offset:offset + n].reshape(tensors[i].shape)
             offset += n
-    return out  # type: ignore[return-value]
+    return cast(list[np.ndarray], out)  # every index is in one group, so none is left None
 
 
 class Watch:
@@ -136,6 +136,7 @@ class Watch:
 
     # ----------------------------------------------------------------- setup
     def _open_writer(self, model: nn.Module) -> RunWriter:
+        assert self.run_dir is not None, "only a recording watch, which has a run_dir, opens a writer"
         modules = dict(self.model.named_modules())
         tensors = [dict(idx=i, name=n, module=n.rpartition(".")[0], shape=json_shape(p),
                         numel=p.numel(), dtype=str(p.dtype).replace("torch.", ""))
@@ -152,7 +153,7 @@ class Watch:
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
-        return RunWriter(self.run_dir, meta, tensors, acts,  # type: ignore[arg-type]
+        return RunWriter(self.run_dir, meta, tensors, acts,
                          overwrite=self.config.overwrite, resume=self.config.resume)
 
     def _reset_buffers(self) -> None:
@@ -370,8 +371,9 @@ class Watch:
             events[j][2][key] = value.tolist()
         first = min(int(c[1][0]) for c in chunks) if chunks else min(e[0] for e in events)
         last = max(int(c[1][-1]) for c in chunks) if chunks else max(e[0] for e in events)
+        assert self._writer is not None, "a recording watch has a writer"
         with _exit.writing():  # a SIGTERM now waits for the write: a flush is never cut in half
-            written = self._writer.write(chunks, events)  # type: ignore[union-attr]
+            written = self._writer.write(chunks, events)
         if not written:
             self._warn_write_failed()
         for fn in self._flush_listeners:
@@ -402,9 +404,12 @@ class Watch:
         if self._warned_write:
             return
         self._warned_write = True
-        span = self._writer.pending_steps  # type: ignore[union-attr]
-        warnings.warn(f"graddoctor: could not write steps {span[0]}-{span[1]} to {str(self._writer.path)!r} "  # type: ignore
-                      f"({self._writer.last_error}); they are kept in memory and written with the next flush. "  # type: ignore
+        writer = self._writer
+        assert writer is not None, "only a write that failed warns"
+        span = writer.pending_steps
+        assert span is not None, "a failed write leaves its steps pending"
+        warnings.warn(f"graddoctor: could not write steps {span[0]}-{span[1]} to {str(writer.path)!r} "
+                      f"({writer.last_error}); they are kept in memory and written with the next flush. "
                       "Training goes on.", RuntimeWarning, stacklevel=3)
 
     def _count_optimizer_step(self, *_: Any) -> None:
