@@ -228,6 +228,7 @@ def _native_whole_list(tensors: Sequence[Optional[Tensor]], weights: Optional[Se
     (BENCHMARKS.md), so this skips the grouping below. None where it does not apply."""
     if stats_device.type != "cpu":
         return None
+    # A None (a tensor with no gradient) is not a plain tensor, so the kernel's scan refuses the list.
     native = _native.grad_stats(tensors, weights)  # type: ignore[arg-type]
     if native is None:
         return None

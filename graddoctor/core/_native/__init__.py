@@ -59,6 +59,9 @@ _FLAG_SETS = (
     ("-O3",),
 )
 
+# Loaded by the first `_scan` that needs it: the kernel calls below come after a scan that
+# succeeded, so `_lib` is set there (their `type: ignore[union-attr]`: a check per call would
+# cost time inside every training step, and mypy cannot see the order).
 _lib: Optional[ctypes.CDLL] = None
 _loaded = False  # whether loading has been tried in this process
 _status = "not loaded yet"
