@@ -39,3 +39,66 @@ def stats_path(request):
     previous = _native.set_enabled(False)
     yield request.param
     _native.set_enabled(previous)
+
+
+# ---------------------------------------------------------------- runs shared by the session
+# Expensive runs several modules read are made once, here, under pytest's tmp dir (never in the
+# repository), and reached through these fixtures: a test module never imports another.
+
+@pytest.fixture(scope="session", autouse=True)
+def _helpers_use_the_session_tmp_dir(tmp_path_factory):
+    """Cheap (nothing runs): tells tests/_lab.py where the session's tmp dir is."""
+    import _lab
+    _lab.set_tmp_path_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    """A folder for screenshots and other files a test leaves for a person to look at."""
+    import _lab
+    return _lab.artifacts_dir()
+
+
+@pytest.fixture(scope="session")
+def quick_lab_run():
+    """`graddoctor lab --preset quick --seed 0`, run once per session in a subprocess: (out dir, CompletedProcess)."""
+    import _lab
+    return _lab.quick_lab()
+
+
+@pytest.fixture(scope="session")
+def quick_lab_results(quick_lab_run) -> dict:
+    """name -> result dict from the quick lab run's results.json."""
+    from graddoctor.store import _nonfinite_json
+    out, proc = quick_lab_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = _nonfinite_json.loads((out / "results.json").read_text())
+    return {r["name"]: r for r in data["results"]}
+
+
+class LabelledRuns:
+    """The scenarios of tests/_diag_runs.py, each trained on first use and then kept for the session.
+
+    `runs[name]` is (run_dir, findings reported live while training, FindingWarnings raised). Every
+    scenario trains with watch's defaults (live diagnosis on), as test_diagnose_runs judges them."""
+
+    def __init__(self, root):
+        self.root, self._done = root, {}
+
+    def __getitem__(self, name: str):
+        if name not in self._done:
+            import warnings
+
+            from _diag_runs import by_name, train
+            from graddoctor.diagnosis._live import FindingWarning
+            live = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run_dir = train(by_name(name), self.root / name, on_finding=live.append)
+            self._done[name] = (run_dir, live, [w for w in caught if issubclass(w.category, FindingWarning)])
+        return self._done[name]
+
+
+@pytest.fixture(scope="session")
+def labelled_runs(tmp_path_factory) -> LabelledRuns:
+    return LabelledRuns(tmp_path_factory.mktemp("labelled_runs"))

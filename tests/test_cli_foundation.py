@@ -1,31 +1,10 @@
 """The command line as a user meets it: `graddoctor.cli.main` in process (one torch import for the
 module), and the real console script where the process itself matters (its help and exit codes)."""
-import contextlib
-import io
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from graddoctor.cli import main
-
-EXE = shutil.which("graddoctor", path=str(Path(sys.executable).parent)) or "graddoctor"
-
-
-def run(*args, check=False):
-    """`graddoctor ARGS` in this process: a CompletedProcess with its exit status and output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # argparse's --help and usage errors
-            code = e.code if isinstance(e.code, int) else 2
-    done = subprocess.CompletedProcess(["graddoctor", *args], code, out.getvalue(), err.getvalue())
-    if check:
-        done.check_returncode()
-    return done
+from _cli import EXE, run
 
 
 def test_help_for_every_command():
@@ -35,6 +14,7 @@ def test_help_for_every_command():
         assert "usage: graddoctor" in out.stdout
 
 
+@pytest.mark.slow
 def test_the_console_script_helps_and_refuses_like_main():
     out = subprocess.run([EXE, "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "usage: graddoctor" in out.stdout and "diagnose" in out.stdout
@@ -102,9 +82,9 @@ def test_summary_lists_interventions_and_live_findings(tmp_path):
     import re
 
     import graddoctor as gd
+    from _guarded_script import main as guarded_run
 
-    subprocess.run([sys.executable, str(Path(__file__).with_name("_guarded_script.py")), str(tmp_path / "g")], check=True,
-                   capture_output=True, timeout=300)
+    guarded_run(str(tmp_path / "g"))  # in this process: the summary reads the store, whoever wrote it
     out = run("runs", "summary", str(tmp_path / "g"), check=True).stdout
     smallest = float(re.search(r"smallest coefficient ([0-9.e-]+)", out).group(1))
     _, total = gd.open_run(tmp_path / "g").global_norm()

@@ -22,7 +22,8 @@ def runs(labelled_runs, tmp_path_factory):
     # the labelled runs are shared with test_diagnose_runs (conftest.py: trained once per session)
     runs = {n: labelled_runs[n][0] for n in ("nan_batch", "outlier_batch", "healthy_slow_sgd")}
     runs["clipped"] = train(by_name("healthy_slow_sgd"), tmp_path_factory.mktemp("diag_cli") / "clipped",
-                            live_diagnosis=False, guard=gd.treat.clip_norm(0.05))  # clips every step: global norm is ~0.4
+                            live_diagnosis=False,
+                            guard=gd.treat.clip_norm(0.05))  # clips every step: global norm is ~0.4
     return runs
 
 

@@ -1,38 +1,29 @@
 """The labelled table: real small training runs, each with the finding codes it must and must not get.
 
-Every scenario in tests/_diag_runs.py is trained once per session (a second or two each, CPU).
+Every scenario in tests/_diag_runs.py is trained once per session (a second or two each, CPU; the
+`labelled_runs` fixture in conftest.py).
 Offline: `diagnose(run_dir)` must give every expected code, no forbidden code, and the expected
 cause. Live: the findings reported at flush time while training must also stay inside what the
 run may get, each code reported once, and each stored as a "finding" event.
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import graddoctor as gd
 from graddoctor.diagnosis import CATALOGUE
-from graddoctor.diagnosis._live import FindingWarning
 
-from _diag_runs import SCENARIOS, train
+from _diag_runs import SCENARIOS
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """name -> (run_dir, findings reported live while training, FindingWarnings raised)."""
-    root = tmp_path_factory.mktemp("diag_runs")
-    out = {}
-    for sc in SCENARIOS:
-        live = []
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run_dir = train(sc, root / sc.name, on_finding=live.append)
-        out[sc.name] = (run_dir, live, [w for w in caught if issubclass(w.category, FindingWarning)])
-    return out
+@pytest.fixture(scope="module")
+def trained(labelled_runs):
+    """name -> (run_dir, findings reported live while training, FindingWarnings raised): conftest.py's
+    `labelled_runs`, each scenario trained once per session (test_diagnose_cli reads three of them)."""
+    return labelled_runs
 
 
 @pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])

@@ -1,6 +1,6 @@
 """Each lab experiment's phenomenon, asserted on the numbers the quick preset measured.
 
-The quick preset runs once per session (see test_lab_cli.quick_lab). Thresholds come from the
+The quick preset runs once per session (the `quick_lab_run` fixture in conftest.py). Thresholds come from the
 papers and seeds, not from earlier runs; where an independent oracle exists (closed forms,
 autograd, the run store read directly) the test recomputes the number instead of trusting the
 experiment's own summary, within a rounding bound derived for it (tests/_numerics.py).
@@ -20,19 +20,20 @@ import torch
 
 from _numerics import U64, clip_coef_rel
 from graddoctor import open_run
-from test_lab_cli import quick_lab, quick_results
+
+pytestmark = pytest.mark.slow  # the lab
 
 LN10, BASELINE = math.log(10), 1.0 / 6.0
 
 
 @pytest.fixture(scope="module")
-def res():
-    return quick_results()
+def res(quick_lab_results):
+    return quick_lab_results
 
 
 @pytest.fixture(scope="module")
-def out():
-    return quick_lab()[0]
+def out(quick_lab_run):
+    return quick_lab_run[0]
 
 
 def _ratio_from_store(run_dir) -> float:
