@@ -5,7 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import graddoctor as gd
 from graddoctor.store._store import STORE_NAME, RunWriter, read_series
 
 SCRIPT = Path(__file__).with_name("_train_script.py")
+LOCKSTEP = Path(__file__).with_name("_lockstep_writer.py")
 
 
 def test_round_trip_keeps_values_and_nonfinite_bits(tmp_path):
@@ -69,6 +70,7 @@ def test_watch_round_trip_matches_the_gradients(tmp_path):
     assert layer.update_steps.tolist() == [0]  # update norms: sample_every=10 by default
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_every_flushed_step(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "100000", "5", "0.002"],
                             stdout=subprocess.PIPE, text=True)
@@ -88,23 +90,35 @@ def test_sigkill_leaves_every_flushed_step(tmp_path):
     assert "closed_at" not in run.meta  # killed: watch.close() never ran, and readers can tell
 
 
+@pytest.mark.slow
 def test_reader_while_writer_is_running(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "400", "10", "0.005"],
-                            stdout=subprocess.PIPE, text=True)
+    """A reader in this process beside a writer in another: after each flush the writer waits for the reader
+    (tests/_lockstep_writer.py), which must see exactly the steps flushed so far, and the run grow."""
+    steps, every = 400, 10
+    proc = subprocess.Popen([sys.executable, str(LOCKSTEP), str(tmp_path), str(steps), str(every)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen, run = [], None
+    watchdog = threading.Timer(120, proc.kill)  # a hung writer ends the test instead of blocking readline
+    watchdog.start()
     try:
-        assert proc.stdout.readline().startswith("flushed")
-        seen = []
-        run = gd.open_run(tmp_path)
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
+        for flushed in range(every, steps + 1, every):
+            assert proc.stdout.readline() == f"flushed {flushed}\n"
+            if run is None:
+                run = gd.open_run(tmp_path)
             run.refresh()
             seen.append(run.num_steps)
-            time.sleep(0.05)
+            assert run.loss()[0].tolist() == list(range(flushed))  # the flushed steps, nothing half-written
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        assert proc.stdout.readline() == "done\n"
         assert proc.wait(timeout=60) == 0
     finally:
+        watchdog.cancel()
         proc.kill()
+        proc.wait()
     assert len(set(seen)) > 2, seen  # the reader saw the run grow
     assert seen == sorted(seen)
+    assert seen == list(range(every, steps + 1, every))  # and at each flush, exactly the flushed steps
     run.refresh()
     assert run.num_steps == 400
 
