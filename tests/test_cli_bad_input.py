@@ -339,7 +339,7 @@ def nothing_trains_or_listens(monkeypatch):
         return fail
     monkeypatch.setattr(graddoctor.lab._demo, "run_demo", started("demo training"))
     monkeypatch.setattr(graddoctor.lab._runner, "Context", started("lab training"))
-    monkeypatch.setattr(graddoctor.serve._DashboardHTTPServer, "serve_forever", started("the server"))
+    monkeypatch.setattr(graddoctor.serve._server._DashboardHTTPServer, "serve_forever", started("the server"))
 
 
 def run_main(argv: list[str]) -> int:
@@ -407,6 +407,7 @@ def test_every_diagnose_threshold_has_a_range_that_holds_its_default():
                 DiagnoseConfig(**{name: bad}).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes to Linux's /dev/full")
 def test_console_script_end_to_end(base_run, tmp_path):
     """A few rows through the installed `graddoctor`, as a user's shell runs them (in parallel: each imports torch)."""

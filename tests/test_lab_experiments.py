@@ -146,7 +146,7 @@ def test_rnn_fails_adding_problem_lstm_solves_it(res, out):
 
 
 def test_norm_clipping_keeps_the_exploding_rnn_finite(out):
-    from graddoctor.report._views import intervention_steps
+    from graddoctor.treat._interventions import intervention_steps
     with open_run(out / "runs/recurrent/exploding_plain") as run:
         assert not np.isfinite(run.loss()[1]).all()
     with open_run(out / "runs/recurrent/exploding_clip_norm") as run:
@@ -173,7 +173,7 @@ def test_clipping_methods_contain_explosions_and_spikes(res, out):
     # A spike here: an outlier step whose global norm is >= 10x the median of the 10 steps before it
     # (seen 15x-138x; the other outlier steps 0x-5.6x). Seeds 0-4: every spike clipped, <= 3 of 200 other steps.
     from graddoctor.lab.clipping import SPIKE_EVERY
-    from graddoctor.report._views import intervention_steps
+    from graddoctor.treat._interventions import intervention_steps
     with open_run(out / "runs/clipping/spiky_zclip") as run:
         acted, n = set(intervention_steps(run)), run.num_steps
         steps, norms = run.global_norm()

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..report import _plots as P
-from ..report._views import intervention_steps, loss_figure
+from ..report._views import loss_figure
 from ..store._run import open_run
+from ..treat._interventions import intervention_steps
 from ._train import digits, losses, mlp, seed_all, tail_mean, train
 from ._types import Context, Figure, experiment, result
 from .recurrent import EXPLODING_GAIN, EXPLODING_LR, SeqNet, adding_batch

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core._amp import overflowed
 from ..store._run import Run, open_run
-from ..treat._interventions import acted, intervention_steps  # noqa: F401 (lab/clipping.py imports it here)
+from ..treat._interventions import acted
 from . import _plots as P
 from ._figure import Figure
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from ._cli import MIN_REFRESH, register
 from ._dashboard import DEFAULT_BUSY, DEFAULT_REFRESH, FIRST_DRAW_SECONDS, Dashboard
-from ._server import DEFAULT_PORT, Server, _DashboardHTTPServer, serve_forever, start  # noqa: F401 (patched by tests)
+from ._server import DEFAULT_PORT, Server, serve_forever, start
 from ._status import FIND_DEPTH, find_runs, run_status
 
 __all__ = ["start", "serve_forever", "Server", "Dashboard", "run_status", "find_runs", "register",
