@@ -1,9 +1,9 @@
 """Per-step cost of watch, alone and with a clipping guard, against a baseline and clip_grad_norm_.
 
-DESIGN.md budgets on this workload: watch every step <= 1.03x baseline; with default activation
+The budgets on this workload (BENCHMARKS.md): watch every step <= 1.03x baseline; with default activation
 sampling <= 1.05x; watch + guard(clip_norm) <= clip_grad_norm_ alone.
 
-Workload (DESIGN.md's CPU workload): an MLP of 16 Linear(512, 512) + ReLU layers, batch 256, Adam.
+Workload (the budgets' CPU workload): an MLP of 16 Linear(512, 512) + ReLU layers, batch 256, Adam.
 Variants, each on its own copy of the same model, stepped in turn (interleaved, rotating order):
   baseline              forward, backward, optimizer step
   clip_grad_norm        + torch.nn.utils.clip_grad_norm_(max_norm=1.0)
@@ -93,11 +93,11 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--set", choices=["watch", "guard", "all"], default="watch",
-                    help="watch: baseline, clip_grad_norm_, watch, watch(default) (issue 2's budget); "
-                         "guard: baseline, clip_grad_norm_, watch+guard, watch(default)+guard (issue 4's); all: the six")
+                    help="watch: baseline, clip_grad_norm_, watch, watch(default) (the watch budget); "
+                         "guard: baseline, clip_grad_norm_, watch+guard, watch(default)+guard (the watch + clipping budget); all: the six")
     ap.add_argument("--weight-every", type=int, default=None,
                     help="watch's weight_every for every watch variant (default: watch's own default, 1). "
-                         "DESIGN.md's 3%% budget covers the gradient statistics; 10 puts the weight norms "
+                         "the 3%% budget covers the gradient statistics; 10 puts the weight norms "
                          "on the update-norm samples' cadence")
     ap.add_argument("--max-norm", type=float, default=1.0,
                     help="max_norm of clip_grad_norm_ and of the guard's clip_norm (1.0: clips every step here; "

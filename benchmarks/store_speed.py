@@ -1,4 +1,4 @@
-"""Run-store size and read speed on a 100k-step x 200-tensor run (DESIGN.md storage budget).
+"""Run-store size and read speed on a 100k-step x 200-tensor run (the storage budget in BENCHMARKS.md).
 
 Builds the same synthetic store as diagnose_speed.py (real SQLite through RunWriter), then times,
 each from a fresh `open_run`: one layer's history, one tensor's history, and the loss series.

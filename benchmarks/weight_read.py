@@ -1,6 +1,6 @@
 """What the per-step weight read costs, and whether where it is made matters.
 
-watch reads every weight once per step for the weight norms (issue 2), which clip_grad_norm_
+watch reads every weight once per step for the weight norms (weight_every=1, the default), which clip_grad_norm_
 never does; this measures that read on its own, at each place in the step it could be made:
 
   none                    nothing (the bare step)
