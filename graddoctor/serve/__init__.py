@@ -19,8 +19,9 @@ below `busy` (default 10%) of one core. So a run that stalls or blows up shows u
 the next flush of `watch` (every `flush_every` steps), with its finding.
 
 Why polling and whole sections: the store is written by another process, in WAL mode, so a
-read-only reader never blocks the training (README, "What graddoctor guarantees"); and re-drawing the report's plots only
-when a flush has landed costs the server about as much as one `graddoctor report` per flush.
+read-only reader never blocks the training (README, "What graddoctor guarantees"); and re-drawing
+the report's plots only when a flush has landed costs the server about as much as one
+`graddoctor report` per flush.
 
 Routes (GET): `/` the page; `/status` JSON (per run: whether it exists, last step, last loss and
 global gradient norm, whether watch has closed it, when the store was last written, live findings;
