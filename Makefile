@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: lab test venv clean
+.PHONY: lab test lint venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,13 @@ venv: $(STAMP)
 lab: venv
 	$(BIN)/graddoctor lab --preset default --out runs/lab
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q
+
+# ruff (pycodestyle, pyflakes, import order; lines up to 120) and mypy, configured in pyproject.toml
+lint: venv
+	$(BIN)/ruff check graddoctor
+	$(BIN)/mypy graddoctor
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
