@@ -9,8 +9,6 @@ and reads the scale through GradScaler's public API.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 import graddoctor as gd
+from _cli import run as run_cli
 from _numerics import norm_rel, rel_diff_tol, total_norm_rel
 from graddoctor import ConfigError
 
@@ -74,6 +73,7 @@ def _train(run_dir, steps=40, *, watch=True, pass_scaler=True, unscale_in_loop=F
     return model, np.array(oracle)
 
 
+@pytest.mark.slow
 def test_watch_records_true_gradients_and_the_scale_of_each_step(tmp_path):
     twin, oracle = _train(None, watch=False)
     assert 3 <= oracle[:, 1].sum() < len(oracle) / 2, "premise: the scale calibrates by overflowing a few steps"
@@ -90,8 +90,7 @@ def test_watch_records_true_gradients_and_the_scale_of_each_step(tmp_path):
         np.testing.assert_array_equal(amp[:, 1], oracle[:, 1])
         # unscaled: the true gradients; NaN/Inf on the overflow steps, at the same steps (assert_allclose checks)
         np.testing.assert_allclose(total, oracle[:, 2], rtol=NORM_RTOL, atol=0)
-        summary = subprocess.run([sys.executable, "-m", "graddoctor.cli", "runs", "summary", str(tmp_path / name)],
-                                 capture_output=True, text=True)
+        summary = run_cli("runs", "summary", tmp_path / name)
         skipped = ", ".join(str(s) for s in np.flatnonzero(oracle[:, 1]))
         assert (f"AMP loss scale: {oracle[0, 0]:.3g} at step 0 -> {oracle[-1, 0]:.3g} at step {len(oracle) - 1}; "
                 f"steps the GradScaler skipped for an overflow: {skipped}") in summary.stdout, summary.stdout
@@ -199,6 +198,7 @@ def test_no_host_sync_inside_a_step_with_a_scaler(tmp_path, monkeypatch):
     w.close()
 
 
+@pytest.mark.slow
 def test_the_report_draws_the_loss_scale_and_counts_the_skipped_steps(tmp_path):
     import base64
 
