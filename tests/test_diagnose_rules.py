@@ -218,6 +218,7 @@ def histories(draw):
         input_steps=np.arange(I, dtype=np.int64), inputs=arr((I, 4)).astype(np.float32))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(histories())
 def test_rules_never_raise_on_arbitrary_histories(d):

@@ -16,6 +16,8 @@ import graddoctor as gd
 from _numerics import U32, compose, gamma, norm_rel, rel_diff_tol, sqrt_rel, total_norm_rel
 from graddoctor.store import _nonfinite_json
 
+pytestmark = pytest.mark.slow  # every test starts 2 worker processes
+
 WORKER = Path(__file__).with_name("_dist_worker.py")
 STEPS = 5
 

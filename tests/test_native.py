@@ -153,6 +153,7 @@ print(float(s.norm[0]), float(s.maxabs[0]))
 """
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_pytorch_path_is_used(tmp_path):
     out = run_python(PROBE, CC=str(tmp_path / "no-such-compiler"), GRADDOCTOR_CACHE_DIR=str(tmp_path / "cache"),
                      TMPDIR=str(tmp_path))
@@ -161,6 +162,7 @@ def test_without_a_compiler_the_pytorch_path_is_used(tmp_path):
     assert values == "5.0 4.0"
 
 
+@pytest.mark.slow
 def test_environment_switch_turns_it_off(tmp_path):
     out = run_python(PROBE, GRADDOCTOR_NATIVE="0", GRADDOCTOR_CACHE_DIR=str(tmp_path / "cache"))
     status, values = out.strip().splitlines()
@@ -169,6 +171,7 @@ def test_environment_switch_turns_it_off(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 
+@pytest.mark.slow
 def test_a_fresh_cache_builds_once_and_is_reused(native, tmp_path):
     cache = tmp_path / "cache"
     first = run_python(PROBE, GRADDOCTOR_CACHE_DIR=str(cache)).splitlines()[0]
@@ -271,6 +274,7 @@ def test_input_row_with_nan_inf_and_tiny_tensors(native):
     assert all(math.isnan(v) for v in native.input_row(torch.zeros(0)).tolist())
 
 
+@pytest.mark.slow
 def test_a_compiler_without_openmp_still_builds_a_vectorized_kernel(native, tmp_path):
     # A stand-in for Apple's clang: refuses -fopenmp, accepts everything else.
     fake = tmp_path / "cc-without-openmp"

@@ -106,6 +106,7 @@ def _read_until(proc, word, limit=120.0):
     raise AssertionError(f"no {word!r} within {limit} s")
 
 
+@pytest.mark.slow
 def test_another_process_is_refused_by_pid_and_its_stale_lock_after_sigkill_is_not(tmp_path):
     child = _start("hold", tmp_path)
     try:

@@ -156,6 +156,7 @@ def test_evaluation_forwards_are_not_training_batches(tmp_path):
     assert inputs[0, 0] == 1.0
 
 
+@pytest.mark.slow
 def test_torch_compile_is_not_broken(tmp_path):
     torch.manual_seed(0)
     model = mlp()
