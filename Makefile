@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: lab test lint venv clean
+.PHONY: lab test test-fast lint venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ lab: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q
+
+# the loop while you work: every test but those marked slow (browser, lab, distributed, subprocesses)
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # ruff (pycodestyle, pyflakes, import order; lines up to 120) and mypy, configured in pyproject.toml
 lint: venv
