@@ -1,8 +1,9 @@
 """The quick lab run, shared by the whole session (see the `quick_lab_run` fixture in conftest.py).
 
 `graddoctor lab --preset quick` runs once, in a subprocess (the real command end to end), into a
-folder under pytest's tmp dir. conftest.py hands this module the session's `tmp_path_factory`
-before any test runs; tests reach the run through the fixtures, never by importing a test module.
+folder under pytest's tmp dir. conftest.py hands this module the session's `tmp_path_factory`, starts
+the run in the background when the session has tests that read it (they are ordered last), and stops
+it at the end of the session; tests reach the run through the fixtures, never by importing a test module.
 """
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 _factory = None  # the session's pytest TempPathFactory, set by conftest.py
+_started: "tuple[Path, subprocess.Popen, Path] | None" = None  # (out dir, process, folder of its output files)
 _run: "tuple[Path, subprocess.CompletedProcess] | None" = None
 _artifacts: "Path | None" = None
 
@@ -28,14 +28,50 @@ def _mktemp(name: str) -> Path:
     return _factory.mktemp(name)
 
 
+def start_quick_lab() -> None:
+    """Start `graddoctor lab --preset quick --seed 0` in the background, once (later calls do nothing)."""
+    global _started
+    if _started is not None:
+        return
+    base = _mktemp("lab-quick")
+    out = base / "out"
+    cmd = [sys.executable, "-m", "graddoctor.cli", "lab", "--preset", "quick", "--out", str(out), "--seed", "0"]
+    # output to files, not pipes: nobody reads them until the run ends, and a full pipe would stall it
+    with open(base / "stdout.txt", "w") as so, open(base / "stderr.txt", "w") as se:
+        _started = out, subprocess.Popen(cmd, stdout=so, stderr=se, cwd=base), base
+
+
 def quick_lab() -> tuple[Path, subprocess.CompletedProcess]:
-    """Run `graddoctor lab --preset quick --seed 0` once per session; (output dir, completed process)."""
+    """The quick lab run (started now if it was not): waits for it; (output dir, completed process)."""
     global _run
     if _run is None:
-        out = _mktemp("lab-quick") / "out"
-        cmd = [sys.executable, "-m", "graddoctor.cli", "lab", "--preset", "quick", "--out", str(out), "--seed", "0"]
-        _run = out, subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent)
+        start_quick_lab()
+        out, proc, base = _started
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            stop_quick_lab()
+            raise
+        _run = out, subprocess.CompletedProcess(proc.args, proc.returncode, (base / "stdout.txt").read_text(),
+                                                (base / "stderr.txt").read_text())
     return _run
+
+
+def stop_quick_lab() -> None:
+    """End the run if it is still going (a session that ends before its lab tests ran, or was interrupted)."""
+    if _started is not None and _started[1].poll() is None:
+        _started[1].kill()
+        _started[1].wait()
+
+
+def reads_the_quick_lab(item) -> bool:
+    """Whether a collected test reads the quick lab run: through the fixtures, or through test_lab_cli's old
+    functions that a module imported (tests/test_browser_report.py, until it uses the fixtures)."""
+    if {"quick_lab_run", "quick_lab_results"} & set(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    shim = getattr(module, "quick_lab", None)
+    return callable(shim) and getattr(shim, "__module__", None) != module.__name__
 
 
 def artifacts_dir() -> Path:

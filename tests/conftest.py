@@ -45,11 +45,25 @@ def stats_path(request):
 # Expensive runs several modules read are made once, here, under pytest's tmp dir (never in the
 # repository), and reached through these fixtures: a test module never imports another.
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the quick lab run go last, in their order: the run trains in the background
+    while the others run (see below), so no test waits for it unless little else was selected."""
+    import _lab
+    lab = [item for item in items if _lab.reads_the_quick_lab(item)]
+    if lab:
+        items[:] = [item for item in items if not _lab.reads_the_quick_lab(item)] + lab
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _helpers_use_the_session_tmp_dir(tmp_path_factory):
-    """Cheap (nothing runs): tells tests/_lab.py where the session's tmp dir is."""
+def _helpers_use_the_session_tmp_dir(tmp_path_factory, request):
+    """Tells tests/_lab.py where the session's tmp dir is, and starts the quick lab run in the background
+    when a selected test reads it (`pytest -m "not slow"` selects none, and nothing starts)."""
     import _lab
     _lab.set_tmp_path_factory(tmp_path_factory)
+    if any(_lab.reads_the_quick_lab(item) for item in request.session.items):
+        _lab.start_quick_lab()
+    yield
+    _lab.stop_quick_lab()
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +75,8 @@ def artifacts():
 
 @pytest.fixture(scope="session")
 def quick_lab_run():
-    """`graddoctor lab --preset quick --seed 0`, run once per session in a subprocess: (out dir, CompletedProcess)."""
+    """`graddoctor lab --preset quick --seed 0`, run once per session in a subprocess: (out dir, CompletedProcess).
+    Started in the background at the session's start; this waits for it to end."""
     import _lab
     return _lab.quick_lab()
 
