@@ -108,7 +108,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # Each verb registers its own sub-command here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_runs, _add_demo]
 
-from .lab._cli import register_lab, register_report  # noqa: E402  (lab and report verbs)
+from .lab._cli import register_lab  # noqa: E402  (lab verb)
+from .report._cli import register as register_report  # noqa: E402  (report verb)
 
 COMMANDS += [register_lab, register_report]
 
