@@ -18,8 +18,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 # Skipped only on a developer machine without Chromium; under CI (.ci/run installs it) a missing
 # browser must fail, not silently skip.
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
-                                reason="Debian chromium is not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,  # a real browser
+              pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
+                                 reason="Debian chromium is not installed (apt-get install chromium)")]
 
 
 def _inspect(html_file: Path, screenshot: Path) -> dict:

@@ -42,6 +42,7 @@ def train_loss(model, x, y) -> float:
         return float(nn.functional.cross_entropy(model(x), y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pretraining_lowers_training_loss_vs_random_init(digits, seed):
     x, y = digits

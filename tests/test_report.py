@@ -81,6 +81,7 @@ assert "matplotlib.pyplot" not in sys.modules
 """
 
 
+@pytest.mark.slow
 def test_reports_leave_the_callers_matplotlib_as_it_was(tmp_path):
     """A run report and a lab report change neither the caller's backend nor its rcParams, and never
     import pyplot (which picks a backend); in a fresh process, where nothing else has imported it."""
@@ -163,6 +164,7 @@ def _diverging_run(run_dir, steps=30):
             opt.step()
 
 
+@pytest.mark.slow
 def test_run_report_of_a_nan_run_is_self_contained(tmp_path):
     run_dir = tmp_path / "nan<run>"
     _diverging_run(run_dir)

@@ -143,6 +143,7 @@ def test_a_run_recorded_again_is_live_again(tmp_path):
         w.close()
 
 
+@pytest.mark.slow
 def test_server_routes_and_cached_content(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=10)
     t.steps(20)
@@ -170,6 +171,7 @@ def test_server_routes_and_cached_content(tmp_path):
     t.close()
 
 
+@pytest.mark.slow
 def test_a_folder_of_runs_shows_every_run_below_it_and_new_ones(tmp_path):
     runs = tmp_path / "runs"
     for name in ("exp1/relu", "exp1/sigmoid"):
@@ -193,6 +195,7 @@ def test_a_folder_of_runs_shows_every_run_below_it_and_new_ones(tmp_path):
     assert [r["state"] for r in Dashboard([empty]).status()["runs"]] == ["waiting"]
 
 
+@pytest.mark.slow
 def test_a_folder_of_many_runs_fills_the_page_run_by_run(tmp_path):
     for name in ("a", "b", "c", "d"):
         t = Trainer(tmp_path / name, flush_every=5)
@@ -208,6 +211,7 @@ def test_a_folder_of_many_runs_fills_the_page_run_by_run(tmp_path):
     assert versions[-1] == status["version"]
 
 
+@pytest.mark.slow
 def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
     """With busy=b, after a drawing of d seconds no changed run is drawn again for d(1/b - 1)."""
     t = Trainer(tmp_path / "a", flush_every=10)
@@ -223,6 +227,7 @@ def test_redrawing_waits_in_proportion_to_its_cost(tmp_path):
     t.close()
 
 
+@pytest.mark.slow
 def test_sections_draw_in_parallel_and_each_change_once(tmp_path, monkeypatch):
     """No dashboard lock around drawing: sections drawn in four threads at once are byte for byte the ones
     drawn one at a time (the report renders one figure at a time, as mathtext's parser is process-wide);
@@ -323,6 +328,7 @@ def _get_with(url: str, cookie: str = "") -> tuple[int, str, dict]:
         return e.code, e.read().decode(), dict(e.headers)
 
 
+@pytest.mark.slow
 def test_a_token_guards_every_route(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
@@ -425,6 +431,7 @@ def _assert_secured(headers: dict, policy: str, what: str) -> None:
     assert headers.get("Content-Security-Policy") == policy, (what, headers.get("Content-Security-Policy"))
 
 
+@pytest.mark.slow
 def test_every_answer_carries_the_security_headers(tmp_path):
     """The page's policy allows exactly its own inline script and style (by hash), data: images and
     same-origin polls; every other answer, http.server's own errors included, allows nothing."""
@@ -509,6 +516,7 @@ def test_a_run_directory_that_does_not_exist_is_waited_for(tmp_path):
         assert _get(dash.url + "content")[0] == 200
 
 
+@pytest.mark.slow
 def test_a_token_is_asked_by_default_only_off_loopback(tmp_path):
     with gd.serve.start([tmp_path], port=0) as dash:
         assert dash.token is None and dash.link == dash.url
@@ -527,6 +535,7 @@ def test_a_token_is_asked_by_default_only_off_loopback(tmp_path):
             gd.serve.start([tmp_path], port=0, token=bad)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_address_with_its_token(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for options, tokened in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--no-token"], False),
@@ -573,6 +582,7 @@ def _get_tls(url: str, cafile: Path, cookie: str = "") -> tuple[int, str, dict]:
         return e.code, e.read().decode(), dict(e.headers)
 
 
+@pytest.mark.slow
 @needs_openssl
 def test_https_serves_the_runs_and_keeps_the_token_off_the_wire(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
@@ -606,6 +616,7 @@ def test_https_serves_the_runs_and_keeps_the_token_off_the_wire(tmp_path):
         assert dash.token is None and _get_tls(dash.url + "status", cert)[0] == 200
 
 
+@pytest.mark.slow
 @needs_openssl
 def test_bad_tls_files_are_refused_by_name(tmp_path):
     cert, key = _certificate(tmp_path)
@@ -630,6 +641,7 @@ def test_bad_tls_files_are_refused_by_name(tmp_path):
     assert cli.returncode == 2 and "was given without certfile" in cli.stderr
 
 
+@pytest.mark.slow
 @needs_openssl
 def test_cli_serves_https(tmp_path):
     cert, key = _certificate(tmp_path)
@@ -647,6 +659,7 @@ def test_cli_serves_https(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_cli_serves_until_interrupted(tmp_path):
     t = Trainer(tmp_path / "a", flush_every=5)
     t.steps(5)
@@ -679,6 +692,7 @@ def _csp_violation(text: str) -> bool:
     return "Content Security Policy" in text or text.startswith("Refused to")
 
 
+@pytest.mark.slow
 @pytestmark_browser
 def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     """Open the page before the run exists; train; the page fills in and follows without a reload."""
@@ -737,6 +751,7 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
     assert foreign == []
 
 
+@pytest.mark.slow
 @pytestmark_browser
 def test_a_tokened_dashboard_works_in_chromium_and_refuses_without_the_token(tmp_path):
     """The page opened with ?token= keeps polling through its cookie; a browser without it is refused."""
@@ -761,6 +776,7 @@ def test_a_tokened_dashboard_works_in_chromium_and_refuses_without_the_token(tmp
     assert errors == []
 
 
+@pytest.mark.slow
 @pytestmark_browser
 @needs_openssl
 def test_an_https_dashboard_follows_a_run_in_chromium(tmp_path):
@@ -790,6 +806,7 @@ def test_an_https_dashboard_follows_a_run_in_chromium(tmp_path):
     assert errors == [] and plain == []
 
 
+@pytest.mark.slow
 @pytestmark_browser
 def test_a_folder_of_runs_fills_in_chromium_run_by_run(tmp_path):
     """Each answer draws one run (first_draw_seconds=0); the page asks again at once until all are drawn."""

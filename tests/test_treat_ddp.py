@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from _numerics import adam_drift_atol, clip_coef_rel, compose, gamma, norm_rel, rel_diff_tol, total_norm_rel
 from torch import nn
@@ -93,6 +94,7 @@ def reference():
     return [p.detach() for p in params], atol
 
 
+@pytest.mark.slow
 def test_ddp_ranks_clip_and_skip_alike(tmp_path):
     env = dict(os.environ, RENDEZVOUS=f"file://{tmp_path}/rendezvous", WORLD_SIZE="2")  # no port to race for
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(STEPS), str(NAN_STEP)],
