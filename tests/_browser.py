@@ -1,7 +1,6 @@
 """Headless Chromium for the report and dashboard tests (Debian's /usr/bin/chromium driven by Playwright).
 
-Shared here so that no test module imports another (tests/test_browser_report.py and tests/test_serve.py
-still define or import these themselves until they switch to this module).
+Shared here so that no test module imports another.
 """
 from __future__ import annotations
 

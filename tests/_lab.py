@@ -65,13 +65,8 @@ def stop_quick_lab() -> None:
 
 
 def reads_the_quick_lab(item) -> bool:
-    """Whether a collected test reads the quick lab run: through the fixtures, or through test_lab_cli's old
-    functions that a module imported (tests/test_browser_report.py, until it uses the fixtures)."""
-    if {"quick_lab_run", "quick_lab_results"} & set(getattr(item, "fixturenames", ())):
-        return True
-    module = getattr(item, "module", None)
-    shim = getattr(module, "quick_lab", None)
-    return callable(shim) and getattr(shim, "__module__", None) != module.__name__
+    """Whether a collected test reads the quick lab run (through the fixtures)."""
+    return bool({"quick_lab_run", "quick_lab_results"} & set(getattr(item, "fixturenames", ())))
 
 
 def artifacts_dir() -> Path:

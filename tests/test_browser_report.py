@@ -1,26 +1,16 @@
 """The reports in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
 Checks: no console errors, no failed requests, every plot container holds a
-decoded image of non-zero size, and a full-page screenshot in test-artifacts/.
+decoded image of non-zero size, and a full-page screenshot in the session's artifacts folder.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
-from test_lab_cli import ARTIFACTS, quick_lab, quick_results
+from _browser import ARGS, CHROMIUM, needs_chromium
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-# Skipped only on a developer machine without Chromium; under CI (.ci/run installs it) a missing
-# browser must fail, not silently skip.
-pytestmark = [pytest.mark.slow,  # a real browser
-              pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
-                                 reason="Debian chromium is not installed (apt-get install chromium)")]
+pytestmark = [needs_chromium, pytest.mark.slow]  # a real browser
 
 
 def _inspect(html_file: Path, screenshot: Path) -> dict:
@@ -59,28 +49,28 @@ def _assert_plots_rendered(info: dict) -> None:
         assert p["w"] > 50 and p["h"] > 50 and p["iw"] > 50, p
 
 
-def test_lab_report_renders_in_chromium():
-    out, _ = quick_lab()
-    results = quick_results()
-    info = _inspect(out / "report.html", ARTIFACTS / "lab-report.png")
+def test_lab_report_renders_in_chromium(quick_lab_run, quick_lab_results, artifacts):
+    out, _ = quick_lab_run
+    results = quick_lab_results
+    info = _inspect(out / "report.html", artifacts / "lab-report.png")
     _assert_plots_rendered(info)
     assert info["sections"] == len(results)
     assert info["rows"] == len(results)  # the summary table: one row per experiment
     assert len(info["plots"]) >= 2 * len(results)
-    assert (ARTIFACTS / "lab-report.png").stat().st_size > 10_000
+    assert (artifacts / "lab-report.png").stat().st_size > 10_000
 
 
-def test_run_report_of_a_diverged_run_renders(tmp_path):
+def test_run_report_of_a_diverged_run_renders(tmp_path, quick_lab_run, artifacts):
     """`graddoctor report` on a run whose loss went NaN (the 'large' init): NaN/Inf are drawn, not fatal."""
     from graddoctor import open_run
     from graddoctor.cli import main
-    out, _ = quick_lab()
+    out, _ = quick_lab_run
     run_dir = out / "runs" / "init" / "large"
     with open_run(run_dir) as run:
         import numpy as np
         assert not np.isfinite(run.loss()[1]).all()  # the premise: this run diverged
     html = tmp_path / "large.html"
     assert main(["report", str(run_dir), str(out / "runs" / "init" / "he"), "-o", str(html)]) == 0
-    info = _inspect(html, ARTIFACTS / "run-report.png")
+    info = _inspect(html, artifacts / "run-report.png")
     _assert_plots_rendered(info)
     assert len(info["plots"]) >= 6  # heat map, profiles, loss (and activations) per run

@@ -6,8 +6,6 @@ in other modules read its results.json through `quick_lab_results`.
 from __future__ import annotations
 
 import pytest
-
-import _lab
 from _cli import run
 
 
@@ -52,35 +50,3 @@ def test_every_experiment_recorded_its_runs_with_watch(quick_lab_run, quick_lab_
         for rel in r["runs"]:
             with open_run(out / rel) as run_:
                 assert run_.num_steps > 0, rel
-
-
-# ---------------------------------------------------------------- for modules not yet on the fixtures
-# tests/test_browser_report.py and tests/test_serve.py still import these names from here; they give
-# the same session run and artifacts folder as the fixtures. New code: use the fixtures.
-
-def quick_lab():
-    """Deprecated: the `quick_lab_run` fixture."""
-    return _lab.quick_lab()
-
-
-def quick_results() -> dict[str, dict]:
-    """Deprecated: the `quick_lab_results` fixture."""
-    from graddoctor.store import _nonfinite_json
-    out, proc = _lab.quick_lab()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = _nonfinite_json.loads((out / "results.json").read_text())
-    return {r["name"]: r for r in data["results"]}
-
-
-class _Artifacts:
-    """Deprecated: the `artifacts` fixture. `ARTIFACTS / name` is a path in the session's artifacts folder
-    (under pytest's tmp dir, not the repository), resolved when a test asks for it."""
-
-    def __truediv__(self, name):
-        return _lab.artifacts_dir() / name
-
-    def __fspath__(self):
-        return str(_lab.artifacts_dir())
-
-
-ARTIFACTS = _Artifacts()

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_browser_report import ARGS, CHROMIUM
-from test_lab_cli import ARTIFACTS
+from _browser import ARGS, CHROMIUM, needs_chromium
 from torch import nn
 
 import graddoctor as gd
@@ -683,8 +682,7 @@ def test_cli_serves_until_interrupted(tmp_path):
                                               "--refresh must be a number of seconds >= 0.5\n"), bad.stderr
 
 
-pytestmark_browser = pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
-                                        reason="Debian chromium is not installed (apt-get install chromium)")
+pytestmark_browser = needs_chromium
 
 
 def _csp_violation(text: str) -> bool:
@@ -694,7 +692,7 @@ def _csp_violation(text: str) -> bool:
 
 @pytest.mark.slow
 @pytestmark_browser
-def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
+def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path, artifacts):
     """Open the page before the run exists; train; the page fills in and follows without a reload."""
     from playwright.sync_api import sync_playwright
     run_dir = tmp_path / "deep-sigmoid"
@@ -729,7 +727,7 @@ def test_dashboard_updates_in_chromium_while_the_run_trains(tmp_path):
             "() => [...document.querySelectorAll('.findings td:nth-child(2) code')].map(c => c.textContent)")
         bar = page.evaluate(
             "() => [document.getElementById('bar').className, document.getElementById('status').textContent]")
-        page.screenshot(path=str(ARTIFACTS / "serve-dashboard.png"))
+        page.screenshot(path=str(artifacts / "serve-dashboard.png"))
         clean = (list(errors), list(violations))
         # The control: the policy is enforced, and a violation does reach the console listener.
         with page.expect_console_message(lambda m: _csp_violation(m.text), timeout=10_000):
