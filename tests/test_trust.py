@@ -391,7 +391,7 @@ def test_bad_models_and_options_are_refused_by_name(tmp_path, make, kwargs, patt
 def test_sparse_gradients_from_elsewhere_are_refused_at_the_first_step():
     emb = nn.Embedding(10, 4)
     w = gd.watch(emb)
-    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 4), (10, 4))
+    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 4), (10, 4), check_invariants=True)
     with pytest.raises(gd.GradDoctorError, match="'weight' has a sparse_coo gradient"):
         w.step()
 
