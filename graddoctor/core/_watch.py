@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._errors import ConfigError, WatchClosedError
+from .._errors import WatchClosedError
 from ..store._series import ACT_FIELDS, BY_NAME, FIELDS_META
-from ..store._store import RunWriter
+from ..store._store import RunWriter, run_dir_path
 from . import _amp, _exit, _native
 from ._activations import activation_row, first_tensor, input_row
 from ._config import WatchConfig
@@ -93,9 +93,7 @@ class Watch:
         self._sharded = any(is_dtensor(p) for p in self.params)
         self.recording = self.rank == 0 and run_dir is not None
         self.guard = guard  # run on the stats of every step, after they are recorded
-        if run_dir is not None and (not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == ""):
-            raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path, or None to record nothing")
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = None if run_dir is None else run_dir_path(run_dir)  # checked on every rank
         compiled = model is not self.model and hasattr(model, "_orig_mod")
         self._act_modules = [] if compiled else [(n, m, k) for n, m in self.model.named_modules()
                                                    if (k := activation_kind(m)) is not None]
@@ -109,7 +107,6 @@ class Watch:
         self._snapshot: Optional[tuple[int, list[Tensor]]] = None
         self._snapshot_buffers: Optional[list[Tensor]] = None
         self._input_handle = None
-        self._update_handle = None
         self._writer: Optional[RunWriter] = None
         if self.recording:
             self._writer = self._open_writer(model)
@@ -117,15 +114,10 @@ class Watch:
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
             self._maybe_install_activation_hooks()
-        if optimizer is not None and (self.recording or self._sharded):
-            # The update norm is taken right after the optimizer step that made the update, so a
-            # sample costs one step (copy, step, difference) instead of two; without an optimizer
-            # (or if its step is skipped) the next `step()` takes it instead.
-            self._update_handle = optimizer.register_step_post_hook(lambda *_: self._record_update())
-        # Counts optimizer steps, so two `step()` calls with no optimizer step between can be named.
         self._optimizer_steps = 0
         self._optimizer_steps_at_last_step: Optional[int] = None
-        self._count_handle = optimizer.register_step_post_hook(self._count_optimizer_step) if optimizer else None
+        self._optimizer_handle = (optimizer.register_step_post_hook(self._after_optimizer_step)
+                                  if optimizer is not None else None)
         self._warned_double_step = False
         self._grads_checked = False
         self._warned_write = False
@@ -412,15 +404,20 @@ class Watch:
                       f"({writer.last_error}); they are kept in memory and written with the next flush. "
                       "Training goes on.", RuntimeWarning, stacklevel=3)
 
-    def _count_optimizer_step(self, *_: Any) -> None:
+    def _after_optimizer_step(self, *_: Any) -> None:
+        """The optimizer's step post-hook: count the step (to name a second `step()` with no optimizer
+        step between), and take a due update norm right after the update that made it, so a sample
+        costs one step (copy, step, difference) instead of two. Without an optimizer (or if its step is
+        skipped) the next `step()` takes the update norm instead."""
         self._optimizer_steps += 1
+        self._record_update()  # a no-op unless a sampled step left a snapshot
 
     def _check_one_step_per_optimizer_step(self) -> None:
         """Warn once when `step()` comes twice with no optimizer step between (a bug in the loop).
 
         Not judged under a GradScaler, whose `scaler.step` skips the optimizer step on an overflow.
         """
-        if self._count_handle is None or self.scaler is not None:
+        if self._optimizer_handle is None or self.scaler is not None:
             return
         if self._optimizer_steps_at_last_step == self._optimizer_steps and not self._warned_double_step:
             self._warned_double_step = True
@@ -439,7 +436,7 @@ class Watch:
         if self.recording:
             self._remove_activation_hooks()
             self.flush()
-        for handle in (self._input_handle, self._update_handle, self._count_handle):
+        for handle in (self._input_handle, self._optimizer_handle):
             if handle is not None:
                 handle.remove()
         if self._writer is not None:

@@ -239,12 +239,16 @@ class RunData:
         """Steps whose given loss is NaN/Inf."""
         return self.given & ~np.isfinite(self.loss)
 
+    def carry_given(self, values: np.ndarray, before: Any = np.nan) -> np.ndarray:
+        """[T]: for each step, the entry of `values` (one per given loss, in order) of the last step at or
+        before it that has a loss; `before` on the steps ahead of the first one."""
+        last = np.cumsum(self.given) - 1  # index of the last given loss at or before each step
+        return np.where(last >= 0, np.asarray(values)[np.maximum(last, 0)] if len(values) else before, before)
+
     @cached_property
     def loss_carried(self) -> np.ndarray:
         """float64[T]: each step's loss, or the last given loss before it (NaN before the first)."""
-        idx = np.where(self.given, np.arange(self.T), -1)
-        np.maximum.accumulate(idx, out=idx)
-        return np.where(idx >= 0, self.loss[np.maximum(idx, 0)], np.nan)
+        return self.carry_given(self.loss[self.given])
 
     @cached_property
     def input_bad_steps(self) -> np.ndarray:
@@ -261,16 +265,19 @@ class RunData:
 
     def initial_loss_level(self, n: int = 10) -> float:
         """Median of the first n finite losses (NaN if none)."""
-        finite = self.loss[np.isfinite(self.loss)]
-        return float(np.median(finite[:n])) if len(finite) else float("nan")
+        return initial_level(self.loss, n)
+
+
+def initial_level(loss: np.ndarray, n: int = 10) -> float:
+    """Median of the first n finite values of a loss series (NaN if none): where the run started."""
+    finite = loss[np.isfinite(loss)]
+    return float(np.median(finite[:n])) if len(finite) else float("nan")
 
 
 def align_loss(steps: np.ndarray, loss_steps: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(loss float64[T] on `steps`, NaN where missing; given bool[T]) from the loss series' own steps."""
+    """(loss float64[T] on `steps`, NaN where missing; given bool[T]) from the loss series' own steps
+    (both ascending, as the store returns them)."""
+    given = np.isin(steps, loss_steps)
     out = np.full(len(steps), np.nan)
-    pos = np.searchsorted(steps, loss_steps)
-    ok = (pos < len(steps)) & (steps[np.minimum(pos, max(len(steps) - 1, 0))] == loss_steps) if len(steps) else pos < 0
-    out[pos[ok]] = np.asarray(loss, dtype=np.float64).reshape(-1)[ok]
-    given = np.zeros(len(steps), dtype=bool)
-    given[pos[ok]] = True
+    out[given] = np.asarray(loss, dtype=np.float64).reshape(-1)[np.isin(loss_steps, steps)]
     return out, given

@@ -194,14 +194,11 @@ def _loss_not_improving(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
     loss falls are learning speeding up (a plateau ending), not an explosion."""
     if not d.loss_recorded:
         return np.ones(d.T, dtype=bool)
-    given = np.flatnonzero(d.given)  # the baseline counts losses, not steps: a loss every k-th step is enough
-    loss = d.loss[given]
+    loss = d.loss[d.given]  # the baseline counts losses, not steps: a loss every k-th step is enough
     med, _ = running_median_mad(loss, cfg.baseline_window, cfg.baseline_min)
     with np.errstate(invalid="ignore"):
         verdict = ~(loss < med)
-    # a step without a loss takes the verdict of the last step that had one
-    at = np.searchsorted(given, np.arange(d.T), side="right") - 1
-    return np.where(at >= 0, verdict[np.maximum(at, 0)], True)
+    return d.carry_given(verdict, before=True)  # a step without a loss: the verdict of the last one
 
 
 def _global_rise(d: RunData, cfg: DiagnoseConfig, bad: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from ._config import DiagnoseConfig
-from ._data import RunData
+from ._data import RunData, initial_level
 from ._evidence import _r, input_flags, large_update_mask
 from ._findings import Finding
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
@@ -39,8 +39,7 @@ def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.nd
         return np.zeros(len(loss), dtype=bool), np.full(len(loss), np.nan), np.full(len(loss), np.nan)
     med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
     z = robust_z(loss, med, mad, floor=1e-12)
-    finite = loss[np.isfinite(loss)]
-    level = float(np.median(finite[:10])) if len(finite) else float("nan")  # as RunData.initial_loss_level
+    level = initial_level(loss)
     floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
     with np.errstate(invalid="ignore"):
         jump = loss - med

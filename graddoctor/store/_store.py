@@ -231,13 +231,18 @@ class RunWriter:
         self._lock.release()
 
 
-def check_run_dir(run_dir: str | Path) -> Path:
-    """The run directory as a Path, created if missing; a `ConfigError` for an empty name, a file, or
-    a directory that cannot be created."""
+def run_dir_path(run_dir: str | Path) -> Path:
+    """The run directory's name as a Path; a `ConfigError` for an empty name (Path("") is the current folder)."""
     if not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == "":
         raise ConfigError(f"run_dir={run_dir!r} is not allowed: give a directory path "
                           "(or run_dir=None to record nothing)")
-    path = Path(run_dir)
+    return Path(run_dir)
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """The run directory as a Path, created if missing; a `ConfigError` for an empty name, a file, or
+    a directory that cannot be created."""
+    path = run_dir_path(run_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run_dir {str(path)!r} is a file, not a directory: give a directory path")
     try:
