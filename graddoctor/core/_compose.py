@@ -34,11 +34,14 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
         statistics; each intervention is recorded as an event (see `graddoctor.treat`).
       on_finding: called as `on_finding(finding)` once per new diagnosis finding, at the flush
         that first shows it (needs `live_diagnosis=True`, the default; see `graddoctor.diagnosis`).
-      scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`). `step()`
-        then unscales the gradients first (unless the loop already called `scaler.unscale_`), so
-        statistics and guard see the true gradients, and records each step's loss scale and
-        whether the scaler found an overflow, so that diagnose tells the steps it skipped from
-        real non-finite gradients.
+      optimizer: may be Accelerate's `AcceleratedOptimizer` or Lightning's `LightningOptimizer`:
+        watch hooks the optimizer inside.
+      scaler: the `torch.amp.GradScaler` of a mixed-precision run (needs `optimizer`), or the
+        `accelerate.Accelerator` that holds it. `step()` measures the true gradients (dividing the
+        scale out of the statistics of still-scaled gradients, without touching them, so the loop's
+        own `unscale_` or `clip_grad_norm_` still works; with a guard it unscales them first), and
+        records each step's loss scale and whether the scaler found an overflow, so that diagnose
+        tells the steps it skipped from real non-finite gradients.
     Returns:
       A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
       (or use it as a context manager).

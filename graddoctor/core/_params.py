@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper, whose step hooks watch registers.
+
+    Accelerate's `AcceleratedOptimizer` subclasses `torch.optim.Optimizer` without running its
+    constructor (it has no `_optimizer_step_post_hooks`); Lightning's `LightningOptimizer` wraps
+    the optimizer as `_optimizer`. Each is unwrapped to the optimizer that really steps.
+    """
+    while optimizer is not None:
+        if type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        elif type(optimizer).__name__ == "LightningOptimizer" and hasattr(optimizer, "_optimizer"):
+            optimizer = optimizer._optimizer
+        else:
+            return optimizer
+    return None
 
 
 def rank() -> int:

@@ -37,7 +37,7 @@ from . import _amp, _exit, _native
 from ._activations import activation_row, first_tensor, input_row
 from ._config import WatchConfig
 from ._layers import activation_kind
-from ._params import check_dense_grads, check_measurable, rank, unwrap, watched_parameters, world_size
+from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
 
 
@@ -78,7 +78,8 @@ class Watch:
         self.config = config or WatchConfig()
         self.config.validate()
         self.model = unwrap(model)
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)  # Accelerate's and Lightning's wrappers: the real optimizer
+        optimizer = self.optimizer
         # AMP: a GradScaler whose gradients are unscaled before they are measured (see graddoctor.core._amp)
         self.scaler = _amp.check_scaler(scaler, optimizer)
         named = watched_parameters(model)
@@ -224,11 +225,18 @@ class Watch:
             self._grads_checked = True
         s = self.step_index
         stats, weight_norms = None, None
-        # Under a GradScaler: the true gradients, and this step's loss scale and overflow flag.
-        amp = None
+        # Under a GradScaler: the true gradients, and this step's loss scale and overflow flag. A guard
+        # changes gradients in place, so they are unscaled for it; otherwise they are left as they are
+        # and the scale is divided out of the statistics (see graddoctor.core._amp).
+        amp, scale = None, None
         if self.scaler is not None:
             assert self.optimizer is not None, "check_scaler refuses a scaler without its optimizer"
-            amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device)
+            if self.guard is not None:
+                amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device)
+            else:
+                scale = _amp.scale_left_in(self.scaler, self.optimizer)
+                if scale is None:  # the loop unscaled already: the scaler's own overflow flag
+                    amp = _amp.unscale_and_row(self.scaler, self.optimizer, self.stats_device)
         # Sharded gradients: the weight/update norms are all-reduces too, so every rank computes
         # them (rank 0 alone keeps them, see `_push`).
         measure_weights = self.recording or self._sharded
@@ -241,6 +249,9 @@ class Watch:
                 stats, weight_norms = grad_and_weight_stats(grads, self.params, self.stats_device)
             else:
                 stats = tensor_stats(grads, self.stats_device)
+            if scale is not None:
+                amp = _amp.row_from_stats(self.scaler, stats, self.stats_device)
+                stats = _amp.divide_out(stats, scale)
             self.latest = stats
         if measure_weights:
             assert stats is not None, "measured above"
