@@ -1,0 +1,70 @@
+"""A Lightning DDP fit over gloo on the CPU, 2 processes, for test_integration_lightning.py.
+
+Started twice by the test, as torchrun would start it: `python _lightning_ddp_worker.py OUT_DIR` with
+LOCAL_RANK (0, 1), WORLD_SIZE=2, NODE_RANK, MASTER_ADDR and MASTER_PORT set, so Lightning's `ddp` strategy
+joins the two processes instead of launching any. Every rank writes `OUT_DIR/rank<r>.json`: its pre-clip gradient norms (taken in
+on_before_optimizer_step, after DDP averaged the gradients), its optimizer step count, and whether its
+watch records. GradDoctorCallback records into `OUT_DIR/gd`.
+"""
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from graddoctor.integrations.lightning import GradDoctorCallback
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return (self.net(x) - y).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Oracle(Callback):
+    """Placed after GradDoctorCallback in the list: its on_fit_start sees our watch; its
+    on_before_optimizer_step runs after ours, which neither changes nor clips the gradients."""
+
+    def __init__(self, ours):
+        self.ours, self.pre, self.steps, self.recording = ours, [], 0, None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.recording = self.ours.watch.recording
+        trainer.optimizers[0].register_step_post_hook(self._count)
+
+    def _count(self, *_):
+        self.steps += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.pre.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+g = torch.Generator().manual_seed(1)
+data = TensorDataset(torch.randn(32, 8, generator=g), 10 * torch.randn(32, 1, generator=g))
+ours = GradDoctorCallback(out / "gd", flush_every=3)
+oracle = Oracle(ours)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[ours, oracle],
+                    accumulate_grad_batches=2, gradient_clip_val=0.1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
+# 32 samples over 2 ranks, batch 4: 4 batches per rank and epoch, 2 per optimizer step: 4 steps in 2 epochs
+trainer.fit(Tiny(), DataLoader(data, batch_size=4, shuffle=False))
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+    dict(pre=oracle.pre, steps=oracle.steps, global_step=trainer.global_step, recording=oracle.recording)))
