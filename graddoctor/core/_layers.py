@@ -3,14 +3,23 @@
 Modules are classified by class while a model is at hand (watch, check, init, surgery), and by
 class *name* once only a run store is (diagnose reads the names watch recorded): both views
 come from the tables here, so a new activation or norm is one line.
+
+Activations a table does not name (HF's `NewGELUActivation`, a user's `x * sigmoid(x)` module)
+are found by behaviour: a leaf module without parameters or buffers is called on a small float32
+vector (`probe_activation`), and if it is elementwise and nonlinear its kind is the reference
+function it matches (`REFERENCES`).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional, cast
+from typing import Callable, Optional, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import dropout, loss, padding, pooling
 
 # Layers whose weight multiplies the signal (what init schemes scale and surgery reasons about).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -64,38 +73,259 @@ ACTIVATIONS: tuple[tuple[type, ActivationKind], ...] = (
     (nn.Hardswish, ActivationKind("hardswish", None, True)),
 )
 
+# Kinds only the behaviour probe finds (no torch.nn class): a kind name is what the run store keeps.
+PROBED_KINDS = (ActivationKind("quick_gelu", None, True, "relu"),  # x * sigmoid(1.702 x), CLIP's GELU
+                ActivationKind("relu_squared", None, True))         # relu(x)^2 (Primer)
+
 # Recorded kinds whose outputs are bounded (recurrent layers' outputs pass through tanh), and
-# those whose switched-off units are exactly zero (the dead-unit rule needs exact zeros).
+# those whose switched-off units are exactly zero (the dead-unit rule needs exact zeros: GELU,
+# SiLU, ELU and leaky ReLU outputs are not, so they are not here).
 BOUNDED_KINDS = frozenset({k.kind for _, k in ACTIVATIONS if k.bounds is not None and not k.relu_family}
                           | {"relu6", "rnn", "lstm", "gru"})
-EXACT_ZERO_KINDS = frozenset({"relu", "relu6", "rnn_relu"})
+EXACT_ZERO_KINDS = frozenset({"relu", "relu6", "rnn_relu", "relu_squared"})
 
 
 def activation_kind(module: nn.Module) -> Optional[ActivationKind]:
-    """The `ActivationKind` of a module, or None if it is not an activation we watch."""
-    if isinstance(module, nn.RNN) and module.nonlinearity == "relu":
-        return ActivationKind("rnn_relu", None, True)
-    if isinstance(module, RECURRENT):
-        return ActivationKind(type(module).__name__.lower(), (-1.0, 1.0), False)
-    for cls, kind in ACTIVATIONS:
-        if isinstance(module, cls):
-            if kind.kind == "hardtanh":  # cls is nn.Hardtanh
-                hardtanh = cast(nn.Hardtanh, module)
-                return ActivationKind("hardtanh", (float(hardtanh.min_val), float(hardtanh.max_val)), False, "tanh")
-            return kind
-    return None
+    """The `ActivationKind` of a module, or None if it is not an activation we watch.
+
+    Known classes by class (`ACTIVATIONS`, recurrent layers); any other leaf module without
+    parameters or buffers by behaviour (`probe_activation`): HF's `NewGELUActivation`, a
+    user's `x * torch.sigmoid(x)` module. An elementwise nonlinear module that matches no
+    reference function is kept as kind "<class name, lower case>", with no bounds.
+    """
+    found = _classify(module)
+    return None if found is None else found[0]
 
 
 def activation_name(module: nn.Module) -> Optional[tuple[str, float]]:
     """(calculate_gain name, its parameter) for an activation module, or None if it has no gain."""
-    kind = None if isinstance(module, RECURRENT) else activation_kind(module)
-    if kind is None or kind.gain is None:
+    found = None if isinstance(module, RECURRENT) else _classify(module)
+    if found is None or found[0].gain is None:
         return None
     if isinstance(module, nn.LeakyReLU):
-        return kind.gain, float(module.negative_slope)
+        return "leaky_relu", float(module.negative_slope)
     if isinstance(module, nn.PReLU):
-        return kind.gain, float(module.weight.detach().mean())
-    return kind.gain, 0.0
+        return "leaky_relu", float(module.weight.detach().mean())
+    return found[0].gain, found[1]
+
+
+def _classify(module: nn.Module) -> Optional[tuple[ActivationKind, float]]:
+    """(kind, calculate_gain parameter) of an activation module, or None."""
+    if isinstance(module, nn.RNN) and module.nonlinearity == "relu":
+        return ActivationKind("rnn_relu", None, True), 0.0
+    if isinstance(module, RECURRENT):
+        return ActivationKind(type(module).__name__.lower(), (-1.0, 1.0), False), 0.0
+    for cls, kind in ACTIVATIONS:
+        if isinstance(module, cls):
+            if kind.kind == "hardtanh":  # cls is nn.Hardtanh
+                hardtanh = cast(nn.Hardtanh, module)
+                return ActivationKind("hardtanh", (float(hardtanh.min_val), float(hardtanh.max_val)), False,
+                                      "tanh"), 0.0
+            return kind, 0.0
+    if not _probe_candidate(module):
+        return None
+    return _kind_of_match(probe_activation(module.forward), type(module).__name__)
+
+
+def function_kind(fn: Callable[[Tensor], Tensor]) -> Optional[ActivationKind]:
+    """The `ActivationKind` of an activation function (e.g. `F.gelu`), by behaviour; None if it is none."""
+    found = _kind_of_match(probe_activation(fn), getattr(fn, "__name__", type(fn).__name__))
+    return None if found is None else found[0]
+
+
+def _kind_of_match(match: Optional[ProbeMatch], name: str) -> Optional[tuple[ActivationKind, float]]:
+    if match is None:
+        return None
+    return (match.kind or ActivationKind(name.lower(), None, False)), match.param
+
+
+def _probe_candidate(module: nn.Module) -> bool:
+    """A leaf module with no parameters or buffers that is not a known non-activation: worth a probe."""
+    return (not isinstance(module, NOT_ACTIVATIONS) and next(module.children(), None) is None
+            and next(module.parameters(), None) is None and next(module.buffers(), None) is None)
+
+
+# ------------------------------------------------------------------ the behaviour probe
+# Leaf modules that are never activations, skipped without a probe: Dropout draws random numbers,
+# pooling and padding change shapes, softmax and norms mix elements (the probe would reject them;
+# skipping them is cheaper and certain).
+NOT_ACTIVATIONS: tuple[type, ...] = (
+    dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d,
+    pooling._MaxPoolNd, pooling._AvgPoolNd, pooling._AdaptiveAvgPoolNd, pooling._AdaptiveMaxPoolNd,
+    pooling._LPPoolNd, pooling._MaxUnpoolNd, padding._ConstantPadNd, padding._ReflectionPadNd,
+    padding._ReplicationPadNd, padding._CircularPadNd, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ChannelShuffle, loss._Loss) + NORMS + RECURRENT + WEIGHT_LAYERS
+
+
+def _gelu(t: Tensor) -> Tensor:
+    return 0.5 * t * (1.0 + torch.erf(t / math.sqrt(2.0)))
+
+
+def _gelu_tanh(t: Tensor) -> Tensor:  # GPT-2's and BERT's "gelu_new"
+    return 0.5 * t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3)))
+
+
+# (reference name, the function in float64, the kind it records as)
+REFERENCES: tuple[tuple[str, Callable[[Tensor], Tensor], str], ...] = (
+    ("relu", F.relu, "relu"), ("relu6", lambda t: t.clamp(0.0, 6.0), "relu6"),
+    ("gelu", _gelu, "gelu"), ("gelu_tanh", _gelu_tanh, "gelu"),
+    ("quick_gelu", lambda t: t * torch.sigmoid(1.702 * t), "quick_gelu"),
+    ("silu", lambda t: t * torch.sigmoid(t), "silu"), ("mish", lambda t: t * torch.tanh(F.softplus(t)), "mish"),
+    ("softplus", F.softplus, "softplus"), ("sigmoid", torch.sigmoid, "sigmoid"), ("tanh", torch.tanh, "tanh"),
+    ("softsign", lambda t: t / (1.0 + t.abs()), "softsign"),
+    ("hardsigmoid", lambda t: (t + 3.0).clamp(0.0, 6.0) / 6.0, "hardsigmoid"),
+    ("hardswish", lambda t: t * (t + 3.0).clamp(0.0, 6.0) / 6.0, "hardswish"),
+    ("elu", F.elu, "elu"), ("selu", F.selu, "selu"), ("relu_squared", lambda t: F.relu(t) ** 2, "relu_squared"))
+_KINDS = {k.kind: k for _, k in ACTIVATIONS} | {k.kind: k for k in PROBED_KINDS}
+
+# A float32 formula of a few operations is off by a few ulps of its largest intermediate (|x|, the
+# output, or 1); 32 ulps of that leaves room for other libm's, while the two nearest references
+# (exact and tanh-approximated GELU) differ by over 1000 ulps of it on the probe.
+PROBE_TOL = 32 * float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class ProbeMatch:
+    """What the probe found a function to be.
+
+    Attributes:
+      reference: the reference function it matches ("gelu_tanh", "leaky_relu", ...), or None.
+      kind: the `ActivationKind` to record, or None for an elementwise nonlinearity matching no reference.
+      param: the `calculate_gain` parameter (a leaky ReLU's slope), else 0.
+    """
+
+    reference: Optional[str]
+    kind: Optional[ActivationKind]
+    param: float = 0.0
+
+
+def probe_input() -> Tensor:
+    """The probe's float32 CPU vector: -10..10 in steps of 0.2 (the tails of sigmoid and tanh included)."""
+    return torch.linspace(-10.0, 10.0, 101)
+
+
+def probe_activation(fn: Callable[[Tensor], Tensor]) -> Optional[ProbeMatch]:
+    """Whether `fn` is an activation (elementwise and nonlinear), and which, from a few calls on `probe_input()`.
+
+    Runs under no_grad with the CPU random state restored after it and warnings silenced; a
+    function that raises, changes the shape, mixes elements, is random or affine is no activation.
+    """
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = probe_input()
+            y = _call(fn, x)
+            if y is None or not _elementwise(fn, x, y):
+                return None
+            x64, y64 = x.double(), y.double()
+            if _is_affine(x64, y64):
+                return None
+            return _match(x64, y64)
+    except Exception:  # whatever a module does with an input it was not made for: not an activation
+        return None
+
+
+def _call(fn: Callable[[Tensor], Tensor], x: Tensor) -> Optional[Tensor]:
+    """fn on a copy of x (in-place activations write into their input), if it is a finite tensor of x's shape."""
+    y = fn(x.clone())
+    if not isinstance(y, Tensor) or y.shape != x.shape or not y.is_floating_point() or not bool(y.isfinite().all()):
+        return None
+    return y.double()
+
+
+def _close(got: Optional[Tensor], want: Tensor, x: Tensor) -> bool:
+    if got is None:
+        return False
+    return bool(((got - want).abs() <= PROBE_TOL * (1.0 + x.abs() + want.abs())).all())
+
+
+def _elementwise(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> bool:
+    """Each output depends on its own input alone: it follows a permutation, ignores a change of the other
+    inputs, and keeps its value in a [4, 25] batch (and the calls agree, so fn is not random)."""
+    n = x.numel()
+    perm = (torch.arange(n) * 37) % n  # 37 is coprime to 101: a fixed permutation, no random draw
+    if not _close(_call(fn, x[perm]), y[perm], x[perm].double()):
+        return False
+    other = x.clone()
+    other[::2] = other[::2] * 0.5 + 0.3
+    changed = _call(fn, other)
+    if changed is None or not _close(changed[1::2], y[1::2], x[1::2].double()):
+        return False
+    grid = x[:100].reshape(4, 25)
+    return _close(_call(fn, grid), y[:100].reshape(4, 25), grid.double())
+
+
+def _is_affine(x: Tensor, y: Tensor) -> bool:
+    """y = a*x + b on the probe (identity, scaling): no activation."""
+    a = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+    return _close(a * (x - x.mean()) + y.mean(), y, x)
+
+
+def _match(x: Tensor, y: Tensor) -> ProbeMatch:
+    """The reference `y = f(x)` matches best within `PROBE_TOL`; then the parametric leaky ReLU and hardtanh."""
+    scale = 1.0 + x.abs() + y.abs()
+    errors = {name: float(((y - f(x)).abs() / scale).max()) for name, f, _ in REFERENCES}
+    best = min(errors, key=lambda name: errors[name])
+    if errors[best] <= PROBE_TOL:
+        return ProbeMatch(best, _KINDS[next(k for name, _, k in REFERENCES if name == best)])
+    slope = float((y[x < -0.1] / x[x < -0.1]).median())
+    if 0.0 < slope < 1.0 and _close(y, torch.where(x > 0, x, slope * x), x):
+        return ProbeMatch("leaky_relu", _KINDS["leaky_relu"], slope)
+    lo, hi = float(y.min()), float(y.max())
+    if float(x.min()) < lo < hi < float(x.max()) and _close(y, x.clamp(lo, hi), x):
+        return ProbeMatch("hardtanh", ActivationKind("hardtanh", (lo, hi), False, "tanh"))
+    return ProbeMatch(None, None)
+
+
+# ------------------------------------------------------------------ where activations are
+@dataclass(frozen=True)
+class ActivationSite:
+    """One place watch takes activation statistics.
+
+    Attributes:
+      name: the name recorded in the run store (a module's name, or "<layer>.activation").
+      module: the module whose forward output the hook reads.
+      kind: what the activation is.
+      function: None where `module` is the activation; else the activation function the hook applies to
+        the module's output (a layer that calls its activation as a function on this module's output).
+    """
+
+    name: str
+    module: nn.Module
+    kind: ActivationKind
+    function: Optional[Callable[[Tensor], Tensor]] = None
+
+
+def activation_sites(model: nn.Module) -> list[ActivationSite]:
+    """The activations of `model` watch can see, in module order: activation modules (`activation_kind`),
+    and the activation functions of `nn.TransformerEncoderLayer`/`nn.TransformerDecoderLayer`.
+
+    An activation called as a function in some other forward (nanoGPT's `F.gelu(self.c_fc(x))`)
+    has no module and no attribute to find it by, so it is not seen.
+    """
+    sites = []
+    for name, m in model.named_modules():
+        kind = activation_kind(m)
+        if kind is not None:
+            sites.append(ActivationSite(name, m, kind))
+        elif (site := _transformer_layer_site(name, m)) is not None:
+            sites.append(site)
+    return sites
+
+
+def _transformer_layer_site(name: str, m: nn.Module) -> Optional[ActivationSite]:
+    """The feed-forward activation of a torch Transformer layer, applied to `linear1`'s output.
+
+    Given as a string ("relu", "gelu") the layer keeps it as a function (F.relu, F.gelu), which no
+    hook can see; given as a module it is a child, found as a module.
+    """
+    if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return None
+    fn = m.activation
+    if isinstance(fn, nn.Module) or not callable(fn):
+        return None
+    kind = function_kind(fn)
+    return None if kind is None else ActivationSite(f"{name}.activation" if name else "activation", m.linear1, kind, fn)
 
 
 class Residual(nn.Module):

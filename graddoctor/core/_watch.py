@@ -31,14 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import WatchClosedError
-from ..store._series import ACT_FIELDS, BY_NAME, FIELDS_META
+from ..store._series import BY_NAME, FIELDS_META
 from ..store._store import RunWriter, run_dir_path
 from . import _amp, _exit, _native
-from ._activations import activation_row, first_tensor, input_row
+from ._act_hooks import ActivationHooks, find_sites
+from ._activations import first_tensor, input_row
 from ._config import WatchConfig
-from ._layers import activation_kind
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
+from ._structure import StructureProbe
 
 
 def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
@@ -96,25 +97,30 @@ class Watch:
         self.guard = guard  # run on the stats of every step, after they are recorded
         self.run_dir = None if run_dir is None else run_dir_path(run_dir)  # checked on every rank
         compiled = model is not self.model and hasattr(model, "_orig_mod")
-        self._act_modules = [] if compiled else [(n, m, k) for n, m in self.model.named_modules()
-                                                   if (k := activation_kind(m)) is not None]
+        # Only the recording rank hooks activations (and probes the model's modules to find them).
+        sites, self.activations_off = (find_sites(self.model, compiled, self.config.activation_every)
+                                       if self.recording else ([], None))
+        self._acts = ActivationHooks(sites, self.config.saturation_margin, self.stats_device)
         self.step_index = 0  # a resumed run continues at the writer's next step (below)
         self.latest: Optional[TensorStats] = None
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
         self._reset_buffers()
-        self._act_handles: list = []
-        self._act_rows: dict[int, list[Tensor]] = {}
         self._input_acc: Optional[Tensor] = None
         self._snapshot: Optional[tuple[int, list[Tensor]]] = None
         self._snapshot_buffers: Optional[list[Tensor]] = None
         self._input_handle = None
+        self._structure: Optional[StructureProbe] = None  # residual blocks, read at the first training forward
         self._writer: Optional[RunWriter] = None
         if self.recording:
+            if self.activations_off is not None and self.config.activation_every:
+                warnings.warn(f"graddoctor: activation statistics off: {self.activations_off}", RuntimeWarning,
+                              stacklevel=3)
             self._writer = self._open_writer(model)
             self.step_index = self._writer.next_step
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
             self._maybe_install_activation_hooks()
+            self._structure = None if compiled else StructureProbe(self.model)
         self._optimizer_steps = 0
         self._optimizer_steps_at_last_step: Optional[int] = None
         self._optimizer_handle = (optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -134,13 +140,14 @@ class Watch:
         tensors = [dict(idx=i, name=n, module=n.rpartition(".")[0], shape=json_shape(p),
                         numel=p.numel(), dtype=str(p.dtype).replace("torch.", ""))
                    for i, (n, p) in enumerate(zip(self.names, self.params))]
-        acts = [dict(idx=i, name=n, kind=k.kind, lo=k.bounds[0] if k.bounds else None,
-                     hi=k.bounds[1] if k.bounds else None, relu_family=int(k.relu_family))
-                for i, (n, _, k) in enumerate(self._act_modules)]
+        acts = [dict(idx=i, name=a.name, kind=a.kind.kind, lo=a.kind.bounds[0] if a.kind.bounds else None,
+                     hi=a.kind.bounds[1] if a.kind.bounds else None, relu_family=int(a.kind.relu_family))
+                for i, a in enumerate(self._acts.sites)]
         meta = dict(torch_version=torch.__version__, config=asdict(self.config), world_size=world_size(),
                     loss_rows="given",  # a loss row only where step() was given a loss (see Run.loss)
                     model_class=type(self.model).__name__,
                     compiled=model is not self.model and hasattr(model, "_orig_mod"),
+                    activations_off=self.activations_off,  # why no activation is recorded (absent: older stores)
                     modules={n: type(m).__name__ for n, m in modules.items() if n},
                     **{key: list(BY_NAME[name].fields) for name, key in FIELDS_META.items()},
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
@@ -182,20 +189,8 @@ class Watch:
 
     def _maybe_install_activation_hooks(self) -> None:
         """Install the activation hooks for the coming step's forward, if it is a sampled step."""
-        if not self._act_modules or not self._is_activation_step(self.step_index):
-            return
-        margin = self.config.saturation_margin
-        for i, (_, module, kind) in enumerate(self._act_modules):
-            def hook(_m, _inp, out, i=i, kind=kind):
-                out = out[0] if isinstance(out, tuple) else out
-                if isinstance(out, Tensor) and torch.is_grad_enabled():
-                    self._act_rows.setdefault(i, []).append(activation_row(out, kind, margin).to(self.stats_device))
-            self._act_handles.append(module.register_forward_hook(hook))
-
-    def _remove_activation_hooks(self) -> None:
-        for h in self._act_handles:
-            h.remove()
-        self._act_handles = []
+        if self._acts.sites and self._is_activation_step(self.step_index):
+            self._acts.install()
 
     def add_flush_listener(self, fn: Callable[["Watch", int, int, list], None]) -> None:
         """Call `fn(watch, first_step, last_step, chunks)` after each flush has been written.
@@ -258,6 +253,9 @@ class Watch:
             self._record(s, stats, loss, weight_norms, amp)
         if self.guard is not None:  # after recording, so the store keeps the gradients as backward made them
             self.guard.apply(stats, lambda kind, data, step: self.record_event(kind, data, step), s)
+        if self._structure is not None and self._structure.done:  # recorded once, at the first step after it
+            self.record_event("structure", self._structure.facts(self.optimizer), s)
+            self._structure = None
         self.step_index += 1
         if self.recording:
             self._maybe_install_activation_hooks()
@@ -283,9 +281,8 @@ class Watch:
             self._snapshot = (s, snapshot)
         if weight_norms is not None and s % self.config.weight_every == 0:
             self._push("weight_norm", s, weight_norms)
-        if self._act_handles:
-            self._push("act", s, self._activation_matrix())
-            self._remove_activation_hooks()
+        if self._acts.installed:
+            self._push("act", s, self._acts.collect())  # and the hooks are removed
         if self._input_acc is not None:
             self._push("input", s, self._input_acc)
             self._input_acc = None
@@ -320,21 +317,6 @@ class Watch:
             torch._foreach_sub_(snap, [p.detach() for p in self.params])  # in place: no second copy of the weights
             self._push("update_norm", s, l2_norms(snap, self.stats_device))
         self._snapshot = None
-
-    def _activation_matrix(self) -> Tensor:
-        nan_row = torch.full((len(ACT_FIELDS),), math.nan, device=self.stats_device)
-        rows = []
-        for i in range(len(self._act_modules)):
-            calls = self._act_rows.get(i)
-            if not calls:
-                rows.append(nan_row)
-            elif len(calls) == 1:
-                rows.append(calls[0])
-            else:  # a module called several times in one step: average the fractions, sum the counts
-                r = torch.stack(calls)
-                rows.append(torch.cat([r[:, :-1].mean(0), r[:, -1:].sum(0)]))
-        self._act_rows = {}
-        return torch.cat(rows)
 
     def record_event(self, kind: str, data: dict[str, Any], step: Optional[int] = None) -> None:
         """Record an event (an intervention, a note) for this step; tensor values are read at flush."""
@@ -445,9 +427,9 @@ class Watch:
         if self.recording or self._sharded:
             self._record_update()
         if self.recording:
-            self._remove_activation_hooks()
+            self._acts.remove()
             self.flush()
-        for handle in (self._input_handle, self._optimizer_handle):
+        for handle in (self._input_handle, self._optimizer_handle, self._structure):
             if handle is not None:
                 handle.remove()
         if self._writer is not None:
