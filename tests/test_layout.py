@@ -14,9 +14,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "graddoctor"
 # Lower layers never import higher ones: core -> store -> diagnosis -> treat/report/serve/lab.
 NEVER = {"graddoctor.core": ("graddoctor.diagnosis", "graddoctor.treat", "graddoctor.report", "graddoctor.lab",
-                             "graddoctor.serve", "graddoctor.cli"),
+                             "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror"),
          "graddoctor.store": ("graddoctor.diagnosis", "graddoctor.treat", "graddoctor.report", "graddoctor.lab",
-                              "graddoctor.serve", "graddoctor.cli")}
+                              "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror")}
 
 
 def _modules() -> dict[str, Path]:
