@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -58,6 +58,10 @@ class RunData:
     # has one, unless no finite loss was ever recorded (stores that wrote NaN for "no loss").
     loss_given: np.ndarray | None = None
     zero_init_rms: float = 1e-6       # see DiagnoseConfig.zero_init_rms
+    # The "structure" event watch records at the first training forward (graddoctor.core._structure):
+    # residual / post_norm / same_shape module names, norm_first per torch transformer layer, the
+    # first step's lr and initial_lr per group. None: a store written before it (unknown, not "none").
+    structure: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -88,7 +92,8 @@ class RunData:
             act_modules=list(run.activation_modules),
             act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
             input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta),
-            amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32))
+            amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32),
+            structure=read_structure(run))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -105,6 +110,36 @@ class RunData:
     @cached_property
     def recurrent_modules(self) -> list[str]:
         return [m for m, c in self.modules.items() if c in RECURRENT_NAMES]
+
+    @property
+    def residual(self) -> Optional[frozenset[str]]:
+        """The residual modules (output = input + branch) seen in the first forward; None if not recorded."""
+        return None if self.structure is None else frozenset(self.structure.get("residual", ()))
+
+    @property
+    def has_residual(self) -> bool:
+        """True only when the store says so: an old store without the structure is not called residual."""
+        return bool(self.residual)
+
+    @property
+    def post_norm(self) -> frozenset[str]:
+        """Residual modules whose add sits under a normalization (post-LN), and torch layers with norm_first=False."""
+        if self.structure is None:
+            return frozenset()
+        torch_post = {n for n, first in (self.structure.get("norm_first") or {}).items() if not first}
+        return frozenset(self.structure.get("post_norm", ())) | torch_post
+
+    @property
+    def lr_warmup(self) -> Optional[bool]:
+        """Whether the run started below its scheduler's base lr (a warmup); None if not known.
+
+        `initial_lr` is set by every PyTorch LR scheduler; at step 0 a warmup holds lr well below it.
+        """
+        if self.structure is None:
+            return None
+        pairs = [(lr, base) for lr, base in zip(self.structure.get("lr") or [], self.structure.get("initial_lr") or [])
+                 if isinstance(lr, (int, float)) and isinstance(base, (int, float))]
+        return any(lr < 0.5 * base for lr, base in pairs)
 
     def is_recurrent_tensor(self, i: int) -> bool:
         return self.module_class(self.tensor_module[i]) in RECURRENT_NAMES
@@ -266,6 +301,19 @@ class RunData:
     def initial_loss_level(self, n: int = 10) -> float:
         """Median of the first n finite losses (NaN if none)."""
         return initial_level(self.loss, n)
+
+
+def read_structure(run: Run) -> Optional[dict[str, Any]]:
+    """The first "structure" event's data, or None when the run has none (older stores, a compiled model)
+    or its fields are not what watch writes."""
+    events = run.events("structure")
+    if not events:
+        return None
+    data = events[0]["data"]
+    lists = ("residual", "post_norm", "same_shape", "lr", "initial_lr")
+    if not all(isinstance(data.get(k, []), list) for k in lists) or not isinstance(data.get("norm_first", {}), dict):
+        return None
+    return data
 
 
 def initial_level(loss: np.ndarray, n: int = 10) -> float:
