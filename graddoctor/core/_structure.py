@@ -42,7 +42,8 @@ def _node_of(x: Tensor) -> Any:
     if x.grad_fn is not None:
         return x.grad_fn
     # A leaf that requires grad has no grad_fn; a view of it does, and its first input is the AccumulateGrad.
-    return x.view_as(x).grad_fn.next_functions[0][0]
+    view = x.view_as(x).grad_fn
+    return None if view is None else view.next_functions[0][0]
 
 
 def _kind(node: Any) -> str:
@@ -58,6 +59,8 @@ def skip_path(out: Tensor, x: Tensor) -> Optional[bool]:
     if out.grad_fn is None or not x.requires_grad:
         return None  # no graph (no_grad, or an input without grad): nothing to read
     target = _node_of(x)
+    if target is None:
+        return None
     frontier: list[tuple[Any, int, bool]] = [(out.grad_fn, 0, False)]
     seen: set[int] = set()
     while frontier:
