@@ -66,6 +66,8 @@ def _model(remedy_id: str) -> nn.Module:
                 nn.init.normal_(m.branch[-1].weight)
                 nn.init.normal_(m.branch[-1].bias)
         return model
+    if remedy_id == "pre_layer_norm":  # post-LN transformer layers (x of shape [16, 4]: one unbatched sequence)
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0), 2, enable_nested_tensor=False)
     return _mlp()
 
 
@@ -503,6 +505,28 @@ def _(ns, before):
     for b in blocks:
         assert torch.equal(b(z), z)  # every block is the identity again
     assert not torch.equal(ns["model"](ns["x"]), before.out)
+
+
+@check("lr_warmup")
+def _(ns, before):
+    opt, scheduler = ns["opt"], ns["scheduler"]
+    for k in range(120):  # the analytic linear warmup: lr_k = lr * min(1, (k + 1) / 100)
+        assert math.isclose(opt.param_groups[0]["lr"], before.lr * min(1.0, (k + 1) / 100), rel_tol=1e-12)
+        opt.step()
+        scheduler.step()
+
+
+@check("pre_layer_norm")
+def _(ns, before):
+    model = ns["model"]
+    assert all(layer.norm_first for layer in model.layers) and isinstance(model.norm, nn.LayerNorm)
+    # The oracle: PyTorch's own pre-LN stack (norm_first=True from construction, a final LayerNorm) with the
+    # same weights gives the same output.
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0, norm_first=True), 2,
+                                norm=nn.LayerNorm(4), enable_nested_tensor=False)
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ns["x"]), ref(ns["x"]), rtol=0, atol=0)
+    assert not torch.allclose(model(ns["x"]), before.out)
 
 
 # ------------------------------------------------------------------ ids, former ids, JSON

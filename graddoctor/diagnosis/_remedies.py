@@ -1,12 +1,16 @@
 """Ranking the remedies that fit a finding. The remedies themselves (id, reason, snippet, the function
 that applies them, former ids) are the one catalogue of `graddoctor.treat` (`treat/_catalogue.py`).
 
-`rank_remedies` orders the ones that fit a finding's code and cause; `remedy` turns a catalogue entry into
-a finding's `Remedy`.
+`rank_remedies` orders the ones that fit a finding's code and cause and apply to the model (`model_facts`:
+what the run store knows of it); `remedy` turns a catalogue entry into a finding's `Remedy`.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+from ..treat._applicable import ModelFacts
 from ..treat._catalogue import CATALOGUE
+from ._data import RunData
 from ._findings import Finding, Remedy
 
 # (code, cause) -> ranked ids; (code, None) is the fallback for any other cause.
@@ -18,7 +22,9 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
                                            "layer_norm"),
     ("vanishing_gradient", "depth"): ("add_residual", "batch_norm", "fewer_layers", "layerwise_pretrain",
                                       "zero_residual_init"),
-    ("vanishing_gradient", None): ("add_residual", "batch_norm", "@init", "relu", "fewer_layers"),
+    ("vanishing_gradient", "architecture"): ("lr_warmup", "pre_layer_norm", "lower_learning_rate", "clip_norm"),
+    ("vanishing_gradient", None): ("add_residual", "batch_norm", "@init", "relu", "lr_warmup",
+                                   "lower_learning_rate", "fewer_layers"),
     ("exploding_gradient", "learning_rate"): ("lower_learning_rate", "clip_norm", "zclip", "auto_clip",
                                               "skip_nonfinite", "rollback"),
     ("exploding_gradient", "initialization"): ("@init", "clip_norm", "batch_norm", "l2_penalty",
@@ -39,6 +45,7 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
     ("loss_spike", "learning_rate"): ("lower_learning_rate", "zclip", "rollback", "clip_norm"),
     ("loss_spike", None): ("zclip", "rollback", "clip_norm", "smaller_batches"),
     ("loss_not_decreasing", "learning_rate"): ("lower_learning_rate", "clip_norm", "rollback"),
+    ("loss_not_decreasing", "architecture"): ("lr_warmup", "pre_layer_norm", "lower_learning_rate"),
     ("loss_not_decreasing", None): ("@init", "batch_norm", "add_residual", "lower_learning_rate"),
     ("saturated_activation", "initialization"): ("@init", "lsuv_init", "batch_norm", "relu"),
     ("saturated_activation", None): ("relu", "leaky_relu", "elu", "batch_norm", "layer_norm"),
@@ -65,9 +72,25 @@ def present_remedies(module_classes: set[str]) -> set[str]:
     return {cure.id for cure in CATALOGUE.values() if cure.present_as & module_classes}
 
 
+# A vanishing gradient or a stalled loss in post-LN residual blocks trained without warmup: Xiong et al. 2020's
+# cures come first, whatever else the rule found.
+_POST_LN_CODES = ("vanishing_gradient", "loss_not_decreasing")
+_POST_LN_CURES = ("lr_warmup", "pre_layer_norm")
+# When nothing in a ranking applies to the model: a cure that applies to any training run.
+_ANY_MODEL = "lower_learning_rate"
+
+
+def model_facts(d: RunData) -> ModelFacts:
+    """What the run store knows of the model, for the catalogue's applicability tests."""
+    s = d.structure or {}
+    return ModelFacts(model_class=str(d.meta.get("model_class") or ""), modules=dict(d.modules),
+                      shapes=dict(zip(d.tensors, d.tensor_shape)), residual=d.residual, post_norm=d.post_norm,
+                      same_shape=frozenset(s["same_shape"]) if "same_shape" in s else None, lr_warmup=d.lr_warmup)
+
+
 def rank_remedies(finding: Finding, fitting_init: str = "he_init", act: str = "nn.ReLU",
-                  present: frozenset = frozenset()) -> tuple[Remedy, ...]:
-    """The remedies that fit a finding, best first.
+                  present: frozenset = frozenset(), facts: Optional[ModelFacts] = None) -> tuple[Remedy, ...]:
+    """The remedies that fit a finding and apply to the model, best first.
 
     Args:
       finding: the finding (its code and cause pick the ranking).
@@ -75,12 +98,14 @@ def rank_remedies(finding: Finding, fitting_init: str = "he_init", act: str = "n
       act: the model's activation class as code (e.g. "nn.Sigmoid"), for activation-swap snippets.
       present: remedy ids the model already applies (left out, unless nothing else would remain); former ids
         are accepted.
+      facts: the model as recorded (`model_facts(run_data)`); cures whose `applies` test fails on it are left
+        out. None: every cure is taken to apply (a finding without its run).
     """
     ids = _RANKING.get((finding.code, finding.cause)) or _RANKING[(finding.code, None)]
+    if facts is not None and finding.code in _POST_LN_CODES and facts.post_norm and facts.lr_warmup is not True:
+        ids = _POST_LN_CURES + ids
+    ids = tuple(CATALOGUE[fitting_init].id if i == "@init" else i for i in ids)
+    fits = [i for i in ids if facts is None or CATALOGUE[i].applies(facts)]
     present = frozenset(CATALOGUE[i].id if i in CATALOGUE else i for i in present)
-    out: list[str] = []
-    for i in ids:
-        i = CATALOGUE[fitting_init].id if i == "@init" else i
-        if i not in out and i not in present:
-            out.append(i)
-    return tuple(remedy(i, act) for i in out or ids[:1])
+    out = list(dict.fromkeys(i for i in fits if i not in present))
+    return tuple(remedy(i, act) for i in out or fits[:1] or [_ANY_MODEL])

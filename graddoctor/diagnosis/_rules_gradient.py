@@ -127,9 +127,25 @@ def _vanishing_cause(d: RunData, cfg: DiagnoseConfig, layers: list[str]) -> tupl
         return "activation", (f"saturating activations ({', '.join(kinds) or 'bounded'}) multiply the gradient "
                               "by their derivative (sigmoid: at most 0.25) once per layer; the initialization keeps "
                               "activations in range")
+    if d.has_residual:
+        return _residual_vanishing_cause(d)
     if len(d.eligible) >= 10:
         return "depth", f"{len(d.eligible)} weight layers in a chain with healthy init and non-saturating activations"
     return "unknown", "no saturation, no init problem and no recurrence found in the recorded statistics"
+
+
+def _residual_vanishing_cause(d: RunData) -> tuple[str, str]:
+    """A residual net is not a plain chain: its skips carry the gradient past each block. Vanishing there
+    comes from post-LN blocks (the norm after the add rescales the skip path too) trained without warmup."""
+    blocks = sorted(d.residual or ())
+    post = sorted(d.post_norm)
+    if post and d.lr_warmup is not True:
+        return "architecture", (f"{len(post)} post-LN residual blocks (e.g. {post[0]}: the norm comes after the add, "
+                                "so it rescales the skip path too) trained without learning-rate warmup: the "
+                                "gradients near the output are large at init and early steps at the full lr stall "
+                                "the lower layers (Xiong et al. 2020)")
+    return "unknown", (f"the model has {len(blocks)} residual blocks (e.g. {blocks[0]}), so depth alone does not "
+                       "explain it; no saturation, init problem or recurrence found either")
 
 
 # ------------------------------------------------------------------ exploding
@@ -145,8 +161,8 @@ def exploding_gradient(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     if ends_bad:
         masks["nonfinite_end_state"] = bad
         ev["first_nonfinite_step"] = first_bad
-    if not masks:
-        return None
+    if not masks or (list(masks) == ["nonfinite_end_state"] and not _rose_before(d, cfg, first_bad)):
+        return None  # a NaN out of a calm run is the non-finite rule's finding, not an explosion
     forms = list(masks)
     mask = np.logical_or.reduce(list(masks.values()))
     first, last = d.step_range(mask)
@@ -284,7 +300,7 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
             (first <= cfg.init_max_step // 5 and prof.poor):
         return "initialization", ("the initialization amplifies signals: "
                                   + "; ".join(prof.reasons or ["large weights at step 0"]))
-    if first <= cfg.init_max_step // 5 and len(d.eligible) >= 10:
+    if first <= cfg.init_max_step // 5 and len(d.eligible) >= 10 and not d.has_residual:
         norms = sorted({c for c in d.modules.values() if c in NORM_NAMES})
         return "depth", (f"gradients are already far above their weights at the start in a chain of {len(d.eligible)} "
                          "weight layers" + (f" with {', '.join(norms)} (without skips, normalization layers amplify "
@@ -296,6 +312,9 @@ def exploding_cause(d: RunData, cfg: DiagnoseConfig, first: int, layers: list[st
         return "learning_rate", ("updates were large before the rise (median update/weight ratio above "
                                  f"{cfg.large_update_ratio} at step {int(upd[-1])}"
                                  + (f", initial lr={lr}" if lr else "") + ") while the first steps were healthy")
+    if d.has_residual:  # skips carry the signal: not a plain chain, and the init was judged healthy above
+        return "learning_rate", (f"the model has {len(d.residual or ())} residual blocks (skips, not a plain chain) "
+                                 "and its initialization looks healthy: the step size is the usual trigger")
     if growth:
         return "depth", "gradients grow layer by layer toward the input"
     if first > cfg.init_max_step:
@@ -397,15 +416,27 @@ def scale_overflows(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     return Finding("nonfinite_gradient", severity, first, last, (), ev, "unknown", msg)
 
 
-def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) -> tuple[str, str]:
-    bad = d.grad_bad | d.loss_bad
-    rise, _ = _global_rise(d, cfg, bad)
+def _rose_before(d: RunData, cfg: DiagnoseConfig, first: Optional[int]) -> bool:
+    """Whether gradients rose, or stood far above their weights, before step `first` (the first non-finite one).
+
+    Besides the rise rules' sustained rise: a last finite global norm `explode_rise_orders` above the median
+    of the ones before it (a blow-up within a step or two). Fewer than two finite steps before: not known,
+    so True.
+    """
+    before = d.steps < (d.steps[-1] + 1 if first is None else first)
+    lg = safe_log10(d.global_norm[before].astype(np.float64))
+    lg = lg[np.isfinite(lg)]
+    if len(lg) < 2:
+        return True
+    rise, _ = _global_rise(d, cfg, d.grad_bad | d.loss_bad)
     lr = d.log_grad_ratio
-    high = False
-    if lr.shape[1]:
-        before = d.steps < first
-        high = bool(finite_max(lr[before]) >= math.log10(cfg.explode_grad_ratio))
-    if rise[d.steps < first].any() or high:
+    high = bool(lr.shape[1]) and bool(finite_max(lr[before]) >= math.log10(cfg.explode_grad_ratio))
+    jump = bool(lg[-1] - np.median(lg[:-1]) >= cfg.explode_rise_orders)
+    return bool(rise[before].any()) or high or jump
+
+
+def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) -> tuple[str, str]:
+    if _rose_before(d, cfg, first):
         cause, why = exploding_cause(d, cfg, first, [], False)
         return cause, "gradients rose, or were far above their weights, before going non-finite; " + why
     if which == "loss":

@@ -9,9 +9,12 @@
 - Initialization is `graddoctor.treat.init`, architecture changes are `graddoctor.treat.surgery`.
 - `CATALOGUE`: every remedy once (`Cure`: id, reason, snippet, the callable that applies it, former ids);
   `REMEDIES` is the same catalogue as id -> that callable (or the snippet). Both accept former ids.
+- `lr_warmup(optimizer, warmup_steps)`: a linear-warmup `LambdaLR` (the standard transformer recipe).
+- `ModelFacts`: a model as its run store describes it; each cure's `applies(facts)` says whether it fits.
 - `interventions(run)` / `format_interventions(run)`: what the guard and rollback did in a recorded run.
 """
 from ._adaptive import AGCState, AutoClipState, ZClipState, agc, auto_clip, unitwise_norm, zclip
+from ._applicable import ModelFacts
 from ._base import ChainState, EmptyState, GradientTransform, TransformState, TransformStateError, chain
 from ._catalogue import CATALOGUE, REMEDIES, Catalogue, Cure, UnknownRemedyError
 from ._guard import Guard
@@ -19,6 +22,7 @@ from ._interventions import format_interventions, interventions
 from ._pretrain import PretrainError, fine_tune, layerwise_pretrain
 from ._regularization import l1_penalty, l2_penalty
 from ._rollback import Rollback, RollbackLimitError, is_spike, rollback
+from ._schedule import lr_warmup, warmup_factor
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._transforms import ClipState, PerTensorClipState, clip_norm, clip_norm_per_tensor, clip_value
 
@@ -29,5 +33,5 @@ __all__ = [
     "skip_nonfinite", "SkipState", "NonFiniteGradientError", "Guard",
     "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
     "layerwise_pretrain", "fine_tune", "PretrainError", "CATALOGUE", "REMEDIES", "Catalogue", "Cure",
-    "UnknownRemedyError", "interventions", "format_interventions",
+    "UnknownRemedyError", "interventions", "format_interventions", "lr_warmup", "warmup_factor", "ModelFacts",
 ]

@@ -13,6 +13,9 @@ A `Cure` has:
 - `aliases`: former ids. Looking a cure up by one of them finds it, and the `--json` output lists them,
   so consumers that match the old id keep working.
 - `present_as`: module class names that mean a model already has the cure (diagnose leaves it out).
+- `applies`: a test over `ModelFacts` (what a run store knows of the model, `treat/_applicable.py`): False
+  where the cure cannot be applied to that model, or would undo a deliberate choice; diagnose ranks only
+  the cures whose test passes.
 
 Diagnose ranks these cures for each finding (`graddoctor.diagnosis._remedies`); nothing else defines one.
 """
@@ -25,11 +28,13 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from .._errors import GradDoctorError
+from . import _applicable as can
 from . import init, surgery
 from ._adaptive import agc, auto_clip, zclip
 from ._pretrain import layerwise_pretrain
 from ._regularization import l1_penalty, l2_penalty
 from ._rollback import rollback
+from ._schedule import lr_warmup
 from ._skip import skip_nonfinite
 from ._transforms import clip_norm, clip_norm_per_tensor, clip_value
 
@@ -48,6 +53,7 @@ class Cure:
     apply: Optional[Callable[..., Any]] = None
     aliases: tuple[str, ...] = ()
     present_as: frozenset[str] = frozenset()
+    applies: Callable[[can.ModelFacts], bool] = can.always
 
 
 class Catalogue(Mapping[str, Cure]):
@@ -96,13 +102,17 @@ class Implementations(Mapping[str, Union[Callable[..., Any], str]]):
 
 
 _SATURATING = (nn.Sigmoid, nn.Tanh)
+# LeakyReLU and ELU are also the cure for dying ReLUs: they replace ReLU as well.
+_DYING = _SATURATING + (nn.ReLU,)
 
 
-def _swap(kind: str, make: Callable[[], nn.Module]) -> Callable[..., tuple[nn.Module, list[str]]]:
-    def swap(model: nn.Module, old: type | tuple[type, ...] = _SATURATING) -> tuple[nn.Module, list[str]]:
+def _swap(kind: str, make: Callable[[], nn.Module],
+          replaces: tuple[type, ...] = _SATURATING) -> Callable[..., tuple[nn.Module, list[str]]]:
+    def swap(model: nn.Module, old: type | tuple[type, ...] = replaces) -> tuple[nn.Module, list[str]]:
         return surgery.swap_activation(model, old, make)
     swap.__name__ = f"swap_to_{kind}"
-    swap.__doc__ = f"Swap saturating activations (Sigmoid, Tanh) for {kind} (surgery.swap_activation)."
+    swap.__doc__ = (f"Swap {', '.join(t.__name__ for t in replaces)} activations for {kind} "
+                    "(surgery.swap_activation).")
     return swap
 
 
@@ -154,44 +164,49 @@ CATALOGUE = Catalogue([
          ("l2_regularization",)),
     Cure("relu", "ReLU's derivative is 1 where active, instead of sigmoid's at most 0.25 per layer.",
          'model, _ = gd.surgery.swap_activation(model, {act}, nn.ReLU)', _swap("relu", nn.ReLU),
-         present_as=frozenset({"ReLU"})),
+         present_as=frozenset({"ReLU"}), applies=can.swappable("Sigmoid", "Tanh")),
     Cure("leaky_relu", "A small negative slope keeps a gradient flowing through units that would otherwise die.",
          'model, _ = gd.surgery.swap_activation(model, {act}, lambda: nn.LeakyReLU(0.01))',
-         _swap("leaky_relu", lambda: nn.LeakyReLU(0.01)), present_as=frozenset({"LeakyReLU"})),
+         _swap("leaky_relu", lambda: nn.LeakyReLU(0.01), _DYING), present_as=frozenset({"LeakyReLU"}),
+         applies=can.swappable("Sigmoid", "Tanh", "ReLU")),
     Cure("elu", "ELU is smooth, non-saturating for x > 0 and has no dead region.",
-         'model, _ = gd.surgery.swap_activation(model, {act}, nn.ELU)', _swap("elu", nn.ELU),
-         present_as=frozenset({"ELU"})),
+         'model, _ = gd.surgery.swap_activation(model, {act}, nn.ELU)', _swap("elu", nn.ELU, _DYING),
+         present_as=frozenset({"ELU"}), applies=can.swappable("Sigmoid", "Tanh", "ReLU")),
     Cure("he_init", "He init (std sqrt(2/fan_in)) keeps activation variance constant through ReLU layers.",
-         'gd.init.he_(model)', init.he_),
+         'gd.init.he_(model)', init.he_, applies=can.fan_in_init),
     Cure("xavier_init", "Xavier init (std sqrt(2/(fan_in+fan_out))) keeps tanh/sigmoid pre-activations out of "
          "saturation.",
-         'gd.init.xavier_(model)', init.xavier_),
+         'gd.init.xavier_(model)', init.xavier_, applies=can.fan_in_init),
     Cure("lsuv_init", "Layer-sequential unit-variance init rescales each layer on one batch so activations have "
          "std 1.",
-         'gd.init.lsuv_(model, x_batch)', init.lsuv_),
+         'gd.init.lsuv_(model, x_batch)', init.lsuv_, applies=can.fan_in_init),
     Cure("orthogonal_init", "Orthogonal weights preserve norms exactly in linear and recurrent chains.",
-         'gd.init.orthogonal_(model)', init.orthogonal_),
+         'gd.init.orthogonal_(model)', init.orthogonal_, applies=can.orthogonal),
     Cure("zero_residual_init", "Zero-initialising each residual branch's last layer makes every block start as "
          "the identity.",
-         'gd.init.zero_residual_(model)', init.zero_residual_),
+         'gd.init.zero_residual_(model)', init.zero_residual_, applies=can.residual_branches),
     Cure("batch_norm", "BatchNorm re-centres and re-scales each layer's input, so the per-layer gain stays near 1.",
-         'model, _ = gd.surgery.add_norm(model, kind="batch")', _norm("batch"), present_as=_BATCH_NORMS),
+         'model, _ = gd.surgery.add_norm(model, kind="batch")', _norm("batch"), present_as=_BATCH_NORMS,
+         applies=can.norm_insertable),
     Cure("layer_norm", "LayerNorm normalizes each example (works for sequences and small batches).",
-         'model, _ = gd.surgery.add_norm(model, kind="layer")', _norm("layer"), present_as=frozenset({"LayerNorm"})),
+         'model, _ = gd.surgery.add_norm(model, kind="layer")', _norm("layer"), present_as=frozenset({"LayerNorm"}),
+         applies=can.norm_insertable),
     Cure("add_residual", "Identity skips give the gradient a path that multiplies by 1, not by each layer's "
          "Jacobian.",
-         'model, _ = gd.surgery.add_residual(model)', surgery.add_residual, ("residual_connections",)),
+         'model, _ = gd.surgery.add_residual(model)', surgery.add_residual, ("residual_connections",),
+         applies=can.residual_insertable),
     Cure("rnn_to_lstm", "An LSTM's additive cell state carries gradients across time steps without repeated "
          "squashing.",
          'model, _ = gd.surgery.rnn_to_lstm(model)', surgery.rnn_to_lstm, ("lstm",),
-         frozenset({"LSTM", "LSTMCell"})),
+         frozenset({"LSTM", "LSTMCell"}), can.vanilla_rnn),
     Cure("rnn_to_gru", "A GRU's gated update also keeps long-range gradients alive, with fewer parameters than an "
          "LSTM.",
-         'model, _ = gd.surgery.rnn_to_gru(model)', surgery.rnn_to_gru, ("gru",), frozenset({"GRU", "GRUCell"})),
+         'model, _ = gd.surgery.rnn_to_gru(model)', surgery.rnn_to_gru, ("gru",), frozenset({"GRU", "GRUCell"}),
+         can.vanilla_rnn),
     Cure("layerwise_pretrain", "Trains one layer at a time, then fine-tunes all: each stage is shallow (Hinton "
          "2006).",
          'gd.treat.layerwise_pretrain(model, x_train, steps_per_layer=200)   # then train all layers as usual',
-         layerwise_pretrain, ("layerwise_pretraining",)),
+         layerwise_pretrain, ("layerwise_pretraining",), applies=can.flat_mlp),
     Cure("fewer_layers", "Fewer layers means fewer factors in the backprop product.",
          'model = make_model(depth=depth // 2)   # rebuild with fewer layers'),
     Cure("smaller_batches", "Smaller batches make smaller, noisier steps, which can keep a run out of the "
@@ -200,7 +215,16 @@ CATALOGUE = Catalogue([
     Cure("truncated_bptt", "Backpropagating through a limited number of time steps caps how many recurrent "
          "factors multiply.",
          'for chunk in seq.split(35, dim=1):   # backprop through at most 35 steps\n'
-         '    out, h = rnn(chunk, h.detach())   # detach = truncate'),
+         '    out, h = rnn(chunk, h.detach())   # detach = truncate', applies=can.recurrent),
+    Cure("lr_warmup", "Raising the lr linearly from ~0 over the first steps keeps Adam's first updates from "
+         "wrecking a post-LN transformer (Xiong et al. 2020; the standard transformer recipe).",
+         'scheduler = gd.treat.lr_warmup(opt, warmup_steps=100)   # then scheduler.step() after each opt.step()',
+         lr_warmup, applies=can.without_warmup),
+    Cure("pre_layer_norm", "Normalizing each block's input (x + f(norm(x))) keeps the skip path an identity, so "
+         "gradients reach early layers without warmup (pre-LN; Xiong et al. 2020).",
+         'model, _ = gd.surgery.pre_layer_norm(model)   # nn.TransformerEncoderLayer: norm_first=True\n'
+         '# own blocks: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))   instead of x = ln(x + f(x))',
+         surgery.pre_layer_norm, applies=can.post_layer_norm),
 ])
 
 REMEDIES = Implementations(CATALOGUE)

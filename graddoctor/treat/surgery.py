@@ -4,6 +4,7 @@
     model, changes = gd.surgery.add_norm(model, kind="batch")
     model, changes = gd.surgery.add_residual(model)
     model, changes = gd.surgery.rnn_to_lstm(model)
+    model, changes = gd.surgery.pre_layer_norm(model)
 
 Each function changes the model in place where it can (a top-level `nn.Sequential` that
 gets new children is rebuilt, so always use the returned model), returns
@@ -258,3 +259,37 @@ def rnn_to_gru(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """
     return _replace_rnns(model, lambda kw: nn.GRU(**kw), "a GRU")
 
+
+
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def pre_layer_norm(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Turn post-LN `nn.TransformerEncoderLayer`s / `TransformerDecoderLayer`s into pre-LN ones.
+
+    Sets `norm_first=True` on each layer (their forward reads the attribute at call time), so the
+    normalization moves onto the residual branch and the skip path stays an identity; an
+    `nn.TransformerEncoder` / `TransformerDecoder` without a final `norm` gets a LayerNorm, as pre-LN
+    stacks need one before the head. The weights are kept.
+
+    Returns:
+      (model, changes). Raises `SurgeryNotApplicableError` if no such layer has `norm_first=False`
+      (in other models, move the LayerNorm by hand: `x = x + f(norm(x))` instead of `x = norm(x + f(x))`).
+    References:
+      Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv:2002.04745).
+    """
+    changes = []
+    for name, m in model.named_modules():
+        if isinstance(m, _TRANSFORMER_LAYERS) and not m.norm_first:
+            m.norm_first = True
+            changes.append(f"{name or '<model>'}: norm_first False -> True")
+    if not changes:
+        raise SurgeryNotApplicableError(f"{type(model).__name__} has no nn.TransformerEncoderLayer/DecoderLayer with "
+                                        "norm_first=False (in your own blocks, write x = x + f(norm(x)))")
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) and m.norm is None and len(m.layers):
+            first = m.layers[0].norm1
+            m.norm = nn.LayerNorm(first.normalized_shape, eps=first.eps, device=first.weight.device,
+                                  dtype=first.weight.dtype)
+            changes.append(f"{name or '<model>'}.norm: LayerNorm added after the last layer")
+    return model, changes
