@@ -121,8 +121,9 @@ def test_records_every_optimizer_step_before_clipping_with_the_step_loss(tmp_pat
     oracle = NormOracle()
     run_dir = tmp_path / "gd"
     module = Tiny()
+    logger = TensorBoardLogger(tmp_path / "tb")
     trainer = _trainer(tmp_path, [oracle, GradDoctorCallback(run_dir, flush_every=3)],
-                       logger=TensorBoardLogger(tmp_path / "tb"), accumulate_grad_batches=2, gradient_clip_val=CLIP)
+                       logger=logger, accumulate_grad_batches=2, gradient_clip_val=CLIP)
     _fit(trainer, module)
 
     run = gd.open_run(run_dir)
@@ -140,6 +141,35 @@ def test_records_every_optimizer_step_before_clipping_with_the_step_loss(tmp_pat
     # Lightning passes each micro-batch loss / 2 (exact); their float32 sum rounds once
     np.testing.assert_allclose(losses, expected, rtol=2 * U32, atol=0)
     assert run.meta.get("closed_at") is not None
+
+    # the logger's event files hold the mirrored scalars, at graddoctor's steps (TensorBoard keeps float32)
+    scalars = _tb_scalars(logger.log_dir)
+    tb_norm = scalars["graddoctor/grad_norm"]
+    assert sorted(tb_norm) == list(range(8))
+    np.testing.assert_allclose([tb_norm[s] for s in range(8)], oracle.pre, rtol=NORM_RTOL + U32, atol=0)
+    np.testing.assert_allclose([scalars["graddoctor/loss"][s] for s in range(8)], expected, rtol=3 * U32, atol=0)
+    assert {"graddoctor/grad_norm/net.0", "graddoctor/grad_norm/net.2"} <= set(scalars), sorted(scalars)
+
+
+def _tb_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def test_a_user_mirror_is_added_and_an_unknown_one_refused_at_construction(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path / "mine")
+    oracle = NormOracle()
+    trainer = _trainer(tmp_path, [oracle, GradDoctorCallback(tmp_path / "gd", mirror=writer)], max_epochs=1)
+    _fit(trainer, Tiny())
+    writer.close()
+    tb_norm = _tb_scalars(tmp_path / "mine")["graddoctor/grad_norm"]
+    np.testing.assert_allclose([tb_norm[s] for s in range(8)], oracle.pre, rtol=NORM_RTOL + U32, atol=0)
+    with pytest.raises(ConfigError, match="mirror=.*is not allowed"):
+        GradDoctorCallback(tmp_path / "gd2", mirror="tensorboard")
 
 
 def test_closes_the_run_on_an_exception_with_the_steps_before_it(tmp_path):

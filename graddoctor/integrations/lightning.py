@@ -29,6 +29,7 @@ from ..core._compose import watch as make_watch
 from ..core._config import WatchConfig
 from ..core._params import unwrap_optimizer
 from ..core._watch import Watch
+from ..mirror import as_mirror, as_mirrors
 
 # gd.watch arguments that are not WatchConfig fields; every other option is a WatchConfig field.
 _WATCH_ARGS = ("guard", "on_finding")
@@ -50,8 +51,9 @@ class GradDoctorCallback(Callback):
     Args:
       run_dir: directory of the run store; None uses `<trainer.log_dir>/graddoctor` (the logger's version
         directory, or `default_root_dir` with no logger).
-      mirror: extra mirrors for the per-flush summaries (a `torch.utils.tensorboard.SummaryWriter`,
-        a W&B run, ...), added to the Trainer's own loggers.
+      mirror: extra mirrors for the per-flush summaries (a `torch.utils.tensorboard.SummaryWriter`, a W&B
+        run, ...; see `graddoctor.mirror.as_mirror`), added to those of the Trainer's TensorBoard, W&B and
+        MLflow loggers, which get `graddoctor/...` scalars at each flush.
       watch_options: `graddoctor.watch` options (`flush_every=`, `guard=`, `on_finding=`, any
         `WatchConfig` field, or `config=`), checked here, at construction.
     """
@@ -61,8 +63,8 @@ class GradDoctorCallback(Callback):
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise ConfigError(f"run_dir={run_dir!r} is not allowed: use a directory path (str or Path), or None "
                               "for <trainer.log_dir>/graddoctor")
-        self.run_dir = run_dir
-        self._mirrors = _as_list(mirror)
+        self.run_dir: Optional[Path] = None if run_dir is None else Path(run_dir)
+        self._mirrors = as_mirrors(mirror) if mirror is not None else []  # refused here, by name, if unknown
         self._watch_args = {k: watch_options.pop(k) for k in _WATCH_ARGS if k in watch_options}
         self.config = _config_from(watch_options)
         self.watch: Optional[Watch] = None
@@ -81,7 +83,7 @@ class GradDoctorCallback(Callback):
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         run_dir = self.run_dir if self.run_dir is not None else default_run_dir(trainer)  # all ranks: it broadcasts
         self.watch = make_watch(pl_module, optimizer, run_dir, config=self.config, scaler=self._scaler,
-                                **self._watch_args)
+                                mirror=self._mirrors + logger_mirrors(trainer), **self._watch_args)
         self._loss = None
 
     # --------------------------------------------------------------- each step
@@ -119,10 +121,14 @@ class GradDoctorCallback(Callback):
             w.close()
 
 
-def _as_list(mirror: Any) -> list:
-    if mirror is None:
+def logger_mirrors(trainer: Any) -> list:
+    """Mirrors for the Trainer's TensorBoard, W&B and MLflow loggers (others, e.g. CSVLogger, are skipped).
+
+    Rank 0 only: it alone records, and a logger's `experiment` is a dummy on the other ranks.
+    """
+    if trainer.global_rank != 0:
         return []
-    return list(mirror) if isinstance(mirror, (list, tuple)) else [mirror]
+    return [m for m in (as_mirror(lg, strict=False) for lg in trainer.loggers if lg is not None) if m is not None]
 
 
 def _config_from(options: dict[str, Any]) -> WatchConfig:
