@@ -77,6 +77,13 @@ class DiagnoseConfig:
     # Over this fraction skipped after calibration (or every step skipped down to a scale below
     # `amp_min_scale`), training has all but stopped: critical.
     amp_stalled_fraction: float = 0.5
+    # A GradScaler that was not passed to watch: the recorded gradients carry the loss scale (2^16 by
+    # default). The first finite steps' median grad/weight ratio above this is that large ...
+    amp_grad_ratio: float = 30.0
+    # ... and the scale implied by a plain SGD step (lr * |g| / |update|) within this relative distance of
+    # a power of two of at least 2^`amp_min_log2` is the scale itself (GradScaler scales by powers of two).
+    amp_pow2_tol: float = 0.01
+    amp_min_log2: int = 8
 
     # --- loss ----------------------------------------------------------------------------
     # Loss spike: this many robust z-scores above the running median [Hampel74] ...
@@ -95,6 +102,13 @@ class DiagnoseConfig:
     trend_min_steps: int = 30
     # Most points the trend test ranks (longer histories are reduced to block medians).
     trend_max_points: int = 2000
+    # A loss that already fell this many times below where the run started is converged, not stuck:
+    # its flat tail is the floor it reached (an LSTM LM falling from ln(vocab) to a third of it).
+    converged_fall: float = 3.0
+    # Early explosion: before a running baseline exists (the first `spike_min_history` losses), a loss
+    # this many times above the start level (the step-0 loss; for a language model at least ln(vocab),
+    # the loss of a uniform prediction) is a spike (a loss 4.3 -> 51 -> 143 in two steps).
+    early_spike_factor: float = 5.0
 
     # --- activations and initialization -------------------------------------------------
     # A bounded activation with more than this fraction of its outputs near a bound is saturated.
@@ -109,6 +123,16 @@ class DiagnoseConfig:
     init_gain_orders: float = 2.0
     # First activation sample must be at or before this step to describe the initialization.
     init_max_step: int = 50
+    # Weight scale against fan-in at the first sample: the median over weight matrices of
+    # RMS * sqrt(fan_in) above this is too large (Xavier/LeCun 1, He 1.41, PyTorch's Linear default
+    # 0.58, GPT-2's N(0, 0.02) below 0.2; N(0, 1) at width 32 is 5.7) [Glorot10, He15].
+    init_gain_high: float = 3.0
+    # An embedding table with RMS above this is too large (PyTorch's nn.Embedding default N(0, 1) is 1,
+    # GPT-2's 0.02): it swamps the residual stream.
+    init_embed_rms_high: float = 10.0
+    # A language model's step-0 loss above this many times ln(vocab) (the loss of a uniform prediction):
+    # its initial logits are large and confidently wrong.
+    init_loss_factor: float = 2.0
 
     # --- inputs and updates -------------------------------------------------------------
     # An input batch whose max-abs is this many orders above the running median ...
@@ -207,6 +231,9 @@ RANGES: dict[str, Range] = {
     "amp_overflow_fraction": _FRACTION,
     "amp_min_scale": Range("real", 0, None),
     "amp_stalled_fraction": _FRACTION,
+    "amp_grad_ratio": _POSITIVE,
+    "amp_pow2_tol": Range("real", 0, 0.5, lo_open=True, hi_open=True),
+    "amp_min_log2": Range("int", 1, 127),
     "spike_z": _POSITIVE,
     "spike_factor": Range("real", 1, None),
     "spike_min_jump": Range("real", 0, None),
@@ -214,11 +241,16 @@ RANGES: dict[str, Range] = {
     "trend_p": Range("real", 0, 1, lo_open=True, hi_open=True),
     "trend_min_steps": _STEPS,
     "trend_max_points": Range("int", 4, 10 ** 7),
+    "converged_fall": Range("real", 1, None, lo_open=True),
+    "early_spike_factor": Range("real", 1, None, lo_open=True),
     "saturated_fraction": _FRACTION,
     "dead_fraction": _FRACTION,
     "init_std_orders": _ORDERS,
     "init_gain_orders": _ORDERS,
     "init_max_step": Range("int", 0, 10 ** 9),
+    "init_gain_high": _POSITIVE,
+    "init_embed_rms_high": _POSITIVE,
+    "init_loss_factor": Range("real", 1, None, lo_open=True),
     "input_orders": _ORDERS,
     "input_z": _POSITIVE,
     "large_update_ratio": _POSITIVE,

@@ -5,6 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from ..store._run import Run, open_run
 from ._config import DiagnoseConfig
 from ._data import RunData
@@ -12,10 +14,19 @@ from ._evidence import activation_class, fitting_init
 from ._findings import Finding
 from ._remedies import present_remedies, rank_remedies
 from ._rules_activation import dead_relu, poor_initialization, saturated_activation
+from ._rules_amp import amp_scaler_not_passed, superseded_by_amp
 from ._rules_gradient import exploding_gradient, nonfinite_gradient, vanishing_gradient
+from ._rules_init import init_scale
 from ._rules_loss import input_outlier, large_weight_update, loss_not_decreasing, loss_spike
 
 Rule = Callable[[RunData, DiagnoseConfig], Optional[Finding]]
+
+
+def poor_initialization_any(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """poor_initialization from the activation profile (`_rules_activation`) or, without one, from the weight
+    scale against fan-in, the embeddings and an LM's step-0 loss (`_rules_init`)."""
+    return poor_initialization(d, cfg) or init_scale(d, cfg)
+
 
 # One rule per finding code (the stable codes listed in the README), in the order findings are
 # reported at equal severity.
@@ -23,7 +34,7 @@ RULES: dict[str, Rule] = {
     "nonfinite_gradient": nonfinite_gradient,
     "exploding_gradient": exploding_gradient,
     "vanishing_gradient": vanishing_gradient,
-    "poor_initialization": poor_initialization,
+    "poor_initialization": poor_initialization_any,
     "saturated_activation": saturated_activation,
     "dead_relu": dead_relu,
     "input_outlier": input_outlier,
@@ -68,6 +79,10 @@ def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
             # A note that asks for no action (evidence action_needed=False) comes without remedies.
             needed = f.evidence.get("action_needed", True)
             found.append(f.with_remedies(rank_remedies(f, init, act, present) if needed else ()))
+    amp = amp_scaler_not_passed(data, cfg)  # its remedy is its own: pass the scaler to watch
+    if amp is not None:
+        found = superseded_by_amp(found, amp, data)
+    found = _explosion_over_vanishing(found, data, cfg)
     found = _explain_stalled_loss(found)
     order = list(RULES)
     return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))
@@ -75,6 +90,32 @@ def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
 
 # Findings that stop learning, in the order they explain a loss that does not decrease.
 _EXPLAINS_STALL = ("vanishing_gradient", "dead_relu", "saturated_activation", "poor_initialization")
+
+
+def _explosion_over_vanishing(found: list[Finding], d: RunData, cfg: DiagnoseConfig) -> list[Finding]:
+    """Vanishing is never the headline while the gradients explode: when the global norm rose
+    `explode_rise_orders` above its first value (or turned non-finite) and an explosion was found (exploding or
+    non-finite gradients, or a loss that exploded in the first steps), a `vanishing_gradient` finding is the
+    input side lagging behind an output side that blows up: it is dropped and noted on the explosion."""
+    by_code = {f.code: f for f in found}
+    vanish = by_code.get("vanishing_gradient")
+    spike = by_code.get("loss_spike")
+    boom = (by_code.get("nonfinite_gradient") or by_code.get("exploding_gradient")
+            or (spike if spike is not None and "early_explosion" in spike.evidence else None))
+    if vanish is None or boom is None or boom.evidence.get("action_needed", True) is False:
+        return found
+    g = d.global_norm.astype(np.float64)
+    finite = np.flatnonzero(np.isfinite(g) & (g > 0))
+    if not len(finite):
+        return found
+    turned_nonfinite = bool((~np.isfinite(g[finite[0]:])).any())
+    rise = float(np.log10(np.max(g[finite]) / g[finite[0]]))
+    if not (turned_nonfinite or rise >= cfg.explode_rise_orders):
+        return found
+    note = (f"the gradient norm rose 10^{rise:.1f} from its first value" + (" and turned non-finite" if turned_nonfinite
+            else "") + f": {vanish.message} (dropped: the input side lags an exploding output side)")
+    noted = replace(boom, evidence=dict(boom.evidence, vanishing_superseded=note))
+    return [noted if f is boom else f for f in found if f is not vanish]
 
 
 def _explain_stalled_loss(found: list[Finding]) -> list[Finding]:

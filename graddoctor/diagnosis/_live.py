@@ -3,7 +3,11 @@
 `watch` attaches a `LiveDiagnosis` as a flush listener (WatchConfig.live_diagnosis, on by default).
 It receives the host arrays the flush just wrote (and reads the store only once, at the first flush,
 for the run's metadata), so it adds no host sync and no read-back: the flush already was the sync
-point. Each new finding is reported once: a `FindingWarning` through `warnings`,
+point. The rules see a window of recent steps plus where the run started (its first step and its
+start loss level, carried in the window's `meta`), so a window's verdict on the loss (converged, or
+an explosion in the first steps) is the one the final diagnose reaches on the whole run: on the same
+data they agree, and a run whose loss fell far below its start is not "not decreasing" in either.
+Each new finding is reported once: a `FindingWarning` through `warnings`,
 a `logging` warning on the "graddoctor" logger (when logging is configured), the optional `on_finding`
 callback, and an event of kind "finding" in the run store (its data is `Finding.to_dict()`).
 """
@@ -19,9 +23,10 @@ import numpy as np
 from ..store._run import Run
 from ..store._series import ACT_FIELDS, BY_NAME
 from ._config import DiagnoseConfig
-from ._data import RunData, align_loss
+from ._data import RunData, align_loss, initial_level
 from ._diagnose import diagnose_data
 from ._findings import Finding
+from ._rules_loss import RUN_FIRST_STEP, RUN_START_LEVEL
 
 if TYPE_CHECKING:
     from ..core._watch import Watch
@@ -59,6 +64,7 @@ class LiveDiagnosis:
         self.findings: list[Finding] = []  # every finding reported so far, in order
         self._series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._template: Optional[RunData] = None
+        self._start: dict[str, float] = {}  # where the run started (RUN_FIRST_STEP, RUN_START_LEVEL)
         self.failed = False
 
     def __call__(self, watch: "Watch", first: int, last: int, chunks: list) -> None:
@@ -129,13 +135,26 @@ class LiveDiagnosis:
         i_s, inp = get("input")
         amp_s, amp = get("amp")
         T = min(len(steps), len(gn), len(nf))  # series of one flush are written together
+        self._note_start(steps[:T], loss[:T], given[:T])
         return RunData(steps=steps[:T], loss=loss[:T], loss_given=given[:T], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
                        grad_nonfinite=nf[:T], sample_steps=ss, weight_norm=wn, update_steps=us, update_norm=un,
                        tensors=t.tensors, tensor_module=t.tensor_module, tensor_shape=t.tensor_shape,
                        modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, len(ACT_FIELDS)),
                        act_modules=t.act_modules,
-                       act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=t.meta, amp_steps=amp_s, amp=amp,
+                       act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=dict(t.meta, **self._start),
+                       amp_steps=amp_s, amp=amp,
                        zero_init_rms=self.config.zero_init_rms)
+
+    def _note_start(self, steps: np.ndarray, loss: np.ndarray, given: np.ndarray) -> None:
+        """Keep the run's first step and, once its first 10 finite losses are in, their median: the start level
+        the final diagnose reads from the run's own first steps (`_rules_loss.start_loss_level`)."""
+        if RUN_FIRST_STEP not in self._start and len(steps):
+            self._start[RUN_FIRST_STEP] = int(steps[0])
+        if RUN_START_LEVEL in self._start or not len(steps) or int(steps[0]) != self._start.get(RUN_FIRST_STEP):
+            return
+        finite = loss[given][np.isfinite(loss[given])]
+        if len(finite) >= 10:
+            self._start[RUN_START_LEVEL] = initial_level(finite)
 
     # ----------------------------------------------------------------- reporting
     def _report(self, watch: "Watch", f: Finding) -> None:

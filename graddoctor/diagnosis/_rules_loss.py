@@ -16,45 +16,79 @@ from ._evidence import _r, input_flags, large_update_mask
 from ._findings import Finding
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
 from ._rules_gradient import exploding_cause
+from ._rules_init import uniform_loss_level
 
 
 def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
     return [int(s) for s in steps[:limit]]
 
 
-def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig, start: Optional[float] = None,
+               early: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The one loss-spike detector (diagnose, the report and the dashboard all use it).
 
     A finite loss is a spike when it is `spike_z` robust deviations (median/MAD of the preceding
     losses) above the running median, at least `spike_factor` times it, and at least
-    `spike_min_jump` times the starting loss level above it.
+    `spike_min_jump` times the starting loss level above it. Before that running baseline exists
+    (the first `spike_min_history` losses), a loss `early_spike_factor` times above the start level
+    is a spike too (an explosion in the first steps has no history to stand out from).
 
     Args:
       loss: float[n], the losses in step order (only steps that have one; NaN/Inf are never spikes).
+      start: the start level for early spikes: the step-0 loss, raised to `start` when given (a language
+        model's ln(vocab), see `uniform_loss_level`).
+      early: False when `loss` does not begin at the run's first step (a live window past it).
     Returns:
-      (spike bool[n], running median float64[n], robust z float64[n]).
+      (spike bool[n], baseline float64[n]: the running median, or the start level at early spikes,
+       robust z float64[n]: NaN at early spikes).
     """
     loss = np.asarray(loss, dtype=np.float64).reshape(-1)
-    if len(loss) < cfg.spike_min_history + 1:
-        return np.zeros(len(loss), dtype=bool), np.full(len(loss), np.nan), np.full(len(loss), np.nan)
-    med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
-    z = robust_z(loss, med, mad, floor=1e-12)
-    level = initial_level(loss)
-    floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
+    n = len(loss)
+    spike, med, z = np.zeros(n, dtype=bool), np.full(n, np.nan), np.full(n, np.nan)
+    if n >= cfg.spike_min_history + 1:
+        med, mad = running_median_mad(loss, max(cfg.baseline_window, cfg.spike_min_history), cfg.spike_min_history)
+        z = robust_z(loss, med, mad, floor=1e-12)
+        level = initial_level(loss)
+        floor = cfg.spike_min_jump * abs(level) if np.isfinite(level) else 0.0
+        with np.errstate(invalid="ignore"):
+            jump = loss - med
+            spike = (np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * np.abs(med))
+                     & (jump >= floor))
+        spike = np.nan_to_num(spike, nan=0).astype(bool)
+    if early:
+        first, base = _early_spikes(loss, cfg, start)
+        spike |= first
+        med = np.where(first, base, med)
+    return spike, med, z
+
+
+def _early_spikes(loss: np.ndarray, cfg: DiagnoseConfig, start: Optional[float]) -> tuple[np.ndarray, float]:
+    """(bool[n], start level): the first `spike_min_history` losses that are `early_spike_factor` times
+    above the start level (the first finite loss, or `start` when that is higher)."""
+    out = np.zeros(len(loss), dtype=bool)
+    finite = np.flatnonzero(np.isfinite(loss))
+    if not len(finite):
+        return out, float("nan")
+    base = float(loss[finite[0]])
+    if start is not None and np.isfinite(start):
+        base = max(base, float(start))
+    if base <= 0:  # a ratio to a non-positive level says nothing
+        return out, base
+    head = slice(0, cfg.spike_min_history)
     with np.errstate(invalid="ignore"):
-        jump = loss - med
-        spike = (np.isfinite(loss) & (z >= cfg.spike_z) & (jump >= (cfg.spike_factor - 1) * np.abs(med))
-                 & (jump >= floor))
-    return np.nan_to_num(spike, nan=0).astype(bool), med, z
+        out[head] = np.isfinite(loss[head]) & (loss[head] >= cfg.early_spike_factor * base)
+    return out, base
 
 
 def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
-    """Finite losses far above their running median, robustly (z on median/MAD) and by a factor."""
+    """Finite losses far above their running median (robustly, and by a factor), or, in the first steps,
+    far above where the run started."""
     given = d.given  # baselines count the given losses, so a loss every k-th step is judged alike
-    if given.sum() < cfg.spike_min_history + 1:
+    if not given.any():
         return None
     loss, d_steps = d.loss[given], d.steps[given]
-    spike, med, z = spike_mask(loss, cfg)
+    uniform = uniform_loss_level(d)
+    spike, med, z = spike_mask(loss, cfg, uniform, early=_at_run_start(d))
     scale = np.abs(med)
     if not spike.any():
         return None
@@ -71,12 +105,38 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
                                        "came before the spike")
     else:
         cause, why = "unknown", "no outlier input and no large update recorded at the spike steps"
+    early = bool(np.isnan(z[worst]))
     ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d_steps[worst]),
           "worst_loss": _r(loss[worst]), "running_median_at_worst": _r(med[worst]), "robust_z_at_worst": _r(z[worst]),
           "reasoning": why}
-    msg = (f"The loss spiked {int(spike.sum())} time(s); worst at step {int(d_steps[worst])}: "
-           f"{loss[worst]:.3g} against a running median of {med[worst]:.3g}.")
+    if early:
+        ev["early_explosion"] = {"start_level": _r(med[worst]), "factor": _r(loss[worst] / med[worst]),
+                                 "uniform_loss_ln_vocab": _r(uniform) if uniform is not None else None}
+        against = (f"{med[worst]:.3g}, where the run started"
+                   + (f" (ln(vocab) = {uniform:.3g}, the loss of a uniform prediction)" if uniform else ""))
+    else:
+        against = f"a running median of {med[worst]:.3g}"
+    msg = (f"The loss {'exploded in the first steps' if early else 'spiked'} ({int(spike.sum())} spike(s)); "
+           f"worst at step {int(d_steps[worst])}: {loss[worst]:.3g} against {against}.")
     return Finding("loss_spike", "warning", int(steps[0]), int(steps[-1]), (), ev, cause, msg)
+
+
+# Keys a live diagnosis adds to a window's `RunData.meta`, so that rules judging a window see where the
+# whole run started (the final diagnose reads the same from the run's own first steps).
+RUN_FIRST_STEP = "run_first_step"
+RUN_START_LEVEL = "run_start_loss_level"
+
+
+def _at_run_start(d: RunData) -> bool:
+    """Whether `d` holds the run's first step (a live window that dropped it judges no early spikes)."""
+    first = d.meta.get(RUN_FIRST_STEP)
+    return first is None or (d.T > 0 and int(d.steps[0]) <= int(first))
+
+
+def start_loss_level(d: RunData) -> float:
+    """Where the run's loss started: the median of its first 10 finite losses (live: carried from the run's start)."""
+    level = d.meta.get(RUN_START_LEVEL)
+    return float(level) if level is not None else initial_level(d.loss[d.given])
 
 
 def loss_not_decreasing(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
@@ -93,10 +153,12 @@ def loss_not_decreasing(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     rho_rec, p_dec_rec, p_inc_rec = trend_test(t_rec, y_rec)
     if p_dec_rec < cfg.trend_p:
         return None
+    if _converged(d, loss, cfg):
+        return None
     rising = p_inc_rec < cfg.trend_p
     if p_dec_all < cfg.trend_p and not rising:
         return None
-    start, end = float(np.median(loss[:10])), float(np.median(loss[-max(10, len(loss) // 10):]))
+    start, end = start_loss_level(d), float(np.median(loss[-max(10, len(loss) // 10):]))
     ev = {"window_steps": [int(steps[half]), int(steps[-1])], "spearman_rho_recent": _r(rho_rec),
           "p_decreasing_recent": _r(p_dec_rec), "p_increasing_recent": _r(p_inc_rec),
           "spearman_rho_whole_run": _r(rho_all), "p_decreasing_whole_run": _r(p_dec_all),
@@ -109,6 +171,14 @@ def loss_not_decreasing(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     msg = (f"The loss is {'rising' if rising else 'not decreasing'} (rank trend over steps {int(steps[half])}-"
            f"{int(steps[-1])}: rho={rho_rec:.2f}, p={p_dec_rec:.2g} for a decrease); median {start:.3g} -> {end:.3g}.")
     return Finding("loss_not_decreasing", "warning", int(steps[half]), int(steps[-1]), (), ev, cause, msg)
+
+
+def _converged(d: RunData, loss: np.ndarray, cfg: DiagnoseConfig) -> bool:
+    """The loss already fell `converged_fall` times below where the run started: a flat tail is the floor
+    it reached, not a stall (the final diagnose and the live windows use the same start level)."""
+    start = start_loss_level(d)
+    recent = float(np.median(loss[-max(10, len(loss) // 10):]))
+    return bool(np.isfinite(start) and start > 0 and recent * cfg.converged_fall <= start)
 
 
 def _reduce(t: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
