@@ -1,14 +1,10 @@
-"""Activation and input-batch statistics, gathered by hooks that exist only when asked for.
+"""Activation and input-batch statistics, computed on the device; nothing syncs.
 
-Forward hooks on every activation at every step cost a lot (+57% on the
-reference GPU workload), so the watcher installs these hooks just before a
-sampled step's forward pass and removes them at the end of that step. The
-statistics are computed on the device and buffered; nothing syncs.
-
-What counts as an activation: the module classes in `_layers.ACTIVATIONS`, plus
-recurrent layers (their outputs are bounded by tanh for RNN/LSTM/GRU).
-Activations written as function calls inside `forward` (e.g. `F.relu(x)`)
-have no module to hook and are not seen.
+The hooks that gather activation rows exist only on sampled steps (`_act_hooks`). What
+counts as an activation is `_layers.activation_sites`: activation modules found by class
+or by behaviour, recurrent layers (their outputs are bounded by tanh for RNN/LSTM/GRU), and
+the functional activation of torch's Transformer layers. Other activations written as
+function calls inside `forward` (e.g. `F.gelu(x)`) have no module to hook and are not seen.
 """
 from __future__ import annotations
 
