@@ -281,6 +281,23 @@ def test_probe_rejects_what_is_random_mixes_elements_or_is_affine_and_copes_with
     assert torch.equal(probe_input(), torch.linspace(-10.0, 10.0, 101))
 
 
+class Remembers(nn.Module):
+    """An activation that keeps its last output (for a plot, say): the probe's call must not replace it."""
+
+    def forward(self, x):
+        self.last = torch.tanh(x)
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.last
+
+
+def test_the_probe_leaves_a_modules_attributes_as_they_were():
+    m = Remembers()
+    m(torch.ones(3))
+    last = m.last
+    assert activation_kind(m).kind == "tanh"
+    assert m.last is last and m.calls == 1
+
+
 def test_user_activation_statistics_match_the_oracle_with_bounds_from_the_probe(tmp_path):
     torch.manual_seed(0)
     lin = nn.Linear(8, 64)

@@ -124,7 +124,13 @@ def _classify(module: nn.Module) -> Optional[tuple[ActivationKind, float]]:
             return kind, 0.0
     if not _probe_candidate(module):
         return None
-    return _kind_of_match(probe_activation(module.forward), type(module).__name__)
+    attributes = dict(vars(module))  # a forward that keeps state (self.last = x) must not keep the probe's
+    try:
+        match = probe_activation(module.forward)
+    finally:
+        vars(module).clear()
+        vars(module).update(attributes)
+    return _kind_of_match(match, type(module).__name__)
 
 
 def function_kind(fn: Callable[[Tensor], Tensor]) -> Optional[ActivationKind]:
