@@ -267,20 +267,27 @@ def test_16_mixed_with_a_grad_scaler_records_unscaled_norms_and_losses(tmp_path)
     np.testing.assert_allclose(losses, _step_means(module.losses, 2), rtol=2 * U32, atol=0)
 
 
-@pytest.mark.slow
-def test_ddp_two_gloo_processes_rank0_records_the_all_reduced_norms(tmp_path):
-    # Both ranks start at once, as torchrun would (LOCAL_RANK set: Lightning launches nothing itself), so
-    # their Lightning imports overlap instead of running one after the other.
+def _run_two_ranks(tmp_path, mode):
+    """Start both ranks at once, as torchrun would (LOCAL_RANK set: Lightning launches nothing itself), so
+    their Lightning imports overlap instead of running one after the other; returns each rank's JSON."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)]),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=dict(env, LOCAL_RANK=str(r)),
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), mode], env=dict(env, LOCAL_RANK=str(r)),
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_gloo_processes_rank0_records_the_norms_of_the_averaged_gradients(tmp_path, mode):
+    """DDP all-reduces the gradients; FSDP2 (ModelParallelStrategy) reduce-scatters them into DTensor shards,
+    whose norms watch combines across ranks. The oracle gathers the full gradients on each rank."""
+    ranks = _run_two_ranks(tmp_path, mode)
     assert [r["recording"] for r in ranks] == [True, False]
-    # DDP averaged the gradients before on_before_optimizer_step: both ranks see the same norms
+    # both ranks see the same averaged gradients
     np.testing.assert_allclose(ranks[1]["pre"], ranks[0]["pre"], rtol=NORM_RTOL, atol=0)
     assert all(math.isfinite(v) for v in ranks[0]["pre"])
     stores = sorted(p.parent.name for p in tmp_path.rglob("*.sqlite"))
