@@ -39,7 +39,7 @@ def _batch(g, n=32, t=24):
     return seq[:, :-1], seq[:, 1:]
 
 
-def _train(run_dir, seed, lr, steps=60):
+def _train(run_dir, seed, lr, steps=40):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = LSTMLM()

@@ -11,6 +11,10 @@ enough to measure both profiles:
 - backward: each weighted layer's gradient norm relative to its weight norm.
 The prediction compares first and last layers and the per-layer gain of the signal, and names the
 likely cause from the activations found (saturated, dead) and the weight scale against fan-in.
+Normalized networks (a pre-LN transformer) hide a bad weight scale from both profiles, so the scale is
+judged on its own too: weights far too large for their fan-in (median std * sqrt(fan_in) above
+`weight_gain_high`), or, for class targets, a loss far above ln(classes), the loss of a uniform
+prediction (ln(vocab) for a language model), make the verdict "poor_initialization".
 
 Host syncs: many; this runs once, before training, not in the step.
 """
@@ -49,7 +53,7 @@ class LayerProfile:
 class CheckReport:
     """What `check` measured and predicts.
 
-    verdict: "vanishing", "exploding", "nonfinite" or "healthy".
+    verdict: "vanishing", "exploding", "nonfinite", "poor_initialization" or "healthy".
     gradient_ratio: first layer's grad/weight ratio over the last layer's.
     signal_gain: geometric mean, per layer, of the change in output RMS from first to last layer.
     """
@@ -61,6 +65,7 @@ class CheckReport:
     signal_gain: float
     saturated: dict[str, float] = field(default_factory=dict)
     dead: dict[str, float] = field(default_factory=dict)
+    loss_over_uniform: float = math.nan  # the loss over ln(classes) for class targets (1: a uniform prediction)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class CheckThresholds:
     signal_ratio_low: float = 1e-2     # last/first output RMS below this: the signal dies out
     signal_ratio_high: float = 1e2     # above this: the signal blows up
     mostly: float = 0.5                # a layer with more than this fraction saturated/dead is named
+    weight_gain_high: float = 3.0      # median std * sqrt(fan_in) above this: weights too large (He is 1.41)
+    loss_over_uniform_high: float = 2.0  # class targets: a loss this many times ln(classes): confidently wrong
 
 
 def _default_loss(out: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -136,7 +143,18 @@ def check(model: nn.Module, inputs: Tensor, targets: Optional[Tensor] = None,
     saturated = {n: float(r[2]) for n, r in act_rows.items() if not math.isnan(float(r[2]))}
     relu = {n for n, _, k in acts if k.relu_family}
     dead = {n: float(r[4]) for n, r in act_rows.items() if n in relu}
-    return _verdict(profile, saturated, dead, th, float(loss.detach()))
+    return _verdict(profile, saturated, dead, th, float(loss.detach()), _uniform_loss(out, targets))
+
+
+def _uniform_loss(out: Tensor, targets: Optional[Tensor]) -> float:
+    """ln(classes) when the targets are class indices over the output's last dimension (a classifier, or a
+    language model's (batch, time) targets against (batch, time, vocab) logits), else NaN."""
+    if targets is None or targets.is_floating_point() or out.ndim < 2:
+        return math.nan
+    classes = out.shape[-1]
+    if classes < 2 or targets.numel() * classes != out.numel():
+        return math.nan
+    return math.log(classes)
 
 
 def _rms_hook(rms: dict, name: str):
@@ -164,7 +182,8 @@ def _profile(name: str, module: nn.Module, out_rms: float) -> LayerProfile:
                         weight_gain=float(w.detach().float().std() * math.sqrt(fan_in)) if w.numel() > 1 else math.nan)
 
 
-def _verdict(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckThresholds, loss: float) -> CheckReport:
+def _verdict(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckThresholds, loss: float,
+             uniform: float = math.nan) -> CheckReport:
     first, last = layers[0], layers[-1]
     ratio = first.grad_to_weight / last.grad_to_weight if last.grad_to_weight else math.nan
     depth = max(len(layers) - 1, 1)
@@ -179,10 +198,27 @@ def _verdict(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckT
     elif ratio > th.gradient_ratio_high or signal > th.signal_ratio_high:
         verdict = "exploding"
     else:
-        verdict = "healthy"
+        verdict = "poor_initialization" if _poor_scale(layers, loss, uniform, th, reasons) else "healthy"
     reasons.insert(0, f"first/last layer gradient-to-weight ratio {ratio:.3g}; last/first output RMS {signal:.3g} "
                       f"over {depth} layers (x{gain:.3g} per layer)")
-    return CheckReport(verdict, reasons, layers, ratio, gain, saturated, dead)
+    return CheckReport(verdict, reasons, layers, ratio, gain, saturated, dead, loss / uniform)
+
+
+def _poor_scale(layers: list[LayerProfile], loss: float, uniform: float, th: CheckThresholds,
+                reasons: list[str]) -> bool:
+    """Whether the weight scale is wrong although the profiles look fine (normalization hides it); adds why."""
+    gains = sorted(g for g in (layer.weight_gain for layer in layers) if math.isfinite(g))
+    median = gains[len(gains) // 2] if gains else math.nan
+    poor = False
+    if median > th.weight_gain_high:
+        reasons.append(f"median weight std x sqrt(fan_in) is {median:.3g} (above {th.weight_gain_high}): the "
+                       "weights are far too large for their fan-in")
+        poor = True
+    if math.isfinite(uniform) and loss > th.loss_over_uniform_high * uniform:
+        reasons.append(f"the loss {loss:.3g} is {loss / uniform:.2g}x ln(classes) = {uniform:.3g}, the loss of a "
+                       "uniform prediction: the initial logits are large and confidently wrong")
+        poor = True
+    return poor
 
 
 def _causes(layers: list[LayerProfile], saturated: dict, dead: dict, th: CheckThresholds) -> list[str]:

@@ -102,9 +102,10 @@ class DiagnoseConfig:
     trend_min_steps: int = 30
     # Most points the trend test ranks (longer histories are reduced to block medians).
     trend_max_points: int = 2000
-    # A loss that already fell this many times below where the run started is converged, not stuck:
-    # its flat tail is the floor it reached (an LSTM LM falling from ln(vocab) to a third of it).
-    converged_fall: float = 3.0
+    # A loss that already fell this many times below where the run started (the median of its first 10
+    # losses; for a language model at least ln(vocab)) is converged, not stuck: its flat tail is the floor
+    # it reached (an LSTM LM falling from ln(vocab) = 2.77 to 0.6). A stalled run does not halve its loss.
+    converged_fall: float = 2.0
     # Early explosion: before a running baseline exists (the first `spike_min_history` losses), a loss
     # this many times above the start level (the step-0 loss; for a language model at least ln(vocab),
     # the loss of a uniform prediction) is a spike (a loss 4.3 -> 51 -> 143 in two steps).
