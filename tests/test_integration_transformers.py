@@ -129,3 +129,21 @@ def test_bad_options_are_refused_when_the_callback_is_made(tmp_path):
         GradDoctorCallback(tmp_path / "run", flush_every=0)
     with pytest.raises(gd.ConfigError, match="unknown watch option"):
         GradDoctorCallback(tmp_path / "run", flush_evry=10)
+
+
+def test_under_ddp_the_step_sees_the_all_reduced_gradients(tmp_path):
+    """DDP finishes its all-reduce in an end-of-backward callback of its own; the step must come after it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_hf_ddp_worker.py")
+    env = dict(os.environ, RENDEZVOUS=f"file://{tmp_path}/rendezvous", WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(worker)], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1]) == {"steps": 1, "equal_averaged": True, "differ_local": True}
