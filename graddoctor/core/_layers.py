@@ -246,19 +246,19 @@ def _close(got: Optional[Tensor], want: Tensor, x: Tensor) -> bool:
 
 
 def _elementwise(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> bool:
-    """Each output depends on its own input alone: it follows a permutation, ignores a change of the other
-    inputs, and keeps its value in a [4, 25] batch (and the calls agree, so fn is not random)."""
+    """Each output depends on its own input alone, checked with one more call, on a [3, n] batch whose rows
+    are a permutation of x (the outputs must follow it), x with its even entries changed (the odd outputs
+    must not move) and x itself (the batch must not change it, and fn must not be random)."""
     n = x.numel()
     perm = (torch.arange(n) * 37) % n  # 37 is coprime to 101: a fixed permutation, no random draw
-    if not _close(_call(fn, x[perm]), y[perm], x[perm].double()):
-        return False
     other = x.clone()
     other[::2] = other[::2] * 0.5 + 0.3
-    changed = _call(fn, other)
-    if changed is None or not _close(changed[1::2], y[1::2], x[1::2].double()):
+    batch = _call(fn, torch.stack([x[perm], other, x]))
+    if batch is None:
         return False
-    grid = x[:100].reshape(4, 25)
-    return _close(_call(fn, grid), y[:100].reshape(4, 25), grid.double())
+    x64 = x.double()
+    return (_close(batch[0], y[perm], x64[perm]) and _close(batch[1, 1::2], y[1::2], x64[1::2])
+            and _close(batch[2], y, x64))
 
 
 def _is_affine(x: Tensor, y: Tensor) -> bool:
@@ -310,16 +310,18 @@ def activation_sites(model: nn.Module) -> list[ActivationSite]:
     has no module and no attribute to find it by, so it is not seen.
     """
     sites = []
+    function_kinds: dict[int, Optional[ActivationKind]] = {}  # every layer of a stack shares F.gelu: probed once
     for name, m in model.named_modules():
         kind = activation_kind(m)
         if kind is not None:
             sites.append(ActivationSite(name, m, kind))
-        elif (site := _transformer_layer_site(name, m)) is not None:
+        elif (site := _transformer_layer_site(name, m, function_kinds)) is not None:
             sites.append(site)
     return sites
 
 
-def _transformer_layer_site(name: str, m: nn.Module) -> Optional[ActivationSite]:
+def _transformer_layer_site(name: str, m: nn.Module,
+                            function_kinds: dict[int, Optional[ActivationKind]]) -> Optional[ActivationSite]:
     """The feed-forward activation of a torch Transformer layer, applied to `linear1`'s output.
 
     Given as a string ("relu", "gelu") the layer keeps it as a function (F.relu, F.gelu), which no
@@ -330,7 +332,9 @@ def _transformer_layer_site(name: str, m: nn.Module) -> Optional[ActivationSite]
     fn = m.activation
     if isinstance(fn, nn.Module) or not callable(fn):
         return None
-    kind = function_kind(fn)
+    if id(fn) not in function_kinds:
+        function_kinds[id(fn)] = function_kind(fn)
+    kind = function_kinds[id(fn)]
     return None if kind is None else ActivationSite(f"{name}.activation" if name else "activation", m.linear1, kind, fn)
 
 
