@@ -172,6 +172,22 @@ def test_a_user_mirror_is_added_and_an_unknown_one_refused_at_construction(tmp_p
         GradDoctorCallback(tmp_path / "gd2", mirror="tensorboard")
 
 
+def test_an_epochs_shorter_last_accumulation_records_the_mean_of_its_micro_batch_losses(tmp_path):
+    """8 batches with accumulate_grad_batches=3: steps of 3, 3 and 2 micro-batches, each loss divided by 3 by
+    Lightning; the callback records the mean over the step's own micro-batches."""
+    module = Tiny()
+    oracle = NormOracle()
+    trainer = _trainer(tmp_path, [oracle, GradDoctorCallback(tmp_path / "gd")], max_epochs=1, accumulate_grad_batches=3)
+    _fit(trainer, module)
+    run = gd.open_run(tmp_path / "gd")
+    steps, losses = run.loss()
+    assert oracle.steps == len(steps) == 3
+    expected = [np.mean(module.losses[0:3]), np.mean(module.losses[3:6]), np.mean(module.losses[6:8])]
+    # float32: each loss / 3 rounds, two additions, one multiply by 3/2: at most 4 roundings of the result's size
+    np.testing.assert_allclose(losses, expected, rtol=5 * U32, atol=0)
+    np.testing.assert_allclose(run.global_norm()[1], oracle.pre, rtol=NORM_RTOL, atol=0)
+
+
 def test_closes_the_run_on_an_exception_with_the_steps_before_it(tmp_path):
     run_dir = tmp_path / "gd"
     oracle = NormOracle()

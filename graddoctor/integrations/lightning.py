@@ -69,6 +69,7 @@ class GradDoctorCallback(Callback):
         self.config = _config_from(watch_options)
         self.watch: Optional[Watch] = None
         self._loss: Optional[Tensor] = None  # the step's loss so far: a device tensor, never read on the host
+        self._micro_batches = 0  # backward calls since the last optimizer step
         self._scaler: Any = None
 
     # --------------------------------------------------------------- fit start
@@ -82,9 +83,9 @@ class GradDoctorCallback(Callback):
         optimizer = only_optimizer(trainer.optimizers)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         run_dir = self.run_dir if self.run_dir is not None else default_run_dir(trainer)  # all ranks: it broadcasts
+        self._loss, self._micro_batches = None, 0
         self.watch = make_watch(pl_module, optimizer, run_dir, config=self.config, scaler=self._scaler,
                                 mirror=self._mirrors + logger_mirrors(trainer), **self._watch_args)
-        self._loss = None
 
     # --------------------------------------------------------------- each step
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
@@ -94,6 +95,7 @@ class GradDoctorCallback(Callback):
         if self._scaler is not None and self._scaler.is_enabled():
             value = value / self._scaler._scale  # a power of two: exact; no sync (get_scale() would sync)
         self._loss = value if self._loss is None else self._loss + value
+        self._micro_batches += 1
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         w = self.watch
@@ -101,8 +103,9 @@ class GradDoctorCallback(Callback):
             return
         if self._loss is None:  # no backward this step (training_step returned None): no gradients to record
             return
-        w.step(self._loss)
-        self._loss = None
+        factor = mean_factor(trainer, pl_module, self._micro_batches)
+        w.step(self._loss if factor == 1.0 else self._loss * factor)
+        self._loss, self._micro_batches = None, 0
 
     # --------------------------------------------------------------- fit end
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -116,9 +119,19 @@ class GradDoctorCallback(Callback):
         self._close()  # the steps recorded before the exception stay in the store, which is marked closed
 
     def _close(self) -> None:
-        w, self.watch, self._loss = self.watch, None, None
+        w, self.watch, self._loss, self._micro_batches = self.watch, None, None, 0
         if w is not None:
             w.close()
+
+
+def mean_factor(trainer: Any, pl_module: Any, micro_batches: int) -> float:
+    """What turns the sum of a step's `on_before_backward` losses into the mean of its micro-batch losses.
+
+    Automatic optimization divides each loss by `accumulate_grad_batches`, also in an epoch's last, shorter
+    accumulation (which the factor corrects); `manual_backward` passes the losses as they are.
+    """
+    divided_by = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+    return divided_by / max(micro_batches, 1)
 
 
 def logger_mirrors(trainer: Any) -> list:
