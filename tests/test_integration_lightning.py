@@ -158,6 +158,24 @@ def _tb_scalars(logdir):
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
+@pytest.mark.slow
+def test_every_mirrorable_logger_of_the_trainer_is_mirrored_and_others_skipped(tmp_path, monkeypatch):
+    """Loggers [CSVLogger, MLFlowLogger(local file store)]: MLflow gets the scalars, the CSV logger is skipped."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    loggers = [CSVLogger(tmp_path / "csv"), MLFlowLogger(tracking_uri=uri)]
+    oracle = NormOracle()
+    trainer = _trainer(tmp_path, [oracle, GradDoctorCallback(tmp_path / "gd")], logger=loggers, max_epochs=1)
+    _fit(trainer, Tiny())
+    # MLflow's file store keeps the global norm as graddoctor/grad_norm/global (see the README's Mirrors)
+    history = MlflowClient(uri).get_metric_history(loggers[1].run_id, "graddoctor/grad_norm/global")
+    values = dict((m.step, m.value) for m in history)
+    np.testing.assert_allclose([values[s] for s in range(8)], oracle.pre, rtol=NORM_RTOL + U32, atol=0)
+
+
 def test_a_user_mirror_is_added_and_an_unknown_one_refused_at_construction(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
