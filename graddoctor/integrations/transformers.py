@@ -139,9 +139,9 @@ def hidden_gradients(args: Any) -> Optional[str]:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    state = AcceleratorState()
-    deepspeed = bool(getattr(args, "deepspeed", None)) or (
-        getattr(state, "initialized", False) and state.distributed_type == DistributedType.DEEPSPEED)
+    # read, not AcceleratorState(): building one would initialise accelerate's state where the Trainer has not
+    distributed_type = AcceleratorState._shared_state.get("distributed_type")
+    deepspeed = bool(getattr(args, "deepspeed", None)) or distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         return ("DeepSpeed steps the optimizer inside backward and keeps the gradients in its own partitioned "
                 "buffers, so param.grad is None where a callback can look; the gradients are hidden from graddoctor")
