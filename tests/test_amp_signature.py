@@ -81,7 +81,7 @@ def test_with_the_scaler_passed_there_is_no_such_finding(tmp_path):
 
 
 def test_a_real_explosion_without_amp_is_not_taken_for_a_scaler(tmp_path):
-    """A deep sigmoid-free net at a huge learning rate blows up for real: its gradients were not large at
+    """A ReLU MLP at a huge learning rate blows up for real: its gradients were not large at
     step 0 and the weights went non-finite, so the AMP signature must not claim it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
