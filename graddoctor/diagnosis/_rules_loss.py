@@ -177,7 +177,9 @@ def _converged(d: RunData, loss: np.ndarray, cfg: DiagnoseConfig) -> bool:
     """The loss already fell `converged_fall` times below where the run started (a language model starts at
     ln(vocab) at least): a flat tail is the floor it reached, not a stall (the final diagnose and the live
     windows use the same start level)."""
-    start = max(start_loss_level(d), uniform_loss_level(d) or -np.inf)
+    start, uniform = start_loss_level(d), uniform_loss_level(d)
+    if uniform is not None and not start >= uniform:  # NaN start (no finite loss at the start) too
+        start = uniform
     recent = float(np.median(loss[-max(10, len(loss) // 10):]))
     return bool(np.isfinite(start) and start > 0 and recent * cfg.converged_fall <= start)
 
