@@ -147,3 +147,25 @@ def test_under_ddp_the_step_sees_the_all_reduced_gradients(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert json.loads(out.strip().splitlines()[-1]) == {"steps": 1, "equal_averaged": True, "differ_local": True}
+
+
+def test_report_to_mlflow_mirrors_into_the_run_the_trainers_mlflow_callback_started(tmp_path, monkeypatch):
+    import mlflow
+
+    from graddoctor.integrations.transformers import GradDoctorCallback
+    uri = (tmp_path / "mlruns").as_uri()
+    for name, value in dict(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_TRACKING_URI=uri,
+                            HF_MLFLOW_LOG_ARTIFACTS="0").items():
+        monkeypatch.setenv(name, value)
+    trainer = _trainer(tmp_path, GradDoctorCallback(tmp_path / "run", flush_every=2, live_diagnosis=False),
+                       num_train_epochs=1, report_to=["mlflow"])
+    try:
+        trainer.train()
+    finally:
+        mlflow.end_run()  # no run left active for later tests (a no-op when the Trainer ended it)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ours = client.get_metric_history(run.info.run_id, "graddoctor/grad_norm/global")  # MLflow's name, see Mirrors
+    theirs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")}
+    assert [m.step for m in ours] == [0, 1, 2]
+    np.testing.assert_allclose([m.value for m in ours], [theirs[m.step + 1] for m in ours], rtol=NORM_RTOL)
