@@ -99,6 +99,12 @@ def norm_insertable(facts: ModelFacts) -> bool:
     return False
 
 
+def batch_norm_insertable(facts: ModelFacts) -> bool:
+    """`add_norm(kind="batch")`: as `norm_insertable`, and not over token sequences (embeddings, attention):
+    BatchNorm1d reads dim 1 of a [batch, time, features] tensor as its channels."""
+    return norm_insertable(facts) and not facts.transformer_style and not facts.classes & EMBEDDING_NAMES
+
+
 def residual_insertable(facts: ModelFacts) -> bool:
     """`surgery.add_residual`: no skips yet, and a shape-keeping block ([act, ..., weight layer]) in a Sequential."""
     if facts.residual or "Residual" in facts.classes:

@@ -187,7 +187,7 @@ CATALOGUE = Catalogue([
          'gd.init.zero_residual_(model)', init.zero_residual_, applies=can.residual_branches),
     Cure("batch_norm", "BatchNorm re-centres and re-scales each layer's input, so the per-layer gain stays near 1.",
          'model, _ = gd.surgery.add_norm(model, kind="batch")', _norm("batch"), present_as=_BATCH_NORMS,
-         applies=can.norm_insertable),
+         applies=can.batch_norm_insertable),
     Cure("layer_norm", "LayerNorm normalizes each example (works for sequences and small batches).",
          'model, _ = gd.surgery.add_norm(model, kind="layer")', _norm("layer"), present_as=frozenset({"LayerNorm"}),
          applies=can.norm_insertable),
