@@ -112,6 +112,7 @@ def test_acted_distinguishes_clipping_from_observation():
     assert acted({"kind": "skipped_step", "data": {}}) and acted({"kind": "rollback", "data": {}})
     assert not acted({"kind": "finding", "data": {"code": "loss_spike"}})
     assert not acted({"kind": "note", "data": {"text": "checkpoint"}})
+    assert not acted({"kind": "structure", "data": {"residual": ["h.0"], "post_norm": []}})
 
 
 def test_the_report_and_the_runs_summary_count_the_same_interventions(tmp_path):
@@ -132,6 +133,7 @@ def test_the_report_and_the_runs_summary_count_the_same_interventions(tmp_path):
             opt.step()
     with gd.open_run(tmp_path / "run") as run:
         steps, (summary,) = intervention_steps(run), interventions(run)
+        assert [e["step"] for e in run.events("structure")] == [0]  # watch's record of the model: not an action
     assert summary["what"] == "clip_norm.coef" and 0 < summary["steps"] < 30
     assert len(steps) == summary["steps"] and (steps[0], steps[-1]) == (summary["first_step"], summary["last_step"])
     (loss_plot,) = [f for f in run_figures(tmp_path / "run") if f.title.startswith("loss")]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
-# Event kinds that record what was seen, not an action on the training.
-OBSERVATIONS = frozenset({"finding", "note"})
+# Event kinds that record what was seen, not an action on the training (a "structure" event is watch's
+# first-step record of the model's residual blocks, see graddoctor.core._structure).
+OBSERVATIONS = frozenset({"finding", "note", "structure"})
 
 
 def _acted(key: str, value: float) -> bool:
@@ -33,8 +34,8 @@ def acted(event: dict[str, Any]) -> bool:
     """Whether a recorded event changed the training.
 
     A guard event only if one of its transforms acted (a coefficient below 1, a clipped count or
-    fraction above 0); an observation (a finding, a note) never; any other kind (a skipped step,
-    a rollback, a kind of the user's own) always.
+    fraction above 0); an observation (a finding, a note, the model's structure) never; any other
+    kind (a skipped step, a rollback, a kind of the user's own) always.
     """
     kind = event.get("kind")
     if kind in OBSERVATIONS:
