@@ -516,6 +516,14 @@ def _(ns, before):
         scheduler.step()
 
 
+@check("pass_scaler")
+def _(ns, before):
+    w, scaler = ns["w"], ns["scaler"]
+    assert isinstance(scaler, torch.amp.GradScaler) and isinstance(w, gd.Watch) and w.recording
+    # the watch holds the scaler it was given (None only where that scaler is disabled, as on a CPU-only box)
+    assert w.scaler is (scaler if scaler.is_enabled() else None)
+
+
 @check("pre_layer_norm")
 def _(ns, before):
     model = ns["model"]

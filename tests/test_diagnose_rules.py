@@ -26,7 +26,7 @@ SHARED_IDS = {"clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "a
               "rollback", "lower_learning_rate", "sanitize_inputs", "l1_penalty", "l2_penalty", "relu", "leaky_relu",
               "elu", "he_init", "xavier_init", "lsuv_init", "orthogonal_init", "zero_residual_init", "batch_norm",
               "layer_norm", "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers",
-              "smaller_batches", "truncated_bptt", "lr_warmup", "pre_layer_norm"}
+              "smaller_batches", "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler"}
 
 
 def codes(d: RunData) -> dict[str, Finding]:

@@ -12,7 +12,7 @@ from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import activation_class, fitting_init
 from ._findings import Finding
-from ._remedies import present_remedies, rank_remedies
+from ._remedies import model_facts, present_remedies, rank_remedies
 from ._rules_activation import dead_relu, poor_initialization, saturated_activation
 from ._rules_amp import amp_scaler_not_passed, superseded_by_amp
 from ._rules_gradient import exploding_gradient, nonfinite_gradient, vanishing_gradient
@@ -72,13 +72,14 @@ def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
     data = data.without_scale_overflows()  # AMP: the steps a GradScaler skipped are not the model's
     init, act = fitting_init(data), activation_class(data)
     present = frozenset(present_remedies(set(data.modules.values())))
+    facts = model_facts(data)  # only the remedies that apply to this model are ranked
     found = []
     for rule in RULES.values():
         f = rule(data, cfg)
         if f is not None:
             # A note that asks for no action (evidence action_needed=False) comes without remedies.
             needed = f.evidence.get("action_needed", True)
-            found.append(f.with_remedies(rank_remedies(f, init, act, present) if needed else ()))
+            found.append(f.with_remedies(rank_remedies(f, init, act, present, facts=facts) if needed else ()))
     amp = amp_scaler_not_passed(data, cfg)  # its remedy is its own: pass the scaler to watch
     if amp is not None:
         found = superseded_by_amp(found, amp, data)

@@ -7,7 +7,8 @@ from typing import Any
 CODES = ("vanishing_gradient", "exploding_gradient", "nonfinite_gradient", "loss_spike", "loss_not_decreasing",
          "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update")
 SEVERITIES = ("info", "warning", "critical")
-CAUSES = ("activation", "initialization", "data", "learning_rate", "depth", "recurrence", "architecture", "unknown")
+CAUSES = ("activation", "initialization", "data", "learning_rate", "depth", "recurrence", "architecture",
+          "mixed_precision", "unknown")
 
 
 @dataclass(frozen=True)

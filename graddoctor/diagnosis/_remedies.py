@@ -25,6 +25,7 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
     ("vanishing_gradient", "architecture"): ("lr_warmup", "pre_layer_norm", "lower_learning_rate", "clip_norm"),
     ("vanishing_gradient", None): ("add_residual", "batch_norm", "@init", "relu", "lr_warmup",
                                    "lower_learning_rate", "fewer_layers"),
+    ("exploding_gradient", "mixed_precision"): ("pass_scaler",),
     ("exploding_gradient", "learning_rate"): ("lower_learning_rate", "clip_norm", "zclip", "auto_clip",
                                               "skip_nonfinite", "rollback"),
     ("exploding_gradient", "initialization"): ("@init", "clip_norm", "batch_norm", "l2_penalty",

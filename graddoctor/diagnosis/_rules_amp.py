@@ -27,19 +27,16 @@ import numpy as np
 from ._config import DiagnoseConfig
 from ._data import RunData
 from ._evidence import _r
-from ._findings import Finding, Remedy
+from ._findings import Finding
+from ._remedies import remedy
 
-# The finding's code. The stable code list (`_findings.CODES`) has no code of its own for this yet: the
-# recorded gradients do read as exploding, and the evidence's `signature` names what they really are.
+# The finding's code: the recorded gradients do read as exploding; its cause (`mixed_precision`) and the
+# evidence's `signature` name what they really are.
 AMP_CODE = "exploding_gradient"
 SIGNATURE = "amp_scaler_not_passed"
 
-PASS_SCALER = Remedy(
-    "pass_scaler",
-    "watch was not given the GradScaler: it recorded the scaled gradients (x the loss scale) and the "
-    "scaler's skipped overflow steps as real ones; given the scaler it records the true gradients",
-    "scaler = torch.amp.GradScaler()\n"
-    "w = gd.watch(model, optimizer, run_dir, scaler=scaler)")
+# The one remedy: a change to the user's call, not to the model (the catalogue's `pass_scaler`).
+PASS_SCALER = remedy("pass_scaler")
 
 
 def skipped_steps(d: RunData) -> np.ndarray:
@@ -110,7 +107,7 @@ def amp_scaler_not_passed(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
            + (f" and {len(skipped)} step(s) it skipped read as non-finite" if len(skipped) else "")
            + ": pass scaler= to watch.")
     first = int(d.steps[0])
-    return Finding(AMP_CODE, "warning", first, int(d.steps[-1]), (), ev, "unknown", msg, (PASS_SCALER,))
+    return Finding(AMP_CODE, "warning", first, int(d.steps[-1]), (), ev, "mixed_precision", msg, (PASS_SCALER,))
 
 
 def superseded_by_amp(found: list[Finding], amp: Finding, d: RunData) -> list[Finding]:

@@ -155,6 +155,10 @@ CATALOGUE = Catalogue([
     Cure("lower_learning_rate", "Smaller steps keep updates a small fraction of the weights (update/weight "
          "~1e-3).",
          'for g in opt.param_groups:\n    g["lr"] *= 0.1'),
+    Cure("pass_scaler", "watch was not given the GradScaler: it recorded the scaled gradients (x the loss scale) "
+         "and the scaler's skipped overflow steps as real ones; given the scaler it records the true gradients.",
+         'scaler = torch.amp.GradScaler()   # the one that scales your loss\n'
+         'w = gd.watch(model, opt, run_dir, scaler=scaler)'),
     Cure("sanitize_inputs", "Drops or clamps non-finite and extreme input values before they reach the model.",
          'x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).clamp(-10, 10)   # after normalizing x'),
     Cure("l1_penalty", "Penalizes the sum of |w|, keeping weights small so products of layers stay bounded.",
