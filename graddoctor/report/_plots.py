@@ -16,6 +16,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 NONFINITE_COLOR = "#d62728"
+# Inches per labelled row (or column) of a heat map, profile or bar chart: an 8 pt label is 0.11 in high,
+# so every row keeps its label, with a little air, whatever the row count.
+ROW_INCHES = 0.16
 
 
 def _style():
@@ -76,46 +79,53 @@ def amp_scale(ax, steps: np.ndarray, scale: np.ndarray) -> None:
     _style().style_plain(right, grid=True)
 
 
-def heatmap(ax, steps: np.ndarray, layers: Sequence[str], values: np.ndarray, title: str,
-            cbar_label: str = "gradient L2 norm (log scale)") -> None:
-    """Layer x step heat map on a log colour scale; NaN/Inf cells drawn in red, zero/missing in grey.
+def heatmap(ax, steps: np.ndarray, labels: Sequence[str], values: np.ndarray, title: str,
+            cbar_label: str = "gradient L2 norm (log scale)",
+            ylabel: str = "layer: module name (input at top)") -> None:
+    """Row x step heat map on a log colour scale; NaN/Inf cells drawn in red, zero/missing in grey.
 
     Args:
-      values: [T, L] (steps x layers).
+      labels: one per row, every one printed (size the figure with `ROW_INCHES` per row).
+      values: [T, L] (steps x rows).
     """
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap, LogNorm
-    v = np.asarray(values, dtype=np.float64).T  # layers on the y axis, input layer at the top
+    v = np.asarray(values, dtype=np.float64).T  # rows on the y axis, input side at the top
     pos = v[np.isfinite(v) & (v > 0)]
     lo, hi = (pos.min(), pos.max()) if pos.size else (1e-8, 1.0)
     if hi <= lo:
         hi = lo * 10
     cmap = colormaps["viridis"].with_extremes(bad="#bbbbbb")
     masked = np.ma.masked_where(~(np.isfinite(v) & (v > 0)), v)
-    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5) if len(steps) else None
+    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(labels) - 0.5, -0.5) if len(steps) else None
     im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(lo, hi), extent=extent)
     bad = ~np.isfinite(v)
     if bad.any():
         red = np.ma.masked_where(~bad, np.ones_like(v))
         ax.imshow(red, aspect="auto", interpolation="nearest", cmap=ListedColormap([NONFINITE_COLOR]), extent=extent)
     _style().style_plain(ax.figure.colorbar(im, ax=ax, label=cbar_label).ax)
-    ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels([_short(n) for n in layers] if len(layers) <= 24 else
-                       [_short(n) if i % max(1, len(layers) // 12) == 0 else "" for i, n in enumerate(layers)])
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(list(labels))
     ax.set_xlabel("training step")
-    ax.set_ylabel("layer: module name (input at top)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title + ("  [red: NaN/Inf]" if bad.any() else ""))
     ax.grid(False)
 
 
 def profiles(ax, layers: Sequence[str], rows: dict[str, np.ndarray], title: str,
-             ylabel: str = "gradient L2 norm (log)") -> None:
-    """Per-layer gradient-norm profiles: one line per label (e.g. a step or a model) over layer index."""
+             ylabel: str = "gradient L2 norm (log)", named: bool = False) -> None:
+    """Per-layer gradient-norm profiles: one line per label (e.g. a step or a model) over layer index.
+
+    `named`: every layer's name on the x axis (size the figure with `ROW_INCHES` per layer); else its index.
+    """
     idx = np.arange(len(layers))
     for label, values in rows.items():
         v = as_float(values)
         line(ax, idx[: len(v)], v, label=label, log=True, marker="o", markersize=3)
-    ax.set_xlabel("layer index (0 = input side)")
+    if named:
+        ax.set_xticks(idx)
+        ax.set_xticklabels(list(layers), **_tick_style(layers))
+    ax.set_xlabel("layer (input side first)" if named else "layer index (0 = input side)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if rows:
@@ -178,7 +188,7 @@ def bars(ax, labels: Sequence[str], values: dict[str, Sequence[float]], title: s
         ax.bar(x[ok] + i * width - 0.4 + width / 2, v[ok], width, label=name)
         mark_nonfinite(ax, x + i * width - 0.4 + width / 2, v)
     ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=20 if max((len(s) for s in labels), default=0) > 6 else 0)
+    ax.set_xticklabels(list(labels), **_tick_style(labels))
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
@@ -187,6 +197,8 @@ def bars(ax, labels: Sequence[str], values: dict[str, Sequence[float]], title: s
         ax.legend(loc="best")
 
 
-def _short(name: str, width: int = 14) -> str:
-    name = name or "(root)"
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+def _tick_style(labels: Sequence[str]) -> dict:
+    """Rotation for x tick labels: level when short and few; else upright, each in its own column's width."""
+    if len(labels) <= 12 and max((len(s) for s in labels), default=0) <= 6:
+        return dict(rotation=0)
+    return dict(rotation=90)

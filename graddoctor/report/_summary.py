@@ -50,6 +50,20 @@ def format_amp(run: Run) -> str:
             + (format_steps(skipped) if len(skipped) else "none"))
 
 
+def format_activations(run: Run) -> str:
+    """One line on the activation statistics: why they are off, or how often they are sampled.
+
+    "" for a store written before watch recorded why (no `activations_off` in its meta).
+    """
+    if "activations_off" not in run.meta:
+        return ""
+    off = run.meta["activations_off"]
+    if off is not None:
+        return f"activation statistics: off ({off})"
+    every = (run.meta.get("config") or {}).get("activation_every")
+    return "activation statistics: on" + (f", sampled every {every} steps" if isinstance(every, int) else "")
+
+
 def format_summary(run: Run) -> str:
     """The summary table of a run as text."""
     loss_steps, loss = run.loss()
@@ -67,6 +81,9 @@ def format_summary(run: Run) -> str:
              f"global gradient norm range: {_finite_range(gnorm)}"]
     bad = nonfinite_steps(run)
     lines.append("non-finite steps: " + (format_steps(bad) if len(bad) else "none"))
+    act_line = format_activations(run)
+    if act_line:
+        lines.append(act_line)
     amp_line = format_amp(run)
     if amp_line:
         lines.append(amp_line)

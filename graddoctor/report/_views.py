@@ -1,10 +1,11 @@
 """Per-run views: the plots `graddoctor report RUN_DIR` draws for any recorded run.
 
-- gradient flow: layer x step heat map of gradient norms, log colour scale;
-- per-layer gradient-norm profiles at chosen steps (first, middle, last);
+- gradient flow: row x step heat map of gradient norms, log colour scale, one row per block of a
+  large model and per layer of a small one (`_rows`), every row labelled;
+- gradient-norm profiles over the same rows at chosen steps (first, middle, last);
 - loss (and global gradient norm) with loss spikes and recorded interventions marked;
 - activation saturation: fraction saturated (bounded activations) or exactly zero (ReLU family)
-  per activation module at the first and last sampled step.
+  per activation module at the first and last sampled step, each named with its block.
 Each view returns a `Figure`; a run without the data for a view gets no figure for it.
 """
 from __future__ import annotations
@@ -15,27 +16,35 @@ from typing import Optional
 import numpy as np
 
 from ..core._amp import overflowed
-from ..store._run import Run, open_run
+from ..store._run import open_run
 from ..treat._interventions import acted
 from . import _plots as P
 from ._figure import Figure
+from ._rows import ActRows, GradRows, act_rows, grad_rows
 
 
-def _layer_grads(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names = run.layers
-    hs = [run.layer_history(n) for n in names]
-    steps = hs[0].steps if hs else np.zeros(0, dtype=np.int64)
-    grads = np.stack([h.grad_norm for h in hs], axis=1) if hs else np.zeros((0, 0))
-    return names, steps, grads
+def heatmap_plot(rows: GradRows, title: str = "gradient flow"):
+    """The heat map of `rows` as a matplotlib figure: one labelled row each, its height from their number."""
+    fig, axes = P.figure(1, width=6.0, height=max(2.4, P.ROW_INCHES * len(rows.names) + 1.3))
+    P.heatmap(axes[0], rows.steps, rows.labels, rows.values, title,
+              ylabel="block (input at top)" if rows.by_block else "layer: module name (input at top)")
+    return fig
 
 
 def heatmap_figure(run_dir: Path | str, title: str = "gradient flow") -> Figure:
-    """Layer x step heat map of per-layer gradient norms of one run."""
+    """Row x step heat map of the gradient norms of one run, per block or per layer (see `_rows`)."""
     with open_run(run_dir) as run:
-        names, steps, grads = _layer_grads(run)
-    fig, axes = P.figure(1, width=6.0, height=min(5.0, max(2.4, 0.16 * len(names) + 1.2)))
-    P.heatmap(axes[0], steps, names, grads, title)
-    return Figure(title, P.to_uri(fig))
+        rows = grad_rows(run)
+    return Figure(title, P.to_uri(heatmap_plot(rows, title)), rows_caption(rows))
+
+
+def rows_caption(rows: GradRows) -> str:
+    """What the rows are; for blocks, their names in order (the labels on the plot are shortened)."""
+    if not rows.by_block:
+        return ""
+    n = sum(len(t) for t in rows.tensors)
+    return (f"One row per block: {len(rows.names)} blocks of {n} tensors; a block's gradient norm is the L2 norm "
+            f"of all its tensors' gradients. Rows, input side first: {', '.join(rows.names)}.")
 
 
 def chosen_steps(steps: np.ndarray, k: int = 3) -> list[int]:
@@ -45,16 +54,21 @@ def chosen_steps(steps: np.ndarray, k: int = 3) -> list[int]:
     return sorted(set(np.linspace(0, len(steps) - 1, k).round().astype(int).tolist()))
 
 
-def profile_figure(run_dir: Path | str, title: str = "per-layer gradient norm") -> Figure:
-    """Per-layer gradient-norm profiles at the first, middle and last recorded step."""
+def profile_plot(rows: GradRows, title: str = "per-layer gradient norm"):
+    """Gradient-norm profiles over the rows at the first, middle and last recorded step, every row named."""
+    fig, axes = P.figure(1, width=max(5.5, P.ROW_INCHES * len(rows.names) + 2.5), height=3.4)
+    P.profiles(axes[0], rows.labels, {f"step {int(rows.steps[i])}": rows.values[i] for i in chosen_steps(rows.steps)},
+               title, named=True)
+    axes[0].set_xlabel("block (input side first)" if rows.by_block else "layer (input side first)")
+    return fig
+
+
+def profile_figure(run_dir: Path | str, title: Optional[str] = None) -> Figure:
+    """Per-block (or per-layer) gradient-norm profiles at the first, middle and last recorded step."""
     with open_run(run_dir) as run:
-        names, steps, grads = _layer_grads(run)
-    fig, axes = P.figure(1, width=5.5)
-    P.profiles(axes[0], names, {f"step {int(steps[i])}": grads[i] for i in chosen_steps(steps)}, title)
-    if len(names) <= 16:
-        axes[0].set_xticks(range(len(names)))
-        axes[0].set_xticklabels([P._short(n, 10) for n in names], rotation=45, ha="right")
-    return Figure(title, P.to_uri(fig))
+        rows = grad_rows(run)
+    title = title or f"per-{'block' if rows.by_block else 'layer'} gradient norm"
+    return Figure(title, P.to_uri(profile_plot(rows, title)), rows_caption(rows))
 
 
 def loss_spikes(loss: np.ndarray) -> np.ndarray:
@@ -92,23 +106,22 @@ def loss_figure(run_dir: Path | str, title: str = "loss and global gradient norm
     return Figure(title, P.to_uri(fig), caption)
 
 
-def activation_figure(run_dir: Path | str, title: str = "activation saturation") -> Optional[Figure]:
-    """Fraction of saturated (bounded) or zero (ReLU family) outputs per activation module, first vs last sample."""
-    with open_run(run_dir) as run:
-        steps, acts = run.activations()
-        mods = run.activation_modules
-        relu = [run.activation_relu_family.get(m, False) for m in mods]
-    if len(steps) == 0 or not mods:
-        return None
-    col = np.array([3 if r else 2 for r in relu])  # frac_zero for the ReLU family, frac_saturated otherwise
-    first = acts[0, np.arange(len(mods)), col]
-    last = acts[-1, np.arange(len(mods)), col]
-    fig, axes = P.figure(1, width=5.5)
-    P.bars(axes[0], [P._short(m, 10) for m in mods], {f"step {int(steps[0])}": first, f"step {int(steps[-1])}": last},
+def activation_plot(acts: ActRows, title: str = "activation saturation"):
+    """The activation panel of `acts`: one pair of bars per module, each named with its block."""
+    fig, axes = P.figure(1, width=max(5.5, P.ROW_INCHES * len(acts.names) + 2.5), height=3.4)
+    first, last = acts.steps
+    P.bars(axes[0], acts.labels, {f"step {first}": acts.values[0], f"step {last}": acts.values[1]},
            title, "fraction of outputs")
     axes[0].set_ylim(0, 1.05)
     axes[0].set_xlabel("activation module (ReLU family: fraction exactly 0; bounded: fraction within 1% of a bound)")
-    return Figure(title, P.to_uri(fig))
+    return fig
+
+
+def activation_figure(run_dir: Path | str, title: str = "activation saturation") -> Optional[Figure]:
+    """Fraction of saturated (bounded) or zero (ReLU family) outputs per activation module, first vs last sample."""
+    with open_run(run_dir) as run:
+        acts = act_rows(run)
+    return None if acts is None else Figure(title, P.to_uri(activation_plot(acts, title)))
 
 
 def run_figures(run_dir: Path | str) -> list[Figure]:

@@ -25,9 +25,12 @@ the report's plots only when a flush has landed costs the server about as much a
 
 Routes (GET): `/` the page; `/status` JSON (per run: whether it exists, last step, last loss and
 global gradient norm, whether watch has closed it, when the store was last written, live findings;
-non-finite floats spelled "NaN"/"Infinity" as in the rest of graddoctor's JSON); `/content` the
-runs' sections as an HTML fragment. Nothing is fetched from the network: the page's plots are
-inline PNG, its script and style are inline (the page is package data, `page.html`).
+non-finite floats spelled "NaN"/"Infinity" as in the rest of graddoctor's JSON); `/views` JSON, the
+numbers behind each run's plots (the heat map's rows, per block for a large model, with their labels;
+the profiles' values; the activation panel's entries; why activation statistics are off), read on
+request, never polled; `/content` the runs' sections as an HTML fragment. Nothing is fetched from the
+network: the page's plots are inline PNG, its script and style are inline (the page is package data,
+`page.html`).
 Every answer says nosniff, no framing, and a Content-Security-Policy: the page's allows its own script and
 style (by sha256), data: images and polls to its own origin; every other answer's allows nothing.
 
@@ -48,8 +51,8 @@ shows every run found below it, and runs started later appear as they write thei
 A store that cannot be read is shown as an error on the page, and the server keeps serving the
 other runs.
 
-Modules: `_status` (a run's status from its store), `_dashboard` (what is served, drawn when it
-changed), `_page` (the page and its Content-Security-Policy), `_auth` (token and Host checks),
+Modules: `_status` (a run's status from its store), `_views` (the `/views` JSON), `_dashboard` (what is
+served, drawn when it changed), `_page` (the page and its Content-Security-Policy), `_auth` (token and Host checks),
 `_tls` (HTTPS), `_server` (the HTTP server, `start`, `serve_forever`), `_cli` (the command).
 """
 from __future__ import annotations

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._errors import ConfigError
+from .._errors import ConfigError, GradDoctorError
 from ..store._store import store_path
 from . import _page
 from ._status import find_runs, run_status, status_text
+from ._views import run_views
 
 DEFAULT_REFRESH = 5.0
 DEFAULT_BUSY = 0.1  # the largest share of one core the server spends redrawing (see Dashboard)
@@ -66,6 +67,20 @@ class Dashboard:
         runs = [run_status(r) for r in self.runs()]
         return {"runs": runs, "version": "|".join(r["version"] for r in runs), "text": status_text(runs),
                 "critical": sum(r["critical"] for r in runs), "refresh": self.refresh}
+
+    def views(self) -> dict[str, Any]:
+        """`/views`: per run shown, the numbers behind its plots (`run_views`), or its state and why there are none."""
+        out = []
+        for status in self.status()["runs"]:
+            run = Path(status["run"])
+            if status["state"] in ("waiting", "error"):
+                out.append({"run": str(run), "state": status["state"], "error": status["error"]})
+                continue
+            try:
+                out.append({"state": status["state"], **run_views(run)})
+            except GradDoctorError as e:  # a store damaged under a live status: the reason, the other runs served
+                out.append({"run": str(run), "state": "error", "error": str(e)})
+        return {"runs": out}
 
     def content(self) -> tuple[str, str]:
         """The runs' sections, and the version they show (the status's version once all are current).

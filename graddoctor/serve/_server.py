@@ -64,12 +64,15 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/status":
                 body = json.dumps(encode_nonfinite(self.dashboard.status()), allow_nan=False)
                 self._send(HTTPStatus.OK, "application/json", body)
+            elif path == "/views":
+                body = json.dumps(encode_nonfinite(self.dashboard.views()), allow_nan=False)
+                self._send(HTTPStatus.OK, "application/json", body)
             elif path == "/content":
                 html, version = self.dashboard.content()
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", html, {"X-Graddoctor-Version": version})
             else:
                 self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
-                           f"no page {_auth.shown(path)}: this server has /, /status and /content\n")
+                           f"no page {_auth.shown(path)}: this server has /, /status, /views and /content\n")
         except (BrokenPipeError, ConnectionResetError):  # the browser went away mid-answer
             pass
 
