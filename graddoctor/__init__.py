@@ -29,6 +29,7 @@ from .core._stats import TensorStats, l2_norms, tensor_stats
 from .core._watch import Watch
 from .diagnosis import DiagnoseConfig, Finding, diagnose  # gd.diagnose is the function; the package is diagnosis
 from .diagnosis._check import CheckReport, CheckThresholds, LayerProfile, check, format_check
+from .doctor import doctor, format_prescription  # gd.doctor is the doctor (a callable); gd.doctor.lightning too
 from .lab import run_lab
 from .report import write_run_report
 from .store._run import History, Run, open_run
@@ -59,5 +60,5 @@ __all__ = [
     "RunExistsError", "RunLockedError", "ResumeMismatchError", "UnsupportedModelError", "WatchClosedError",
     "diagnose", "Finding", "DiagnoseConfig",
     "treat", "init", "surgery", "chain", "clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "agc", "zclip",
-    "skip_nonfinite", "Guard", "run_lab", "write_run_report", "serve",
+    "skip_nonfinite", "Guard", "run_lab", "write_run_report", "serve", "doctor", "format_prescription",
 ]

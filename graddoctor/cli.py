@@ -121,6 +121,10 @@ from .serve import register as register_serve  # noqa: E402  (serve verb: the li
 
 COMMANDS += [register_serve]
 
+from .doctor._cli import register as register_doctor  # noqa: E402  (doctor verb)
+
+COMMANDS += [register_doctor]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="graddoctor",

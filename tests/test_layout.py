@@ -14,9 +14,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "graddoctor"
 # Lower layers never import higher ones: core -> store -> diagnosis -> treat/report/serve/lab.
 NEVER = {"graddoctor.core": ("graddoctor.diagnosis", "graddoctor.treat", "graddoctor.report", "graddoctor.lab",
-                             "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror"),
+                             "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror", "graddoctor.doctor"),
          "graddoctor.store": ("graddoctor.diagnosis", "graddoctor.treat", "graddoctor.report", "graddoctor.lab",
-                              "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror")}
+                              "graddoctor.serve", "graddoctor.cli", "graddoctor.mirror", "graddoctor.doctor"),
+         "graddoctor.diagnosis": ("graddoctor.doctor",),
+         "graddoctor.treat": ("graddoctor.doctor",)}
 
 
 def _modules() -> dict[str, Path]:

@@ -21,7 +21,8 @@ def write_run_report(run_dirs: Sequence[str | Path], out_file: str | Path, title
     """Render the per-run views (gradient-flow heat map, layer profiles, loss, activations, findings) of runs.
 
     Args:
-      run_dirs: run directories recorded with `graddoctor.watch`.
+      run_dirs: run directories recorded with `graddoctor.watch`; or one output directory of `gd.doctor`
+        (it holds prescription.json): then the page is the prescription, its loss curves and heat maps.
       out_file: the HTML file to write (its folder is created).
     Returns:
       The path written.
@@ -31,6 +32,9 @@ def write_run_report(run_dirs: Sequence[str | Path], out_file: str | Path, title
     """
     from ..store._run import open_run
     from ._pages import run_page
+    if len(run_dirs) == 1 and (Path(run_dirs[0]) / "prescription.json").is_file():  # a `gd.doctor` output dir
+        from ..doctor._html import prescription_page
+        return _write(prescription_page(run_dirs[0], title), _writable(out_file))
     for rd in run_dirs:  # fail early, with the library's error naming the path
         open_run(rd).close()
     out = _writable(out_file)  # and before drawing for seconds
