@@ -306,3 +306,35 @@ def test_the_dashboard_renders_the_block_rows_with_labels_in_chromium(gpt_run, a
     assert fig["caption"].endswith("Rows, input side first: " + ", ".join(BLOCKS) + ".")
     # The image is drawn at its own size, tall enough for one 8 pt label per row (0.16 in at 90 dpi each).
     assert fig["complete"] and fig["nh"] >= len(BLOCKS) * 0.16 * 90 and fig["h"] >= 0.95 * fig["nh"], fig
+
+
+@pytest.mark.slow
+def test_an_hf_gpt2_gets_block_rows_and_block_named_activations(tmp_path, monkeypatch):
+    """HF GPT-2 built from a config (no download): its ~150 tensors in 15 block rows; NewGELU as `h.N.mlp.act`."""
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=12, n_embd=32, n_head=2, vocab_size=64,
+                                                                 n_positions=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gd.watch(model, opt, tmp_path / "gpt2", activation_every=2, flush_every=4) as w:
+            for _ in range(4):
+                idx = torch.randint(0, 64, (4, 16))
+                loss = model(idx, labels=idx).loss
+                opt.zero_grad()
+                loss.backward()
+                w.step(loss)
+                opt.step()
+    blocks = BLOCKS[:-1]  # the head is tied to wte: named_parameters() lists it once, as wte
+    with gd.open_run(tmp_path / "gpt2") as run:
+        assert len(run.tensors) == 148
+        rows, acts = grad_rows(run), act_rows(run)
+        hist = {t: run.tensor_history(t).grad_norm.astype(np.float64) for t in run.tensors}
+    assert rows.by_block and rows.names == blocks
+    oracle = np.stack([np.sqrt(sum(hist[t] ** 2 for t in hist if t.startswith(b + "."))) for b in blocks], axis=1)
+    np.testing.assert_allclose(rows.values, oracle, rtol=1e-12, atol=0)
+    assert acts is not None and acts.names == [f"transformer.h.{i}.mlp.act" for i in range(N_LAYER)]
+    assert acts.labels == [f"…h.{i}.mlp.act" for i in range(N_LAYER)]
