@@ -129,10 +129,14 @@ def main() -> None:
     spread = {v: (min(t) * 1e3, max(t) * 1e3) for v, t in per_fit.items()}
     print(f"lightning={L.__version__} torch={torch.__version__} threads={torch.get_num_threads()} steps={args.steps} "
           f"(first {args.warmup} of each fit dropped) repeats={args.repeats}; {gd.native_status()}")
-    print("| variant | median step (ms) | fit medians min-max (ms) | ratio to bare |")
-    print("| --- | ---: | ---: | ---: |")
+    # Load from other processes only ever slows a fit down, so the least-disturbed fit (the minimum of the fit
+    # medians) is the second estimate: on a shared box it moves less than the median does.
+    print("| variant | median step (ms) | fit medians min-max (ms) | ratio to bare (medians) "
+          "| ratio to bare (minima) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for v in VARIANTS:
-        print(f"| {v} | {med[v]:.2f} | {spread[v][0]:.2f}-{spread[v][1]:.2f} | {med[v] / med['bare']:.3f} |")
+        print(f"| {v} | {med[v]:.2f} | {spread[v][0]:.2f}-{spread[v][1]:.2f} | {med[v] / med['bare']:.3f} "
+              f"| {spread[v][0] / spread['bare'][0]:.3f} |")
     hook = statistics.median(hooks) * 1e3
     print(f"time in the callback's hooks: median {hook:.2f} ms per step, {hook / med['bare'] * 100:.1f}% of the bare "
           f"step; mean {statistics.fmean(hooks) * 1e3:.2f} ms (flush steps included)")
