@@ -338,3 +338,29 @@ def test_an_hf_gpt2_gets_block_rows_and_block_named_activations(tmp_path, monkey
     np.testing.assert_allclose(rows.values, oracle, rtol=1e-12, atol=0)
     assert acts is not None and acts.names == [f"transformer.h.{i}.mlp.act" for i in range(N_LAYER)]
     assert acts.labels == [f"…h.{i}.mlp.act" for i in range(N_LAYER)]
+
+
+def test_beyond_64_activation_modules_the_panel_shows_each_block_s_largest_fraction(tmp_path):
+    """70 ReLUs (a deep MLP): 35 bars, each the largest fraction exactly 0 of two neighbouring modules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(70) for m in (nn.Linear(4, 4), nn.ReLU())], nn.Linear(4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gd.watch(model, None, tmp_path / "deep", activation_every=1) as w:
+            for _ in range(2):
+                model.zero_grad()
+                model(torch.randn(32, 4)).pow(2).mean().backward()
+                w.step()
+    with gd.open_run(tmp_path / "deep") as run:
+        acts = act_rows(run)
+        steps, stats = run.activations()
+        mods = run.activation_modules
+    assert mods == [str(2 * i + 1) for i in range(70)]
+    assert acts is not None and acts.grouped and acts.names == [f"{4 * k + 1}..{4 * k + 3}" for k in range(35)]
+    zero = stats[:, :, 3]  # frac_zero: the ReLU family's statistic
+    for k in range(35):
+        np.testing.assert_array_equal(acts.values[:, k], np.maximum(zero[[0, -1], 2 * k], zero[[0, -1], 2 * k + 1]))
+    assert len(set(acts.labels)) == 35
+    drawn = _drawn_labels(activation_plot(acts), "x")
+    assert [text for text, _ in drawn] == acts.labels
+    _assert_apart([e for _, e in drawn], "x")

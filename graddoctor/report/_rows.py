@@ -6,6 +6,9 @@ on, the heat map and the profiles show one row per block (`transformer.h.3`), as
 norm is the L2 norm of all its tensors' gradients: the sqrt of the sum of their squared norms. A
 smaller model keeps one row per layer (the module that owns the tensors).
 
+The activation panel has one entry per activation module, named with its block; beyond `MAX_GROUPS`
+modules (a 100-layer ResNet's ReLUs) one per group of `group_by_block`, showing its largest fraction.
+
 Labels are shortened from the left, whole name components first, so the distinctive right end stays
 (`…h.3.attn.c_attn.weight`), and never two rows with one label.
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core._blocks import group_by_block
+from ..core._blocks import MAX_GROUPS, group_by_block
 from ..store._run import Run, _combine_norms
 
 # Models with fewer watched tensors than this keep one row per layer (a small MLP's few modules).
@@ -38,8 +41,10 @@ class GradRows:
 
 @dataclass(frozen=True)
 class ActRows:
-    """Per activation module: the fraction saturated (bounded) or exactly zero (ReLU family) at two steps."""
+    """Per activation module (or group, `grouped`): the fraction saturated (bounded) or exactly zero (ReLU
+    family) at two steps; a group's is the largest of its modules'."""
 
+    grouped: bool
     names: list[str]
     labels: list[str]
     relu_family: list[bool]
@@ -77,9 +82,13 @@ def act_rows(run: Run) -> ActRows | None:
     relu = [run.activation_relu_family.get(m, False) for m in mods]
     col = np.array([3 if r else 2 for r in relu])  # frac_zero for the ReLU family, frac_saturated otherwise
     at = np.arange(len(mods))
-    return ActRows(names=list(mods), labels=short_labels(mods, ACT_LABEL_WIDTH), relu_family=relu,
+    values = np.stack([acts[0, at, col], acts[-1, at, col]]).astype(np.float64)
+    groups = group_by_block(mods) if len(mods) > MAX_GROUPS else {m: [i] for i, m in enumerate(mods)}
+    names = list(groups)
+    return ActRows(grouped=len(mods) > MAX_GROUPS, names=names, labels=short_labels(names, ACT_LABEL_WIDTH),
+                   relu_family=[all(relu[i] for i in cols) for cols in groups.values()],
                    steps=[int(steps[0]), int(steps[-1])],
-                   values=np.stack([acts[0, at, col], acts[-1, at, col]]).astype(np.float64))
+                   values=np.stack([values[:, cols].max(axis=1) for cols in groups.values()], axis=1))
 
 
 def short_labels(names: list[str], width: int) -> list[str]:

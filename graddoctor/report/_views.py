@@ -121,7 +121,11 @@ def activation_figure(run_dir: Path | str, title: str = "activation saturation")
     """Fraction of saturated (bounded) or zero (ReLU family) outputs per activation module, first vs last sample."""
     with open_run(run_dir) as run:
         acts = act_rows(run)
-    return None if acts is None else Figure(title, P.to_uri(activation_plot(acts, title)))
+    if acts is None:
+        return None
+    caption = (f"One pair of bars per block of activation modules ({len(acts.names)} blocks): the largest fraction "
+               "among its modules." if acts.grouped else "")
+    return Figure(title, P.to_uri(activation_plot(acts, title)), caption)
 
 
 def run_figures(run_dir: Path | str) -> list[Figure]:

@@ -19,8 +19,9 @@ def run_views(run_dir: str | Path) -> dict[str, Any]:
 
     Keys: run; rows ("block" or "layer"); names, labels and tensors per row (input side first);
     profiles: [{step, grad_norm: one value per row}] at the steps the profile plot shows (float64;
-    NaN: no gradient that step); activations: None, or {names, labels, relu_family, steps (first and
-    last sampled), fraction: [[per module] at each of those steps]}; activations_off: why watch
+    NaN: no gradient that step); activations: None, or {grouped (beyond 64 modules: per block, its largest
+    fraction), names, labels, relu_family, steps (first and last sampled), fraction: [[per module or
+    block] at each of those steps]}; activations_off: why watch
     recorded no activation statistics (None when it did, absent for stores written before it said).
     """
     from ..report._rows import act_rows, grad_rows
@@ -33,8 +34,8 @@ def run_views(run_dir: str | Path) -> dict[str, Any]:
         "profiles": [{"step": int(rows.steps[i]), "grad_norm": _floats(rows.values[i])}
                      for i in chosen_steps(rows.steps)],
         "activations": None if acts is None else {
-            "names": acts.names, "labels": acts.labels, "relu_family": acts.relu_family, "steps": acts.steps,
-            "fraction": [_floats(v) for v in acts.values]}}
+            "grouped": acts.grouped, "names": acts.names, "labels": acts.labels, "relu_family": acts.relu_family,
+            "steps": acts.steps, "fraction": [_floats(v) for v in acts.values]}}
     if "activations_off" in meta:
         out["activations_off"] = meta["activations_off"]
     return out
