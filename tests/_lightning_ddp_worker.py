@@ -3,12 +3,12 @@
 Modes: `ddp` (strategy="ddp"); `fsdp2` (ModelParallelStrategy with data_parallel_size=2, the module
 sharded by fully_shard in configure_model: DTensor parameters and gradients).
 
-Started twice by the test, as torchrun would start it: `python _lightning_ddp_worker.py OUT_DIR MODE` with
+Started twice by the test, as torchrun would start it: `python _lightning_ddp_worker.py OUT_DIR MODES` (e.g. `ddp,fsdp2`) with
 LOCAL_RANK (0, 1), WORLD_SIZE=2, NODE_RANK, MASTER_ADDR and MASTER_PORT set, so Lightning's `ddp` strategy
-joins the two processes instead of launching any. Every rank writes `OUT_DIR/rank<r>.json`: its pre-clip gradient norms (taken in
+joins the two processes instead of launching any. For each mode every rank writes `OUT_DIR/<mode>/rank<r>.json`: its pre-clip gradient norms (taken in
 on_before_optimizer_step, after DDP averaged the gradients), its optimizer step count, and whether its
 watch records. The norms are of the full gradients (a sharded one is gathered
-first with `full_tensor()`). GradDoctorCallback records into `OUT_DIR/gd`.
+first with `full_tensor()`). GradDoctorCallback records into `OUT_DIR/<mode>/gd`.
 """
 import json
 import sys
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from graddoctor.integrations.lightning import GradDoctorCallback
 
-out, mode = Path(sys.argv[1]), sys.argv[2]
+out, modes = Path(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 
@@ -73,19 +73,27 @@ class Oracle(Callback):
         self.pre.append(float(torch.nn.utils.get_total_norm(grads)))
 
 
-g = torch.Generator().manual_seed(1)
-data = TensorDataset(torch.randn(32, 8, generator=g), 10 * torch.randn(32, 1, generator=g))
-ours = GradDoctorCallback(out / "gd", flush_every=3)
-oracle = Oracle(ours)
-if mode == "fsdp2":
-    from lightning.pytorch.strategies import ModelParallelStrategy
-    strategy, module = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), Sharded()
-else:
-    strategy, module = "ddp", Tiny()
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, callbacks=[ours, oracle],
-                    accumulate_grad_batches=2, gradient_clip_val=0.1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
-# 32 samples over 2 ranks, batch 4: 4 batches per rank and epoch, 2 per optimizer step: 4 steps in 2 epochs
-trainer.fit(module, DataLoader(data, batch_size=4, shuffle=False))
-(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-    dict(pre=oracle.pre, steps=oracle.steps, global_step=trainer.global_step, recording=oracle.recording)))
+def fit(mode: str, out: Path) -> None:
+    """One fit under `mode`, recorded into out/gd; this rank's oracle goes to out/rank<r>.json."""
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 8, generator=g), 10 * torch.randn(32, 1, generator=g))
+    ours = GradDoctorCallback(out / "gd", flush_every=3)
+    oracle = Oracle(ours)
+    if mode == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        strategy, module = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), Sharded()
+    else:
+        strategy, module = "ddp", Tiny()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, callbacks=[ours, oracle],
+                        accumulate_grad_batches=2, gradient_clip_val=0.1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
+    # 32 samples over 2 ranks, batch 4: 4 batches per rank and epoch, 2 per optimizer step: 4 steps in 2 epochs
+    trainer.fit(module, DataLoader(data, batch_size=4, shuffle=False))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+        dict(pre=oracle.pre, steps=oracle.steps, global_step=trainer.global_step, recording=oracle.recording)))
+
+
+# Several modes run one after the other in the same two processes (Lightning keeps the process group
+# between fits), so the test pays for starting them and importing Lightning once.
+for m in modes.split(","):
+    fit(m, out / m)

@@ -301,33 +301,34 @@ def test_16_mixed_with_a_grad_scaler_records_unscaled_norms_and_losses(tmp_path)
     np.testing.assert_allclose(losses, _step_means(module.losses, 2), rtol=2 * U32, atol=0)
 
 
-def _run_two_ranks(tmp_path, mode):
+def _run_two_ranks(tmp_path, modes):
     """Start both ranks at once, as torchrun would (LOCAL_RANK set: Lightning launches nothing itself), so
-    their Lightning imports overlap instead of running one after the other; returns each rank's JSON."""
+    their Lightning imports overlap instead of running one after the other; returns each mode's rank JSONs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)]),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), mode], env=dict(env, LOCAL_RANK=str(r)),
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), ",".join(modes)],
+                              env=dict(env, LOCAL_RANK=str(r)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {m: [json.loads((tmp_path / m / f"rank{r}.json").read_text()) for r in (0, 1)] for m in modes}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_gloo_processes_rank0_records_the_norms_of_the_averaged_gradients(tmp_path, mode):
+def test_two_gloo_processes_rank0_records_the_norms_of_the_averaged_gradients(tmp_path):
     """DDP all-reduces the gradients; FSDP2 (ModelParallelStrategy) reduce-scatters them into DTensor shards,
     whose norms watch combines across ranks. The oracle gathers the full gradients on each rank."""
-    ranks = _run_two_ranks(tmp_path, mode)
-    assert [r["recording"] for r in ranks] == [True, False]
-    # both ranks see the same averaged gradients
-    np.testing.assert_allclose(ranks[1]["pre"], ranks[0]["pre"], rtol=NORM_RTOL, atol=0)
-    assert all(math.isfinite(v) for v in ranks[0]["pre"])
-    stores = sorted(p.parent.name for p in tmp_path.rglob("*.sqlite"))
-    assert stores == ["gd"], stores  # rank 0's store, and no other
-    run = gd.open_run(tmp_path / "gd")
-    steps, norms = run.global_norm()
-    assert ranks[0]["steps"] == ranks[0]["global_step"] == len(steps) == 4
-    np.testing.assert_allclose(norms, ranks[0]["pre"], rtol=NORM_RTOL, atol=0)
-    assert run.meta["world_size"] == 2
+    results = _run_two_ranks(tmp_path, ["ddp", "fsdp2"])
+    for mode, ranks in results.items():
+        assert [r["recording"] for r in ranks] == [True, False], mode
+        # both ranks see the same averaged gradients
+        np.testing.assert_allclose(ranks[1]["pre"], ranks[0]["pre"], rtol=NORM_RTOL, atol=0, err_msg=mode)
+        assert all(math.isfinite(v) for v in ranks[0]["pre"])
+        stores = sorted(p.parent.name for p in (tmp_path / mode).rglob("*.sqlite"))
+        assert stores == ["gd"], (mode, stores)  # rank 0's store, and no other
+        run = gd.open_run(tmp_path / mode / "gd")
+        steps, norms = run.global_norm()
+        assert ranks[0]["steps"] == ranks[0]["global_step"] == len(steps) == 4, mode
+        np.testing.assert_allclose(norms, ranks[0]["pre"], rtol=NORM_RTOL, atol=0, err_msg=mode)
+        assert run.meta["world_size"] == 2
