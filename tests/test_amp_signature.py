@@ -99,3 +99,43 @@ def test_a_real_explosion_without_amp_is_not_taken_for_a_scaler(tmp_path):
     assert not torch.isfinite(next(model.parameters())).all(), "premise: the run blew up"
     findings = gd.diagnose(tmp_path / "run")
     assert findings and not _amp_findings(findings)
+
+
+def _train_adam(run_dir, *, pass_scaler, lr=1e-3, use_scaler=True, steps=40):
+    """A small MLP trained by Adam, its loss scaled by a GradScaler (2^16, which never overflows here) or not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=use_scaler)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    skipped = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gd.watch(model, opt, run_dir, flush_every=10, scaler=scaler if pass_scaler else None) as w:
+            for _ in range(steps):
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                scaler.scale(loss).backward()
+                w.step(loss)
+                taken = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                skipped += scaler.get_scale() < taken
+    return skipped
+
+
+def test_adam_trained_through_unpassed_scaled_gradients_is_recognised(tmp_path):
+    """Adam divides by the gradients' own RMS, so a constant scale changes nothing and no step overflows or
+    shows the scale in its size: the signature is gradients far too large from step 0 under which Adam
+    trained normally."""
+    assert _train_adam(tmp_path / "unpassed", pass_scaler=False) == 0, "premise: no overflow, nothing skipped"
+    findings = gd.diagnose(tmp_path / "unpassed")
+    amp = _amp_findings(findings)
+    assert len(amp) == 1 and amp[0].cause == "mixed_precision", [(f.code, f.cause) for f in findings]
+    assert [r.id for r in amp[0].remedies] == ["pass_scaler"]
+    assert not any(f.severity == "critical" for f in findings)
+    # the same run with the scaler passed, and the same model without any scaling: no such finding
+    _train_adam(tmp_path / "passed", pass_scaler=True)
+    _train_adam(tmp_path / "plain", pass_scaler=False, use_scaler=False)
+    for name in ("passed", "plain"):
+        assert not _amp_findings(gd.diagnose(tmp_path / name)), name

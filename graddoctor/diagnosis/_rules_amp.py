@@ -11,7 +11,9 @@ The signature, read from the store alone:
     exactly zero (skipped), after which the gradients were finite again and the weights stayed
     finite (nothing but a scaler skips a step and recovers), or a plain SGD step whose size
     implies that the optimizer saw the recorded gradient divided by a power of two (lr * |g| /
-    |update| = 2^k): GradScaler scales by powers of two.
+    |update| = 2^k): GradScaler scales by powers of two, or a scale-invariant optimizer (Adam and
+    kin, which divide by the gradients' own RMS) that trained normally through them: every gradient
+    finite and the loss falling, which a real explosion of that size does not allow.
 The cure is to pass the scaler to watch, so it records the true gradients and the skipped steps.
 
 References: PyTorch AMP docs, "Automatic Mixed Precision" (torch.amp.GradScaler);
@@ -71,6 +73,25 @@ def implied_scale(d: RunData) -> Optional[float]:
     return None
 
 
+# Optimizers whose step does not depend on the gradients' scale (they divide by a running RMS of them):
+# under them a constant loss scale changes nothing, so a run trains normally through scaled gradients.
+SCALE_INVARIANT = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "Adafactor",
+                             "SparseAdam", "Adadelta"})
+
+
+def trained_through_it(d: RunData) -> bool:
+    """A scale-invariant optimizer trained normally through gradients far too large from step 0: every
+    gradient and given loss finite, and the loss of the last tenth below that of the first tenth. A real
+    explosion of that size does not train normally; a constant loss scale under Adam does."""
+    if d.meta.get("optimizer") not in SCALE_INVARIANT or d.T < 10 or d.grad_bad.any():
+        return False
+    losses = d.loss[d.given]
+    if len(losses) < 10 or not np.isfinite(losses).all():
+        return False
+    tenth = max(1, len(losses) // 10)
+    return bool(np.median(losses[-tenth:]) < np.median(losses[:tenth]))
+
+
 def _early_ratio(d: RunData, cfg: DiagnoseConfig) -> float:
     """Median over the first `baseline_min` finite steps of the median grad/weight ratio over layers."""
     r = d.log_grad_ratio
@@ -92,7 +113,8 @@ def amp_scaler_not_passed(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     skipped, scale = skipped_steps(d), implied_scale(d)
     k = round(math.log2(scale)) if scale and scale > 0 else 0
     pow2 = k >= cfg.amp_min_log2 and scale is not None and abs(scale / 2.0 ** k - 1) <= cfg.amp_pow2_tol
-    if not (len(skipped) or pow2):
+    unmoved = trained_through_it(d)
+    if not (len(skipped) or pow2 or unmoved):
         return None
     ev = {"signature": SIGNATURE, "early_median_grad_weight_ratio": _r(ratio),
           "skipped_steps": [int(s) for s in skipped[:20]], "skipped": len(skipped),
@@ -100,6 +122,8 @@ def amp_scaler_not_passed(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
           "action_needed": True,
           "reasoning": ("gradients far too large for the weights from the first steps"
                         + (f", and the SGD step applied them divided by 2^{k}" if pow2 else "")
+                        + (f", yet {d.meta.get('optimizer')} (which divides by the gradients' own scale) trained "
+                           "normally through them: finite gradients and a loss that fell" if unmoved else "")
                         + (f"; {len(skipped)} step(s) with non-finite gradients but a finite loss were skipped "
                            "(zero update) and training recovered" if len(skipped) else "")
                         + ": a GradScaler's scaled gradients, recorded by a watch that was not given the scaler")}

@@ -208,3 +208,49 @@ def zero_residual_(model: nn.Module) -> list[str]:
         raise NoLayersError(f"{type(model).__name__} has no residual branch (graddoctor.treat.surgery.Residual, or a "
                             "block with bn2/bn3); add some with graddoctor.treat.surgery.add_residual first")
     return done
+
+
+# The last layer of a residual branch in the transformer code people use: GPT-2/nanoGPT `c_proj`,
+# `nn.MultiheadAttention.out_proj` and `nn.TransformerEncoderLayer.linear2`, Llama `o_proj`/`down_proj`,
+# BERT/ViT `fc2`. Each adds into the residual stream, so their variances add up over the depth.
+RESIDUAL_PROJECTIONS = ("c_proj", "out_proj", "linear2", "o_proj", "down_proj", "fc2")
+
+
+def gpt2_(model: nn.Module, std: float = 0.02) -> list[str]:
+    """GPT-2's transformer init (Radford et al. 2019): every Linear, HF Conv1D and Embedding weight (and
+    `nn.MultiheadAttention`'s packed q/k/v projection) from N(0, std), biases zero, LayerNorms at gain 1 and bias 0, and the residual projections (names ending in
+    `RESIDUAL_PROJECTIONS`) from N(0, std / sqrt(n)) for the n of them, so the residual stream's variance
+    stays near its input's however deep the model is.
+
+    Tied weights (a head sharing the embedding's tensor) are set once. Returns one line per module set.
+    """
+    if not (isinstance(std, (int, float)) and not isinstance(std, bool) and 0 < std < 1):
+        from .._errors import ConfigError
+        raise ConfigError(f"std={std!r} is not allowed: use a number in (0, 1) (GPT-2 uses 0.02)")
+    weights = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D"]
+    if not weights:
+        raise NoLayersError(f"{type(model).__name__} has no Linear, Conv1D or Embedding layer to initialise")
+    residual = [n for n, _ in weights if n.rpartition(".")[2] in RESIDUAL_PROJECTIONS]
+    small = std / math.sqrt(len(residual)) if residual else std
+    done, seen = [], set()
+    with torch.no_grad():
+        for name, m in weights:
+            s = small if name in residual else std
+            if id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                nn.init.normal_(m.weight, 0.0, s)
+                done.append(f"{name}: N(0, {s:.4g})")
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        for name, m in model.named_modules():
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:  # q, k, v packed in one
+                nn.init.normal_(m.in_proj_weight, 0.0, std)
+                done.append(f"{name}.in_proj_weight: N(0, {std:.4g})")
+                if m.in_proj_bias is not None:
+                    nn.init.zeros_(m.in_proj_bias)
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return done
