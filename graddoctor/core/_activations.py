@@ -71,8 +71,14 @@ def input_row(x: Tensor) -> Tensor:
 
 
 def first_tensor(args: tuple, kwargs: dict) -> Optional[Tensor]:
-    """The first floating-point tensor among a forward call's arguments, if any."""
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, Tensor) and a.is_floating_point():
-            return a
-    return None
+    """The training batch of a forward call: its first argument (the first keyword argument when
+    there is no positional one, as in `model(input_ids=...)`), if that is a floating-point tensor.
+
+    Only the first argument: a recurrent model called as `model(x, hidden)` must never have its
+    own carried state read as data (a NaN hidden state is the model's, not the batch's). An
+    integer first argument holds token indices: it has no scale, can hold no NaN, and an index out
+    of range stops the forward at once (nn.Embedding raises before any step is recorded), so it
+    gives no input row at all.
+    """
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return first if isinstance(first, Tensor) and first.is_floating_point() else None
