@@ -38,6 +38,7 @@ from ._act_hooks import ActivationHooks, find_sites
 from ._activations import first_tensor, input_row
 from ._config import WatchConfig
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
+from ._rnn_time import TimeHooks, time_modules
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
 from ._structure import StructureProbe
 
@@ -101,6 +102,8 @@ class Watch:
         sites, self.activations_off = (find_sites(self.model, compiled, self.config.activation_every)
                                        if self.recording else ([], None))
         self._acts = ActivationHooks(sites, self.config.saturation_margin, self.stats_device)
+        # the gradient through time of recurrent layers, on the same sampled steps (graddoctor.core._rnn_time)
+        self._time = TimeHooks(time_modules(self.model) if self.recording and not compiled else [], self.stats_device)
         self.step_index = 0  # a resumed run continues at the writer's next step (below)
         self.latest: Optional[TensorStats] = None
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
@@ -152,7 +155,8 @@ class Watch:
                     **{key: list(BY_NAME[name].fields) for name, key in FIELDS_META.items()},
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
-                    lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None)
+                    lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None,
+                    time_modules=self._time.names)  # the time_grad series' module column indexes these
         return RunWriter(self.run_dir, meta, tensors, acts,
                          overwrite=self.config.overwrite, resume=self.config.resume)
 
@@ -189,8 +193,9 @@ class Watch:
 
     def _maybe_install_activation_hooks(self) -> None:
         """Install the activation hooks for the coming step's forward, if it is a sampled step."""
-        if self._acts.sites and self._is_activation_step(self.step_index):
-            self._acts.install()
+        if self._is_activation_step(self.step_index):
+            self._acts.install()  # a no-op without sites
+            self._time.install()
 
     def add_flush_listener(self, fn: Callable[["Watch", int, int, list], None]) -> None:
         """Call `fn(watch, first_step, last_step, chunks)` after each flush has been written.
@@ -283,6 +288,8 @@ class Watch:
             self._push("weight_norm", s, weight_norms)
         if self._acts.installed:
             self._push("act", s, self._acts.collect())  # and the hooks are removed
+        if self._time.installed and (time_row := self._time.collect()) is not None:  # and the hooks are removed
+            self._push("time_grad", s, time_row)
         if self._input_acc is not None:
             self._push("input", s, self._input_acc)
             self._input_acc = None
@@ -428,6 +435,7 @@ class Watch:
             self._record_update()
         if self.recording:
             self._acts.remove()
+            self._time.remove()
             self.flush()
         for handle in (self._input_handle, self._optimizer_handle, self._structure):
             if handle is not None:

@@ -41,6 +41,11 @@ class DiagnoseConfig:
     stall_loss_level: float = 0.5
     # Fewest weight matrices for a depth profile (input side, output side and something between).
     min_depth: int = 3
+    # Through time (recurrent layers): the last step's gradient reaches the first step this many orders
+    # smaller. 7 orders is float32's resolution (eps 1.2e-7): a weight's gradient sums every step's
+    # share, and a share 1e-7 of the others' is rounded away, so the first steps are not learned at all.
+    # Counted, like a stall, only while the loss is above stall_loss_level of its start [Pascanu13 sec. 2].
+    vanish_time_orders: float = 7.0
 
     # --- exploding_gradient --------------------------------------------------------------
     # A norm this many orders above its own running median counts as a rise [Pascanu13 sec. 3].
@@ -220,6 +225,7 @@ RANGES: dict[str, Range] = {
     "min_fraction": _FRACTION,
     "stall_loss_level": _FRACTION,
     "min_depth": Range("int", 2, 10 ** 6),
+    "vanish_time_orders": _ORDERS,
     "explode_rise_orders": _ORDERS,
     "explode_z": _POSITIVE,
     "explode_grad_ratio": _POSITIVE,

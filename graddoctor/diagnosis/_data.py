@@ -15,7 +15,7 @@ import numpy as np
 from ..core._amp import overflowed
 from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
 from ..store._run import Run
-from ..store._series import ACT_FIELDS
+from ..store._series import ACT_FIELDS, TIME_FIELDS
 from ._robust import safe_log10
 
 # Column indices of an activation row (graddoctor.store._series.ACT_FIELDS).
@@ -62,6 +62,11 @@ class RunData:
     # residual / post_norm / same_shape module names, norm_first per torch transformer layer, the
     # first step's lr and initial_lr per group. None: a store written before it (unknown, not "none").
     structure: Optional[dict[str, Any]] = None
+    # The gradient through time of recurrent layers (graddoctor.core._rnn_time): R samples x TIME_FIELDS,
+    # and the names its module column indexes. Empty for models without them and for older stores.
+    time_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    time_grad: np.ndarray = field(default_factory=lambda: np.zeros((0, len(TIME_FIELDS)), dtype=np.float32))
+    time_modules: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -93,7 +98,7 @@ class RunData:
             act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
             input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta),
             amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32),
-            structure=read_structure(run))
+            structure=read_structure(run), **read_time(run))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -314,6 +319,15 @@ def read_structure(run: Run) -> Optional[dict[str, Any]]:
     if not all(isinstance(data.get(k, []), list) for k in lists) or not isinstance(data.get("norm_first", {}), dict):
         return None
     return data
+
+
+def read_time(run: Run) -> dict[str, Any]:
+    """The time_grad series as RunData fields (empty where the run has none, or recorded other fields)."""
+    steps, rows = run.series("time_grad")
+    if rows is None or list(run.meta.get("time_fields") or []) != list(TIME_FIELDS):
+        return {}
+    return dict(time_steps=steps.astype(np.int64), time_grad=np.asarray(rows, dtype=np.float32),
+                time_modules=[str(m) for m in run.meta.get("time_modules") or []])
 
 
 def initial_level(loss: np.ndarray, n: int = 10) -> float:

@@ -18,6 +18,7 @@ from ._rules_amp import amp_scaler_not_passed, superseded_by_amp
 from ._rules_gradient import exploding_gradient, nonfinite_gradient, vanishing_gradient
 from ._rules_init import init_scale
 from ._rules_loss import input_outlier, large_weight_update, loss_not_decreasing, loss_spike
+from ._rules_time import merge_through_time, vanishing_through_time
 
 Rule = Callable[[RunData, DiagnoseConfig], Optional[Finding]]
 
@@ -28,12 +29,17 @@ def poor_initialization_any(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding
     return poor_initialization(d, cfg) or init_scale(d, cfg)
 
 
+def vanishing_any(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
+    """vanishing_gradient across layers (`_rules_gradient`) or through time in recurrent layers (`_rules_time`)."""
+    return merge_through_time(vanishing_gradient(d, cfg), vanishing_through_time(d, cfg))
+
+
 # One rule per finding code (the stable codes listed in the README), in the order findings are
 # reported at equal severity.
 RULES: dict[str, Rule] = {
     "nonfinite_gradient": nonfinite_gradient,
     "exploding_gradient": exploding_gradient,
-    "vanishing_gradient": vanishing_gradient,
+    "vanishing_gradient": vanishing_any,
     "poor_initialization": poor_initialization_any,
     "saturated_activation": saturated_activation,
     "dead_relu": dead_relu,

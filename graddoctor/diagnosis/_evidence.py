@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from ..core._layers import BOUNDED_KINDS, EXACT_ZERO_KINDS
 from ._config import DiagnoseConfig
-from ._data import ACT_DEAD, ACT_SAT, ACT_STD, RunData
+from ._data import ACT_DEAD, ACT_NONFINITE, ACT_SAT, ACT_STD, RunData
 from ._robust import finite_median, robust_z, running_median_mad, safe_log10
 
 
@@ -22,11 +23,15 @@ def _r(x: float, digits: int = 3) -> float:
     return float(f"{x:.{digits}g}")
 
 
+# Activation kinds of recurrent layers' outputs (graddoctor.core._layers).
+RECURRENT_KINDS = ("rnn", "lstm", "gru", "rnn_relu")
+
+
 def feedforward_acts(d: RunData) -> list[int]:
     """Activation modules outside recurrent layers, in forward order."""
     rec = d.recurrent_modules
     return [j for j, m in enumerate(d.act_modules)
-            if d.act_kinds[j] not in ("rnn", "lstm", "gru", "rnn_relu")
+            if d.act_kinds[j] not in RECURRENT_KINDS
             and not any(m == r or m.startswith(r + ".") for r in rec)]
 
 
@@ -185,6 +190,21 @@ def bad_input_steps(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
     """Steps whose input batch was an outlier or held NaN/Inf."""
     outlier, nonfinite, _ = input_flags(d, cfg)
     return d.input_steps[outlier | nonfinite]
+
+
+def recurrent_state_nonfinite(d: RunData) -> Optional[tuple[str, int]]:
+    """(recurrent module, step) when the first activation sample holding NaN/Inf finds it first (in forward
+    order) in a recurrent layer's output: the carried state went non-finite there, not the data before it."""
+    if len(d.act_steps) == 0 or d.act.ndim != 3 or d.act.shape[1] != len(d.act_modules):
+        return None
+    bad = np.nan_to_num(d.act[:, :, ACT_NONFINITE], nan=0.0) > 0
+    rows = np.flatnonzero(bad.any(axis=1))
+    if not len(rows):
+        return None
+    j = int(np.argmax(bad[rows[0]]))
+    recurrent = d.act_kinds[j] in RECURRENT_KINDS or any(
+        d.act_modules[j] == r or d.act_modules[j].startswith(r + ".") for r in d.recurrent_modules)
+    return (d.act_modules[j], int(d.act_steps[rows[0]])) if recurrent else None
 
 
 def large_update_mask(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:

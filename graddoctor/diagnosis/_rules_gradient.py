@@ -15,7 +15,14 @@ from ..core._amp import overflowed
 from ..core._layers import NORM_NAMES
 from ._config import DiagnoseConfig
 from ._data import RunData
-from ._evidence import _r, activation_family, bad_input_steps, init_profile, large_update_mask
+from ._evidence import (
+    _r,
+    activation_family,
+    bad_input_steps,
+    init_profile,
+    large_update_mask,
+    recurrent_state_nonfinite,
+)
 from ._findings import Finding
 from ._robust import finite_max, finite_median, robust_z, row_median, running_median_mad, safe_log10, sustained
 
@@ -439,6 +446,10 @@ def _nonfinite_cause(d: RunData, cfg: DiagnoseConfig, first: int, which: str) ->
     if _rose_before(d, cfg, first):
         cause, why = exploding_cause(d, cfg, first, [], False)
         return cause, "gradients rose, or were far above their weights, before going non-finite; " + why
+    state = recurrent_state_nonfinite(d)  # the input batches were finite (else the cause is data, above)
+    if state is not None:
+        return "recurrence", (f"{state[0]}'s output held NaN/Inf at step {state[1]} while its input and the "
+                              "input batches were finite: the recurrent state it carries went non-finite")
     if which == "loss":
         return "unknown", ("the loss went non-finite with no rise in gradients before it "
                            "(check the loss for log(0) or division by zero)")

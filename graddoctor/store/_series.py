@@ -13,6 +13,11 @@ from typing import Optional, Sequence
 ACT_FIELDS = ("mean", "std", "frac_saturated", "frac_zero", "frac_dead_units", "nonfinite")
 INPUT_FIELDS = ("maxabs", "nonfinite", "mean", "std")
 AMP_FIELDS = ("scale", "overflow")
+# Vanishing through time (graddoctor.core._rnn_time): the recurrent module (its index in the metadata's
+# `time_modules`), the sequence length T, and the norm of the last step's gradient carried back to
+# TIME_POSITIONS log-spaced lags from the last step (grad_lag0, lag 0) to the first (lag T - 1).
+TIME_POSITIONS = 8
+TIME_FIELDS = ("module", "seq_len") + tuple(f"grad_lag{k}" for k in range(TIME_POSITIONS))
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,14 @@ SERIES: tuple[Series, ...] = (
     Series("input", "<f4", "fields", "every step with a training forward", "input batch statistics", INPUT_FIELDS),
     Series("amp", "<f4", "fields", "every step, with scaler=", "the GradScaler's loss scale; 1.0 on an overflow",
            AMP_FIELDS),
+    Series("time_grad", "<f4", "fields", "every activation_every steps, recurrent models",
+           "the last time step's gradient carried back through time: its norm at log-spaced lags", TIME_FIELDS),
 )
 BY_NAME = {s.name: s for s in SERIES}
 EVERY_FLUSH = tuple(s.name for s in SERIES if s.every_flush)
 # The metadata key under which watch records a series' field names.
-FIELDS_META = {"act": "act_fields", "input": "input_fields", "amp": "amp_fields"}
+FIELDS_META = {"act": "act_fields", "input": "input_fields", "amp": "amp_fields",
+               "time_grad": "time_fields"}
 
 
 def describe() -> str:
