@@ -537,6 +537,35 @@ def _(ns, before):
     assert not torch.allclose(model(ns["x"]), before.out)
 
 
+@check("qk_norm")
+def _(ns, before):
+    # The snippet's QKNorm against the float64 LayerNorm formula, and the bound it gives: with unit gains each
+    # head's q and k have norm sqrt(d), so |q.k|/sqrt(d) <= sqrt(d) however large q and k were.
+    d = 8
+    qk = ns["QKNorm"](d)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, d, generator=g) * 300, torch.randn(2, 3, 5, d, generator=g) * 300
+    qn, kn = (t.detach() for t in qk(q, k))
+    for x, y in ((q, qn), (k, kn)):
+        x64 = x.double()
+        want = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        assert float((y.double() - want).abs().max()) <= 1e-5  # float32 normalization of O(1) values: ~d u
+    logits = (qn.double() @ kn.double().transpose(-1, -2)).abs() / math.sqrt(d)
+    assert float(logits.max()) <= math.sqrt(d) * (1 + 1e-5)
+    assert float((q.double() @ k.double().transpose(-1, -2)).abs().max()) / math.sqrt(d) > 1e4  # it was large
+
+
+@check("z_loss")
+def _(ns, before):
+    # loss + coef * mean(logsumexp(logits)^2), against the float64 formula on the model's own output
+    a = before.out.double().numpy()
+    m = a.max(axis=-1, keepdims=True)
+    logz = (m + np.log(np.exp(a - m).sum(axis=-1, keepdims=True)))[..., 0]
+    want = float(before.loss) + 1e-4 * float(np.mean(logz ** 2))
+    assert abs(float(ns["loss"].detach()) - want) <= 1e-6 * abs(want) + 1e-9  # float32 sums of O(1) values
+    assert ns["loss"].requires_grad
+
+
 # ------------------------------------------------------------------ ids, former ids, JSON
 def test_catalogue_ids_match_treat():
     assert set(CATALOGUE) == set(gd.treat.REMEDIES) and CATALOGUE is gd.treat.CATALOGUE

@@ -28,6 +28,8 @@ SHARED_IDS = {"clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "a
               "layer_norm", "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers",
               "smaller_batches", "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler"}
 
+SHARED_IDS |= {"qk_norm", "z_loss"}  # issue 16: attention logit growth, output logit divergence
+
 
 def codes(d: RunData) -> dict[str, Finding]:
     return {f.code: f for f in diagnose_data(d, CFG)}

@@ -16,6 +16,7 @@ SHARED_IDS = {
     "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers", "smaller_batches",
     "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler",
 }
+SHARED_IDS |= {"qk_norm", "z_loss"}  # issue 16: attention logit growth, output logit divergence
 # former id -> current id: the ids became the names of the functions that apply the remedies
 RENAMED = {"clip_by_value": "clip_value", "clip_by_norm": "clip_norm", "clip_per_tensor": "clip_norm_per_tensor",
            "l1_regularization": "l1_penalty", "l2_regularization": "l2_penalty", "residual_connections": "add_residual",

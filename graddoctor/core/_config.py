@@ -20,8 +20,8 @@ class WatchConfig:
     sample_every: int = 10
     # Activation statistics every k steps; hooks exist only on those steps. 0: off.
     activation_every: int = 25
-    # Max-abs, non-finite count, mean and std of every training batch (first
-    # floating-point argument of the model's forward).
+    # Max-abs, non-finite count, mean and std of every training batch (the model's first
+    # argument, if it is a floating-point tensor: never a carried hidden state).
     input_stats: bool = True
     # An activation within this fraction of its range from a bound counts as
     # saturated (sigmoid: below 0.01 or above 0.99).

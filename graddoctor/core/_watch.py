@@ -39,6 +39,7 @@ from ._activations import first_tensor, input_row
 from ._config import WatchConfig
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._rnn_time import TimeHooks, time_modules
+from ._signals import SignalHooks
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
 from ._structure import StructureProbe
 
@@ -104,6 +105,8 @@ class Watch:
         self._acts = ActivationHooks(sites, self.config.saturation_margin, self.stats_device)
         # the gradient through time of recurrent layers, on the same sampled steps (graddoctor.core._rnn_time)
         self._time = TimeHooks(time_modules(self.model) if self.recording and not compiled else [], self.stats_device)
+        # attention logits and log Z, on the same sampled steps (graddoctor.core._signals)
+        self._signals = SignalHooks(self.model if self.recording and not compiled else None, self.stats_device)
         self.step_index = 0  # a resumed run continues at the writer's next step (below)
         self.latest: Optional[TensorStats] = None
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
@@ -157,6 +160,7 @@ class Watch:
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None,
                     time_modules=self._time.names)  # the time_grad series' module column indexes these
+        meta.update(self._signals.meta())  # the attention columns, named per model
         return RunWriter(self.run_dir, meta, tensors, acts,
                          overwrite=self.config.overwrite, resume=self.config.resume)
 
@@ -195,6 +199,7 @@ class Watch:
         """Install the activation hooks for the coming step's forward, if it is a sampled step."""
         if self._is_activation_step(self.step_index):
             self._acts.install()  # a no-op without sites
+            self._signals.install()
             self._time.install()
 
     def add_flush_listener(self, fn: Callable[["Watch", int, int, list], None]) -> None:
@@ -288,6 +293,8 @@ class Watch:
             self._push("weight_norm", s, weight_norms)
         if self._acts.installed:
             self._push("act", s, self._acts.collect())  # and the hooks are removed
+        for name, row in self._signals.collect():  # [] unless sampled
+            self._push(name, s, row)
         if self._time.installed and (time_row := self._time.collect()) is not None:  # and the hooks are removed
             self._push("time_grad", s, time_row)
         if self._input_acc is not None:
@@ -435,6 +442,7 @@ class Watch:
             self._record_update()
         if self.recording:
             self._acts.remove()
+            self._signals.remove()
             self._time.remove()
             self.flush()
         for handle in (self._input_handle, self._optimizer_handle, self._structure):

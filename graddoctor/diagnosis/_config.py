@@ -23,6 +23,9 @@ class DiagnoseConfig:
       [Mann45] Mann, "Nonparametric tests against trend", 1945 (rank trend test).
       [Lu19] Lu et al., "Dying ReLU and Initialization", 2019.
       [Kumar24] Kumar et al., "ZClip: adaptive spike mitigation", 2025 (z-score of gradient norms).
+      [Wortsman23] Wortsman et al., "Small-scale proxies for large-scale Transformer training instabilities", 2023.
+      [Dehghani23] Dehghani et al., "Scaling Vision Transformers to 22 Billion Parameters", 2023.
+      [PaLM22] Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022 (z-loss 1e-4).
     """
 
     # --- vanishing_gradient ---------------------------------------------------------------
@@ -149,6 +152,24 @@ class DiagnoseConfig:
     # [Karpathy: ~1e-3 is healthy; 0.25 means a quarter of the weight's size in one step].
     large_update_ratio: float = 0.25
 
+    # --- transformer stability signals (sampled every activation_every steps) -------------
+    # Attention logit growth [Wortsman23, Dehghani23]: a max attention logit |q.k|/sqrt(d_head) at or above
+    # this saturates the softmax: a logit gap of ln(2^24) = 16.6 already rounds the other weights away
+    # against 1 in float32, and a max |logit| of 50 allows gaps up to 100. Healthy small runs stay in the
+    # tens at most; the papers' unstable runs reach 10^3-10^4 ...
+    attn_logit_level: float = 50.0
+    # ... having grown at least this many times over its first sample (a model that starts saturated is
+    # an initialization problem, not growth).
+    attn_logit_growth: float = 10.0
+    # Output logit divergence [PaLM22, Wortsman23]: the mean log Z of the LM head's logits at or beyond
+    # +-this, after it started within half of it (log Z starts near ln(vocab), 10.8 for GPT-2's vocabulary).
+    # Logits that far from 0 lose precision: bfloat16 keeps 8 bits, so a logit of 50 carries an error of
+    # about 0.1 (10% in probability); z-loss holds log Z near 0.
+    logz_level: float = 50.0
+    # A layer's update/weight ratio at a sample this many times above its median over the earlier samples
+    # is an update spike; one shortly before a loss spike is named in the loss_spike's evidence.
+    update_spike_factor: float = 5.0
+
     # --- what counts as a weight ---------------------------------------------------------
     # Tensors with initial RMS below this are zero-initialised on purpose (residual branch ends,
     # ReZero scales) and are left out of ratio rules.
@@ -262,4 +283,8 @@ RANGES: dict[str, Range] = {
     "input_z": _POSITIVE,
     "large_update_ratio": _POSITIVE,
     "zero_init_rms": Range("real", 0, None),
+    "attn_logit_level": _POSITIVE,
+    "attn_logit_growth": Range("real", 1, None, lo_open=True),
+    "logz_level": _POSITIVE,
+    "update_spike_factor": Range("real", 1, None, lo_open=True),
 }

@@ -15,7 +15,7 @@ import numpy as np
 from ..core._amp import overflowed
 from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
 from ..store._run import Run
-from ..store._series import ACT_FIELDS, TIME_FIELDS
+from ..store._series import ACT_FIELDS, ATTN_FIELDS, TIME_FIELDS
 from ._robust import safe_log10
 
 # Column indices of an activation row (graddoctor.store._series.ACT_FIELDS).
@@ -62,6 +62,13 @@ class RunData:
     # residual / post_norm / same_shape module names, norm_first per torch transformer layer, the
     # first step's lr and initial_lr per group. None: a store written before it (unknown, not "none").
     structure: Optional[dict[str, Any]] = None
+    # Attention logits (graddoctor.core._signals): N samples x K attention modules x ATTN_FIELDS; and the
+    # LM head's log Z (mean, max) at L samples. Empty for models without them and for older stores.
+    attn_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    attn: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(ATTN_FIELDS)), dtype=np.float32))
+    attn_modules: list[str] = field(default_factory=list)
+    logz_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    logz: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.float32))
     # The gradient through time of recurrent layers (graddoctor.core._rnn_time): R samples x TIME_FIELDS,
     # and the names its module column indexes. Empty for models without them and for older stores.
     time_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -98,7 +105,7 @@ class RunData:
             act_kinds=[run.activation_kinds[m] for m in run.activation_modules],
             input_steps=i_steps.astype(np.int64), inputs=np.asarray(inp, dtype=np.float32), meta=dict(run.meta),
             amp_steps=amp_steps.astype(np.int64), amp=np.asarray(amp, dtype=np.float32),
-            structure=read_structure(run), **read_time(run))
+            structure=read_structure(run), **read_signals(run), **read_time(run))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -319,6 +326,21 @@ def read_structure(run: Run) -> Optional[dict[str, Any]]:
     if not all(isinstance(data.get(k, []), list) for k in lists) or not isinstance(data.get("norm_first", {}), dict):
         return None
     return data
+
+
+def read_signals(run: Run) -> dict[str, Any]:
+    """The attention and log Z series as RunData fields (empty where the run has none)."""
+    columns = [c.rpartition(":")[0] for c in (run.meta.get("attn_fields") or [])]
+    modules = list(dict.fromkeys(columns))
+    out: dict[str, Any] = {}
+    a_steps, attn = run.series("attn")
+    if attn is not None and modules and attn.shape[1] == len(modules) * len(ATTN_FIELDS):
+        out.update(attn_steps=a_steps.astype(np.int64), attn_modules=modules,
+                   attn=np.asarray(attn, dtype=np.float32).reshape(len(a_steps), len(modules), len(ATTN_FIELDS)))
+    z_steps, logz = run.series("logits")
+    if logz is not None:
+        out.update(logz_steps=z_steps.astype(np.int64), logz=np.asarray(logz, dtype=np.float32))
+    return out
 
 
 def read_time(run: Run) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ._rules_gradient import exploding_gradient, nonfinite_gradient, vanishing_g
 from ._rules_init import init_scale
 from ._rules_loss import input_outlier, large_weight_update, loss_not_decreasing, loss_spike
 from ._rules_time import merge_through_time, vanishing_through_time
+from ._rules_transformer import attention_logit_growth, output_logit_divergence
 
 Rule = Callable[[RunData, DiagnoseConfig], Optional[Finding]]
 
@@ -47,6 +48,8 @@ RULES: dict[str, Rule] = {
     "large_weight_update": large_weight_update,
     "loss_spike": loss_spike,
     "loss_not_decreasing": loss_not_decreasing,
+    "attention_logit_growth": attention_logit_growth,
+    "output_logit_divergence": output_logit_divergence,
 }
 
 

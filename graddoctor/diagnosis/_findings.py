@@ -5,7 +5,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 CODES = ("vanishing_gradient", "exploding_gradient", "nonfinite_gradient", "loss_spike", "loss_not_decreasing",
-         "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update")
+         "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update",
+         "attention_logit_growth", "output_logit_divergence")
 SEVERITIES = ("info", "warning", "critical")
 CAUSES = ("activation", "initialization", "data", "learning_rate", "depth", "recurrence", "architecture",
           "mixed_precision", "unknown")

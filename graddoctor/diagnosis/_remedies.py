@@ -58,6 +58,10 @@ _RANKING: dict[tuple, tuple[str, ...]] = {
     ("large_weight_update", "initialization"): ("@init", "clip_norm", "agc", "lower_learning_rate"),
     ("large_weight_update", "recurrence"): ("clip_norm", "lower_learning_rate", "rnn_to_lstm", "truncated_bptt"),
     ("large_weight_update", None): ("lower_learning_rate", "clip_norm", "agc", "auto_clip", "l2_penalty"),
+    # Wortsman et al. 2023: QK-layernorm removes attention logit growth; a lower lr delays it.
+    ("attention_logit_growth", None): ("qk_norm", "lower_learning_rate", "lr_warmup"),
+    # PaLM 2022: z-loss (1e-4) holds log Z near 0; Wortsman et al. 2023: so does weight decay.
+    ("output_logit_divergence", None): ("z_loss", "lower_learning_rate", "l2_penalty"),
 }
 
 

@@ -17,6 +17,7 @@ from ._findings import Finding
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
 from ._rules_gradient import exploding_cause
 from ._rules_init import uniform_loss_level
+from ._rules_transformer import update_spike_before
 
 
 def _steps_list(steps: np.ndarray, limit: int = 20) -> list[int]:
@@ -109,6 +110,9 @@ def loss_spike(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     ev = {"spike_steps": _steps_list(steps), "spikes": int(spike.sum()), "worst_step": int(d_steps[worst]),
           "worst_loss": _r(loss[worst]), "running_median_at_worst": _r(med[worst]), "robust_z_at_worst": _r(z[worst]),
           "reasoning": why}
+    preceded = update_spike_before(d, cfg, int(steps[0]))  # a layer's update/weight ratio spiked just before
+    if preceded is not None:
+        ev["preceded_by_update_spike"] = preceded
     if early:
         ev["early_explosion"] = {"start_level": _r(med[worst]), "factor": _r(loss[worst] / med[worst]),
                                  "uniform_loss_ln_vocab": _r(uniform) if uniform is not None else None}

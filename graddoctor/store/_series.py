@@ -18,6 +18,10 @@ AMP_FIELDS = ("scale", "overflow")
 # TIME_POSITIONS log-spaced lags from the last step (grad_lag0, lag 0) to the first (lag T - 1).
 TIME_POSITIONS = 8
 TIME_FIELDS = ("module", "seq_len") + tuple(f"grad_lag{k}" for k in range(TIME_POSITIONS))
+# Per attention module (graddoctor.core._signals): max |q.k| * scale, max query and key norm per head.
+ATTN_FIELDS = ("max_logit", "q_norm", "k_norm")
+# The LM head's log Z = logsumexp(logits) over the vocabulary: mean and max over positions.
+LOGITS_FIELDS = ("logz_mean", "logz_max")
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,20 @@ SERIES: tuple[Series, ...] = (
     Series("input", "<f4", "fields", "every step with a training forward", "input batch statistics", INPUT_FIELDS),
     Series("amp", "<f4", "fields", "every step, with scaler=", "the GradScaler's loss scale; 1.0 on an overflow",
            AMP_FIELDS),
+    # Its columns are "module:field" for each attention module and ATTN_FIELDS, named in the run's metadata
+    # (attn_fields): how many there are depends on the model.
+    Series("attn", "<f4", "fields", "every activation_every steps, models with attention",
+           "per attention module: max |q.k|/sqrt(d_head) (NaN where q, k are not reachable), max q and k norms"),
+    Series("logits", "<f4", "fields", "every activation_every steps, language models",
+           "log Z = logsumexp of the LM head's logits: mean and max over positions", LOGITS_FIELDS),
     Series("time_grad", "<f4", "fields", "every activation_every steps, recurrent models",
            "the last time step's gradient carried back through time: its norm at log-spaced lags", TIME_FIELDS),
 )
 BY_NAME = {s.name: s for s in SERIES}
 EVERY_FLUSH = tuple(s.name for s in SERIES if s.every_flush)
 # The metadata key under which watch records a series' field names.
-FIELDS_META = {"act": "act_fields", "input": "input_fields", "amp": "amp_fields",
+FIELDS_META = {"act": "act_fields", "input": "input_fields", "amp": "amp_fields", "attn": "attn_fields",
+               "logits": "logits_fields",
                "time_grad": "time_fields"}
 
 

@@ -10,6 +10,7 @@
 - `CATALOGUE`: every remedy once (`Cure`: id, reason, snippet, the callable that applies it, former ids);
   `REMEDIES` is the same catalogue as id -> that callable (or the snippet). Both accept former ids.
 - `lr_warmup(optimizer, warmup_steps)`: a linear-warmup `LambdaLR` (the standard transformer recipe).
+- `z_loss(logits, coef=1e-4)`: PaLM's penalty on log Z of the output logits (output logit divergence).
 - `ModelFacts`: a model as its run store describes it; each cure's `applies(facts)` says whether it fits.
 - `interventions(run)` / `format_interventions(run)`: what the guard and rollback did in a recorded run.
 """
@@ -25,6 +26,7 @@ from ._rollback import Rollback, RollbackLimitError, is_spike, rollback
 from ._schedule import lr_warmup, warmup_factor
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._transforms import ClipState, PerTensorClipState, clip_norm, clip_norm_per_tensor, clip_value
+from ._zloss import z_loss
 
 __all__ = [
     "GradientTransform", "TransformState", "TransformStateError", "EmptyState", "ChainState", "chain",
@@ -34,4 +36,5 @@ __all__ = [
     "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
     "layerwise_pretrain", "fine_tune", "PretrainError", "CATALOGUE", "REMEDIES", "Catalogue", "Cure",
     "UnknownRemedyError", "interventions", "format_interventions", "lr_warmup", "warmup_factor", "ModelFacts",
+    "z_loss",
 ]

@@ -158,6 +158,20 @@ def post_layer_norm(facts: ModelFacts) -> bool:
     return bool(facts.post_norm)
 
 
+def attention(facts: ModelFacts) -> bool:
+    """`qk_norm`: attention whose q and k the user's code computes (a `c_attn`, `q_proj`/`k_proj`, or
+    `nn.MultiheadAttention`, found by structure as watch finds them: graddoctor.core._signals)."""
+    names = facts.modules
+    return ("MultiheadAttention" in facts.classes
+            or any(n.endswith(".c_attn") or n == "c_attn" for n in names)
+            or any(n.endswith("q_proj") and n[:-6] + "k_proj" in names for n in names))
+
+
+def language_model(facts: ModelFacts) -> bool:
+    """`z_loss`: a model with a token embedding (its output logits run over the vocabulary)."""
+    return bool(facts.classes & EMBEDDING_NAMES)
+
+
 def without_warmup(facts: ModelFacts) -> bool:
     """`lr_warmup`: not when the run already warms up."""
     return facts.lr_warmup is not True

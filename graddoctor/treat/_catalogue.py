@@ -37,6 +37,7 @@ from ._rollback import rollback
 from ._schedule import lr_warmup
 from ._skip import skip_nonfinite
 from ._transforms import clip_norm, clip_norm_per_tensor, clip_value
+from ._zloss import z_loss
 
 
 class UnknownRemedyError(GradDoctorError, KeyError):
@@ -229,6 +230,22 @@ CATALOGUE = Catalogue([
          'model, _ = gd.surgery.pre_layer_norm(model)   # nn.TransformerEncoderLayer: norm_first=True\n'
          '# own blocks: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))   instead of x = ln(x + f(x))',
          surgery.pre_layer_norm, applies=can.post_layer_norm),
+    Cure("qk_norm", "LayerNorm on each head's queries and keys bounds the attention logits (|q.k|/sqrt(d) <= "
+         "sqrt(d) at unit gains), so they cannot grow until the softmax saturates (Dehghani et al. 2023; Wortsman "
+         "et al. 2023).",
+         'class QKNorm(nn.Module):   # LayerNorm over each head\'s q and k, before q @ k.T\n'
+         '    def __init__(self, head_dim):\n'
+         '        super().__init__()\n'
+         '        self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)\n\n'
+         '    def forward(self, q, k):   # q, k: [batch, heads, time, head_dim]\n'
+         '        return self.q_norm(q), self.k_norm(k)\n'
+         '# in your attention\'s __init__: self.qk_norm = QKNorm(n_embd // n_head)\n'
+         '# in its forward, once q, k are split into heads: q, k = self.qk_norm(q, k)', applies=can.attention),
+    Cure("z_loss", "Penalizes log(Z)^2 of the output logits (coef 1e-4), holding the softmax normalizer near 0 so "
+         "the logits cannot drift far and lose precision (PaLM, Chowdhery et al. 2022).",
+         'logits = model(x)   # the output logits [batch, time, vocab] your loss is computed from\n'
+         'loss = loss + gd.treat.z_loss(logits, 1e-4)',
+         z_loss, applies=can.language_model),
 ])
 
 REMEDIES = Implementations(CATALOGUE)
