@@ -218,9 +218,10 @@ RESIDUAL_PROJECTIONS = ("c_proj", "out_proj", "linear2", "o_proj", "down_proj", 
 
 def gpt2_(model: nn.Module, std: float = 0.02) -> list[str]:
     """GPT-2's transformer init (Radford et al. 2019): every Linear, HF Conv1D and Embedding weight (and
-    `nn.MultiheadAttention`'s packed q/k/v projection) from N(0, std), biases zero, LayerNorms at gain 1 and bias 0, and the residual projections (names ending in
-    `RESIDUAL_PROJECTIONS`) from N(0, std / sqrt(n)) for the n of them, so the residual stream's variance
-    stays near its input's however deep the model is.
+    `nn.MultiheadAttention`'s packed q/k/v projection) from N(0, std), biases zero, LayerNorms at gain 1
+    and bias 0, and the residual projections (names ending in `RESIDUAL_PROJECTIONS`) from
+    N(0, std / sqrt(n)) for the n of them, so the residual stream's variance stays near its input's
+    however deep the model is.
 
     Tied weights (a head sharing the embedding's tensor) are set once. Returns one line per module set.
     """
