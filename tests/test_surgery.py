@@ -147,3 +147,15 @@ def test_lstm_as_rnn_takes_an_rnn_hidden_state():
     plain.load_state_dict(lstm.state_dict())
     ref_out, (ref_h, _) = plain(x, (h0, torch.zeros(2, 4, 5)))  # the cell state starts at zero
     assert torch.equal(out, ref_out) and torch.equal(h, ref_h)
+
+
+def test_rnn_to_lstm_opens_the_forget_gates():
+    """Each layer's forget gate starts at sigmoid(1) ~ 0.73 instead of ~0.5 (its two biases sum to 1), and
+    the other gates keep PyTorch's init."""
+    torch.manual_seed(0)
+    lstm, _ = gd.surgery.rnn_to_lstm(nn.RNN(3, 5, num_layers=2))
+    h = lstm.hidden_size
+    for layer in range(2):
+        b_ih, b_hh = getattr(lstm, f"bias_ih_l{layer}"), getattr(lstm, f"bias_hh_l{layer}")
+        assert torch.equal(b_ih[h:2 * h] + b_hh[h:2 * h], torch.ones(h))
+        assert float(b_ih[:h].abs().max()) > 0  # the input gate's random init is left alone

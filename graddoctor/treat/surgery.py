@@ -233,7 +233,8 @@ def _replace_rnns(model: nn.Module, make: Callable[[dict], nn.Module], what: str
 
 
 def rnn_to_lstm(model: nn.Module, keep_interface: bool = True, cell: str = "lstm") -> tuple[nn.Module, list[str]]:
-    """Replace every `nn.RNN` by an LSTM of the same sizes (batch_first, layers, dropout kept).
+    """Replace every `nn.RNN` by an LSTM of the same sizes (batch_first, layers, dropout kept), its forget
+    gates open (`open_forget_gates`: bias 1), so the cell state carries the gradient through time.
 
     Args:
       model: changed in place (an `nn.RNN` itself is returned replaced).
@@ -248,7 +249,25 @@ def rnn_to_lstm(model: nn.Module, keep_interface: bool = True, cell: str = "lstm
     if cell != "lstm":
         raise SurgeryNotApplicableError(f"cell={cell!r} is not allowed: use 'lstm' or 'gru'")
     cls = LSTMAsRNN if keep_interface else nn.LSTM
-    return _replace_rnns(model, lambda kw: cls(**kw), "an LSTM")
+    return _replace_rnns(model, lambda kw: open_forget_gates(cls(**kw)), "an LSTM")
+
+
+def open_forget_gates(lstm: nn.LSTM, bias: float = 1.0) -> nn.LSTM:
+    """Set the forget-gate biases to `bias` (1, Jozefowicz et al. 2015; Gers et al. 2000).
+
+    At PyTorch's default init the forget gate sits near 0.5, so the cell state halves at every time
+    step and its gradient vanishes through time like a plain RNN's: an LSTM helps only once the gate
+    is open. Each layer has two bias vectors (b_ih, b_hh) of gates [input, forget, cell, output]; their
+    sum is the gate's bias, so the forget slice of b_ih takes `bias` and that of b_hh zero.
+    """
+    h = lstm.hidden_size
+    with torch.no_grad():
+        for name, b in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                b[h:2 * h].fill_(bias)
+            elif name.startswith("bias_hh"):
+                b[h:2 * h].zero_()
+    return lstm
 
 
 def rnn_to_gru(model: nn.Module) -> tuple[nn.Module, list[str]]:
