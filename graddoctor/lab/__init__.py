@@ -10,7 +10,20 @@ says whether it reproduced (computed from the numbers). The lab writes
 from __future__ import annotations
 
 # Importing an experiment module registers it; the order in the report is each one's `order`.
-from . import activations, batchnorm, chain, clipping, inits, pretraining, recurrent, regularization, residual, surface  # noqa: F401
+from . import (  # noqa: F401
+    activations,
+    batchnorm,
+    chain,
+    clipping,
+    doctor,
+    inits,
+    pretraining,
+    recurrent,
+    regularization,
+    residual,
+    surface,
+    transformer,
+)
 from ._runner import LabResult, format_summary_table, run_lab, select
 from ._types import PRESETS, REGISTRY, Context, Experiment, Result
 
