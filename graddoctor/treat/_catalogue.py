@@ -37,7 +37,6 @@ from ._rollback import rollback
 from ._schedule import lr_warmup
 from ._skip import skip_nonfinite
 from ._transforms import clip_norm, clip_norm_per_tensor, clip_value
-from ._zloss import z_loss
 
 
 class UnknownRemedyError(GradDoctorError, KeyError):
@@ -245,7 +244,7 @@ CATALOGUE = Catalogue([
          "the logits cannot drift far and lose precision (PaLM, Chowdhery et al. 2022).",
          'logits = model(x)   # the output logits [batch, time, vocab] your loss is computed from\n'
          'loss = loss + gd.treat.z_loss(logits, 1e-4)',
-         z_loss, applies=can.language_model),
+         applies=can.language_model),  # no apply: it needs the logits, which only the user's loss code has
 ])
 
 REMEDIES = Implementations(CATALOGUE)
