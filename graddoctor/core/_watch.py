@@ -40,7 +40,8 @@ from ._config import WatchConfig
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._rnn_time import TimeHooks, time_modules
 from ._signals import SignalHooks
-from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, l2_norms, tensor_stats
+from ._snapshot import UpdateSnapshot
+from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, tensor_stats
 from ._structure import StructureProbe
 
 
@@ -112,8 +113,9 @@ class Watch:
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
         self._reset_buffers()
         self._input_acc: Optional[Tensor] = None
-        self._snapshot: Optional[tuple[int, list[Tensor]]] = None
-        self._snapshot_buffers: Optional[list[Tensor]] = None
+        # the update norm's weight snapshot: full on the CPU, bounded by the largest tensor elsewhere
+        self._updates = UpdateSnapshot(self.params, self.stats_device, self.config.sample_every,
+                                       bounded=self.stats_device.type != "cpu")
         self._input_handle = None
         self._structure: Optional[StructureProbe] = None  # residual blocks, read at the first training forward
         self._writer: Optional[RunWriter] = None
@@ -159,7 +161,8 @@ class Watch:
                     optimizer=type(self.optimizer).__name__ if self.optimizer is not None else None,
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None,
-                    time_modules=self._time.names)  # the time_grad series' module column indexes these
+                    time_modules=self._time.names,  # the time_grad series' module column indexes these
+                    update_snapshot=self._updates.meta())  # which update norms each sample measured
         meta.update(self._signals.meta())  # the attention columns, named per model
         return RunWriter(self.run_dir, meta, tensors, acts,
                          overwrite=self.config.overwrite, resume=self.config.resume)
@@ -286,9 +289,8 @@ class Watch:
         self._push("grad_maxabs", s, stats.maxabs)
         self._push("grad_nonfinite", s, stats.nonfinite)
         self._record_update()
-        if s % self.config.sample_every == 0:  # the snapshot's copy also yields the weight norms
-            snapshot, weight_norms = self._snapshot_weights(self.params)
-            self._snapshot = (s, snapshot)
+        if s % self.config.sample_every == 0:  # the snapshot also yields the weight norms
+            weight_norms = self._updates.take(s)
         if weight_norms is not None and s % self.config.weight_every == 0:
             self._push("weight_norm", s, weight_norms)
         if self._acts.installed:
@@ -301,36 +303,11 @@ class Watch:
             self._push("input", s, self._input_acc)
             self._input_acc = None
 
-    def _snapshot_weights(self, weights: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """A copy of the weights (for the next update norm) and the weights' L2 norms.
-
-        On the CPU the copy buffers are kept and reused (a fresh 16 MB copy costs more in page
-        faults than in copying), and the native kernel takes the norms while it copies (one
-        read of the weights instead of two). On accelerators the copy is freed after use, as a
-        permanent second copy of a large model costs memory.
-        """
-        if self.stats_device.type != "cpu" or self._sharded:
-            return [w.detach().clone() for w in weights], l2_norms(weights, self.stats_device)
-        if self._snapshot_buffers is None:
-            self._snapshot_buffers = [torch.empty_like(w, requires_grad=False) for w in weights]
-        norms = _native.copy_norms(weights, self._snapshot_buffers)
-        if norms is not None:
-            return self._snapshot_buffers, norms
-        torch._foreach_copy_(self._snapshot_buffers, [w.detach() for w in weights])
-        return self._snapshot_buffers, l2_norms(weights, self.stats_device)
-
     def _record_update(self) -> None:
-        """Norm of the update the optimizer applied after the last sampled step (weights now minus snapshot)."""
-        if self._snapshot is None:
-            return
-        s, snap = self._snapshot
-        norms = _native.diff_norms(self.params, snap)  # one read of each, nothing written (None for DTensors)
-        if norms is not None:
-            self._push("update_norm", s, norms)
-        else:
-            torch._foreach_sub_(snap, [p.detach() for p in self.params])  # in place: no second copy of the weights
-            self._push("update_norm", s, l2_norms(snap, self.stats_device))
-        self._snapshot = None
+        """Norm of the update the optimizer applied after the last sampled step (graddoctor.core._snapshot)."""
+        taken = self._updates.update_norms()
+        if taken is not None:
+            self._push("update_norm", *taken)
 
     def record_event(self, kind: str, data: dict[str, Any], step: Optional[int] = None) -> None:
         """Record an event (an intervention, a note) for this step; tensor values are read at flush."""
