@@ -97,3 +97,50 @@ def test_errors_in_the_users_callback_are_not_swallowed(tmp_path):
         raise RuntimeError("user callback bug")
     with pytest.raises(RuntimeError, match="user callback bug"):
         _train(tmp_path, 40, nan_at=5, flush_every=10, on_finding=broken)
+
+
+class _AttnLstmLM(nn.Module):
+    """Embedding -> one encoder layer (attention) -> LSTM -> LM head: every model-sized series at once."""
+
+    def __init__(self, vocab=16, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+        self.lstm = nn.LSTM(d, d, batch_first=True)
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h, _ = self.lstm(self.enc(self.emb(ids)))
+        return self.lm_head(h)
+
+
+def test_live_diagnosis_sees_what_the_final_diagnose_reads(tmp_path):
+    """The window live diagnosis judges holds the same structure, attention, log Z and through-time series as
+    the store that the final diagnose reads (a run shorter than the window: all of it)."""
+    from graddoctor.diagnosis._data import RunData
+    from graddoctor.store._run import Run
+
+    torch.manual_seed(0)
+    model = _AttnLstmLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 16, (4, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = gd.watch(model, opt, tmp_path, flush_every=5, activation_every=3)
+        for _ in range(15):
+            loss = nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 16), ids[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            w.step(loss)
+            opt.step()
+        w.close()
+    live = w.live._data()
+    with Run(tmp_path) as run:
+        final = RunData.from_run(run)
+    assert final.structure is not None and live.structure == final.structure
+    assert len(final.attn_steps) and len(final.logz_steps) and len(final.time_steps), "premise: all three recorded"
+    for steps, values in (("attn_steps", "attn"), ("logz_steps", "logz"), ("time_steps", "time_grad")):
+        assert (getattr(live, steps) == getattr(final, steps)).all(), steps
+        assert getattr(live, values).shape == getattr(final, values).shape, values
+        assert ((getattr(live, values) == getattr(final, values)) | (getattr(final, values) != getattr(final, values))).all()
+    assert live.attn_modules == final.attn_modules and live.time_modules == final.time_modules

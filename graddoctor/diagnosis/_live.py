@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 
 from ..store._run import Run
-from ..store._series import ACT_FIELDS, BY_NAME
+from ..store._series import ACT_FIELDS, ATTN_FIELDS, BY_NAME, LOGITS_FIELDS, TIME_FIELDS
 from ._config import DiagnoseConfig
 from ._data import RunData, align_loss, initial_level
 from ._diagnose import diagnose_data
@@ -134,6 +134,18 @@ class LiveDiagnosis:
         a_s, act = get("act")
         i_s, inp = get("input")
         amp_s, amp = get("amp")
+        # Series whose width comes from the model (its metadata), not from SERIES: attention modules, the
+        # LM head's log Z, recurrent layers' gradient through time. A width that does not match reads as none.
+        def sized(name, width):
+            steps, data = s.get(name, (np.zeros(0, np.int64), np.zeros((0, width), np.float32)))
+            if data.size != len(steps) * width:
+                return np.zeros(0, np.int64), np.zeros((0, width), np.float32)
+            return steps.astype(np.int64), data.reshape(len(steps), width).astype(np.float32, copy=False)
+
+        K = len(t.attn_modules)
+        at_s, attn = sized("attn", K * len(ATTN_FIELDS))
+        z_s, logz = sized("logits", len(LOGITS_FIELDS))
+        ti_s, time_grad = sized("time_grad", len(TIME_FIELDS))
         T = min(len(steps), len(gn), len(nf))  # series of one flush are written together
         self._note_start(steps[:T], loss[:T], given[:T])
         return RunData(steps=steps[:T], loss=loss[:T], loss_given=given[:T], global_norm=gnorm[:T, 0], grad_norm=gn[:T],
@@ -142,7 +154,9 @@ class LiveDiagnosis:
                        modules=t.modules, act_steps=a_s, act=act.reshape(len(a_s), M, len(ACT_FIELDS)),
                        act_modules=t.act_modules,
                        act_kinds=t.act_kinds, input_steps=i_s, inputs=inp, meta=dict(t.meta, **self._start),
-                       amp_steps=amp_s, amp=amp,
+                       amp_steps=amp_s, amp=amp, structure=t.structure,
+                       attn_steps=at_s, attn=attn.reshape(len(at_s), K, len(ATTN_FIELDS)), attn_modules=t.attn_modules,
+                       logz_steps=z_s, logz=logz, time_steps=ti_s, time_grad=time_grad, time_modules=t.time_modules,
                        zero_init_rms=self.config.zero_init_rms)
 
     def _note_start(self, steps: np.ndarray, loss: np.ndarray, given: np.ndarray) -> None:
@@ -192,7 +206,9 @@ def _series_of(d: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             "grad_norm": (d.steps, d.grad_norm), "grad_nonfinite": (d.steps, d.grad_nonfinite),
             "weight_norm": (d.sample_steps, d.weight_norm), "update_norm": (d.update_steps, d.update_norm),
             "act": (d.act_steps, d.act.reshape(len(d.act_steps), M * len(ACT_FIELDS))),
-            "input": (d.input_steps, d.inputs), "amp": (d.amp_steps, d.amp)}
+            "input": (d.input_steps, d.inputs), "amp": (d.amp_steps, d.amp),
+            "attn": (d.attn_steps, d.attn.reshape(len(d.attn_steps), len(d.attn_modules) * len(ATTN_FIELDS))),
+            "logits": (d.logz_steps, d.logz), "time_grad": (d.time_steps, d.time_grad)}
 
 
 def attach(watch: "Watch", on_finding: Optional[Callable[[Finding], None]] = None) -> LiveDiagnosis:
