@@ -66,6 +66,9 @@ def _model(remedy_id: str) -> nn.Module:
                 nn.init.normal_(m.branch[-1].weight)
                 nn.init.normal_(m.branch[-1].bias)
         return model
+    if remedy_id == "gpt2_init":  # a transformer wide enough for a statistical check of each weight's std
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0), 2,
+                                     enable_nested_tensor=False)
     if remedy_id == "pre_layer_norm":  # post-LN transformer layers (x of shape [16, 4]: one unbatched sequence)
         return nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0), 2, enable_nested_tensor=False)
     return _mlp()
@@ -75,7 +78,7 @@ def _namespace(remedy_id: str, tmp_path) -> dict:
     torch.manual_seed(0)
     model = _model(remedy_id)
     recurrent = remedy_id in RECURRENT_IDS
-    in_features = 64 if remedy_id in ("he_init", "xavier_init") else 4
+    in_features = 64 if remedy_id in ("he_init", "xavier_init", "gpt2_init") else 4
     x = torch.randn(4, 5, 3) if recurrent else torch.randn(16, in_features)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     return dict(gd=gd, nn=nn, torch=torch, model=model, opt=opt, run_dir=tmp_path / "run", x=x, x_batch=x,
@@ -514,6 +517,19 @@ def _(ns, before):
         assert math.isclose(opt.param_groups[0]["lr"], before.lr * min(1.0, (k + 1) / 100), rel_tol=1e-12)
         opt.step()
         scheduler.step()
+
+
+@check("gpt2_init")
+def _(ns, before):
+    # N(0, 0.02) everywhere, N(0, 0.02 / sqrt(4)) for the 4 residual projections (2 x out_proj, 2 x linear2);
+    # a sample std of n normal draws is off by a relative ~1/sqrt(2n): 6 of those is a margin no seed misses.
+    for layer in ns["model"].layers:
+        for name, w, std in (("in_proj", layer.self_attn.in_proj_weight, 0.02), ("linear1", layer.linear1.weight, 0.02),
+                             ("out_proj", layer.self_attn.out_proj.weight, 0.01), ("linear2", layer.linear2.weight, 0.01)):
+            got = float(w.detach().double().std())
+            assert abs(got / std - 1) < 6 / math.sqrt(2 * w.numel()), (name, got, std)
+        assert float(layer.linear1.bias.abs().max()) == 0.0 and float(layer.self_attn.in_proj_bias.abs().max()) == 0.0
+        assert float((layer.norm1.weight - 1).abs().max()) == 0.0
 
 
 @check("pass_scaler")

@@ -26,7 +26,7 @@ SHARED_IDS = {"clip_value", "clip_norm", "clip_norm_per_tensor", "auto_clip", "a
               "rollback", "lower_learning_rate", "sanitize_inputs", "l1_penalty", "l2_penalty", "relu", "leaky_relu",
               "elu", "he_init", "xavier_init", "lsuv_init", "orthogonal_init", "zero_residual_init", "batch_norm",
               "layer_norm", "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers",
-              "smaller_batches", "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler"}
+              "smaller_batches", "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler", "gpt2_init"}
 
 SHARED_IDS |= {"qk_norm", "z_loss"}  # issue 16: attention logit growth, output logit divergence
 
@@ -251,7 +251,7 @@ def test_catalogue_uses_exactly_the_shared_ids_and_every_id_is_reachable():
     reachable = set()
     for code in CODES:
         for cause in CAUSES:
-            for init in ("he_init", "xavier_init", "orthogonal_init", "lsuv_init"):
+            for init in ("he_init", "xavier_init", "orthogonal_init", "lsuv_init", "gpt2_init"):
                 f = Finding(code, "warning", 0, 0, (), {}, cause, "")
                 reachable |= {r.id for r in rank_remedies(f, init)}
     assert reachable == SHARED_IDS

@@ -14,7 +14,7 @@ SHARED_IDS = {
     "lower_learning_rate", "sanitize_inputs", "l1_penalty", "l2_penalty", "relu", "leaky_relu", "elu",
     "he_init", "xavier_init", "lsuv_init", "orthogonal_init", "zero_residual_init", "batch_norm", "layer_norm",
     "add_residual", "rnn_to_lstm", "rnn_to_gru", "layerwise_pretrain", "fewer_layers", "smaller_batches",
-    "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler",
+    "truncated_bptt", "lr_warmup", "pre_layer_norm", "pass_scaler", "gpt2_init",
 }
 SHARED_IDS |= {"qk_norm", "z_loss"}  # issue 16: attention logit growth, output logit divergence
 # former id -> current id: the ids became the names of the functions that apply the remedies

@@ -68,6 +68,8 @@ class Watch:
       step_index: the number of `step()` calls so far (the step the next call records).
       latest: `TensorStats` of the last recorded step (device tensors), for remedies to reuse.
       names: names of the watched parameter tensors, in the order of every per-tensor vector.
+      update_snapshot: the `UpdateSnapshot` behind the `update_norm` series (its `meta()` says which
+        tensors each sample measures).
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -114,7 +116,7 @@ class Watch:
         self._reset_buffers()
         self._input_acc: Optional[Tensor] = None
         # the update norm's weight snapshot: full on the CPU, bounded by the largest tensor elsewhere
-        self._updates = UpdateSnapshot(self.params, self.stats_device, self.config.sample_every,
+        self.update_snapshot = UpdateSnapshot(self.params, self.stats_device, self.config.sample_every,
                                        bounded=self.stats_device.type != "cpu")
         self._input_handle = None
         self._structure: Optional[StructureProbe] = None  # residual blocks, read at the first training forward
@@ -162,7 +164,7 @@ class Watch:
                     amp_scaler=_amp.scaler_meta(self.scaler) if self.scaler is not None else None,
                     lr=[g.get("lr") for g in self.optimizer.param_groups] if self.optimizer is not None else None,
                     time_modules=self._time.names,  # the time_grad series' module column indexes these
-                    update_snapshot=self._updates.meta())  # which update norms each sample measured
+                    update_snapshot=self.update_snapshot.meta())  # which update norms each sample measured
         meta.update(self._signals.meta())  # the attention columns, named per model
         return RunWriter(self.run_dir, meta, tensors, acts,
                          overwrite=self.config.overwrite, resume=self.config.resume)
@@ -290,7 +292,7 @@ class Watch:
         self._push("grad_nonfinite", s, stats.nonfinite)
         self._record_update()
         if s % self.config.sample_every == 0:  # the snapshot also yields the weight norms
-            weight_norms = self._updates.take(s)
+            weight_norms = self.update_snapshot.take(s)
         if weight_norms is not None and s % self.config.weight_every == 0:
             self._push("weight_norm", s, weight_norms)
         if self._acts.installed:
@@ -305,7 +307,7 @@ class Watch:
 
     def _record_update(self) -> None:
         """Norm of the update the optimizer applied after the last sampled step (graddoctor.core._snapshot)."""
-        taken = self._updates.update_norms()
+        taken = self.update_snapshot.update_norms()
         if taken is not None:
             self._push("update_norm", *taken)
 

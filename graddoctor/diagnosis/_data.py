@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core._amp import overflowed
 from ..core._layers import EMBEDDING_NAMES, NORM_NAMES, RECURRENT_NAMES
+from ..core._snapshot import measured_mask
 from ..store._run import Run
 from ..store._series import ACT_FIELDS, ATTN_FIELDS, TIME_FIELDS
 from ._robust import safe_log10
@@ -223,8 +224,15 @@ class RunData:
         return r
 
     @cached_property
+    def update_measured(self) -> np.ndarray:
+        """bool [U, P]: the update norms measured at each sample (a bounded snapshot measures a subset per
+        sample, NaN elsewhere: graddoctor.core._snapshot); all True for full snapshots and older stores."""
+        return measured_mask(self.meta.get("update_snapshot"), self.update_steps, len(self.tensors))
+
+    @cached_property
     def log_update_ratio(self) -> np.ndarray:
-        """log10(update norm / weight norm) [U, E] at the update samples; +inf where the update was non-finite."""
+        """log10(update norm / weight norm) [U, E] at the update samples; +inf where the update was non-finite,
+        NaN where it was not measured at that sample (a bounded snapshot's other tensors)."""
         e = self.eligible
         if len(e) == 0 or len(self.update_steps) == 0:
             return np.zeros((len(self.update_steps), 0))
@@ -232,7 +240,8 @@ class RunData:
         w = self.weight_at(self.update_steps)[:, e].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             r = safe_log10(u) - safe_log10(w)
-        return np.where(~np.isfinite(u), np.inf, np.where(np.isfinite(r), r, np.nan))
+        r = np.where(~np.isfinite(u), np.inf, np.where(np.isfinite(r), r, np.nan))
+        return np.where(self.update_measured[:, e], r, np.nan)
 
     # ------------------------------------------------------------------ mixed precision
     @cached_property

@@ -12,6 +12,7 @@ import numpy as np
 from ..core._layers import BOUNDED_KINDS, EXACT_ZERO_KINDS
 from ._config import DiagnoseConfig
 from ._data import ACT_DEAD, ACT_NONFINITE, ACT_SAT, ACT_STD, RunData
+from ._remedies import model_facts  # the facts the catalogue's applicability tests read
 from ._robust import finite_median, robust_z, running_median_mad, safe_log10
 
 
@@ -47,7 +48,10 @@ def activation_family(d: RunData) -> str:
 
 
 def fitting_init(d: RunData) -> str:
-    """The init that fits the activations found: He for ReLU-family, Xavier for tanh/sigmoid, orthogonal for linear."""
+    """The init that fits the model: GPT-2's N(0, 0.02) for a transformer (embeddings feeding attention), else by
+    the activations found: He for ReLU-family, Xavier for tanh/sigmoid, orthogonal for linear."""
+    if model_facts(d).transformer_style:
+        return "gpt2_init"
     inits = {"relu": "he_init", "bounded": "xavier_init", "mixed": "lsuv_init", "none": "orthogonal_init"}
     return inits[activation_family(d)]
 
@@ -213,7 +217,10 @@ def large_update_mask(d: RunData, cfg: DiagnoseConfig) -> np.ndarray:
     if ur.shape[1] == 0:
         return np.zeros(len(d.update_steps), dtype=bool)
     thr = math.log10(cfg.large_update_ratio)
-    # Non-finite updates are the non-finite rule's business; only finite ratios count here.
-    srt = np.sort(np.where(np.isfinite(ur), ur, -np.inf), axis=1)
-    med = srt[:, (ur.shape[1] - 1) // 2]
-    return med >= thr
+    # Non-finite updates are the non-finite rule's business; only finite ratios count here. The median is
+    # over the tensors measured at that sample (a bounded snapshot measures a subset; the others sort last).
+    measured = d.update_measured[:, d.eligible]
+    srt = np.sort(np.where(measured, np.where(np.isfinite(ur), ur, -np.inf), np.inf), axis=1)
+    m = measured.sum(axis=1)
+    med = srt[np.arange(len(srt)), np.maximum(m - 1, 0) // 2]
+    return (m > 0) & (med >= thr)

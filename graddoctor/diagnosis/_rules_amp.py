@@ -53,7 +53,8 @@ def skipped_steps(d: RunData) -> np.ndarray:
     if not np.isfinite(d.loss[bad][d.given[bad]]).all():
         return none
     sampled = np.isin(d.update_steps, steps)
-    if sampled.any() and not (d.update_norm[sampled] == 0).all():
+    measured = d.update_measured[sampled]  # a bounded snapshot measured a subset of the tensors
+    if sampled.any() and not (d.update_norm[sampled][measured] == 0).all():
         return none
     return steps
 
@@ -66,6 +67,8 @@ def implied_scale(d: RunData) -> Optional[float]:
     if d.meta.get("optimizer") != "SGD" or not isinstance(lr, (int, float)) or lr <= 0:
         return None
     for row, step in enumerate(d.update_steps):
+        if not d.update_measured[row].all():  # |update| of a subset is not the global one
+            continue
         at = np.flatnonzero(d.steps == step)
         upd = float(np.sqrt(np.sum(d.update_norm[row].astype(np.float64) ** 2)))
         if len(at) and np.isfinite(d.global_norm[at[0]]) and math.isfinite(upd) and upd > 0:

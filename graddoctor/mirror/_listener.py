@@ -38,7 +38,8 @@ class MirrorListener:
     def of_watch(cls, watch: "Watch", mirrors: list[Mirror]) -> "MirrorListener":
         """A listener for `watch`'s tensors; add it with `watch.add_flush_listener` after live diagnosis,
         so that the findings a flush reports are written with that flush's rows."""
-        return cls(mirrors, RowMaker(watch.names, watch.config.sample_every))
+        return cls(mirrors, RowMaker(watch.names, watch.config.sample_every,
+                                     update_plan=watch.update_snapshot.meta()))
 
     def __call__(self, watch: "Watch", first: int, last: int, chunks: list) -> None:
         rows = sorted(self.rows.rows(chunks).items())

@@ -5,17 +5,20 @@ Tags (see README, "Mirrors"):
   graddoctor/grad_norm/<block>    a block's gradient norm: sqrt of the sum of its tensors' squared norms
   graddoctor/update_ratio         ||update|| / ||weight|| over all tensors, on sampled steps (sample_every)
   graddoctor/update_ratio/<block> the same per block
+  (a bounded snapshot, on accelerators, measures a subset of the tensors per sample: the ratios are then over
+  the tensors measured at that sample, and a block none of whose tensors was measured has no row)
   graddoctor/loss                 the loss given to step(), on the steps that had one
   graddoctor/nonfinite            1.0 on a step whose loss or global gradient norm is NaN or +-Inf, else 0.0
 NaN and Inf are kept as they are; the flag is a stand-in for backends whose charts drop them (W&B).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..core._blocks import MAX_GROUPS, group_by_block
+from ..core._snapshot import measured_mask
 
 PREFIX = "graddoctor/"
 GRAD_NORM = PREFIX + "grad_norm"
@@ -37,13 +40,17 @@ class RowMaker:
       names: the watched tensors' names (`watch.names`), the column order of every per-tensor series.
       sample_every: the watch's `sample_every`: the steps whose update norm will come.
       max_groups: the most blocks mirrored (see `graddoctor.core._blocks.group_by_block`).
+      update_plan: the watch's `update_snapshot.meta()`: a bounded snapshot measures a subset of the
+        tensors per sample, so a ratio covers the measured tensors only, and a block with none has no row.
     """
 
-    def __init__(self, names: Sequence[str], sample_every: int, max_groups: int = MAX_GROUPS):
+    def __init__(self, names: Sequence[str], sample_every: int, max_groups: int = MAX_GROUPS,
+                 update_plan: Optional[dict] = None):
         groups = group_by_block(names, max_groups)
         self.blocks = list(groups)
         self._columns = [np.asarray(idx, dtype=np.int64) for idx in groups.values()]
         self.sample_every = sample_every
+        self.update_plan = update_plan
         self._weights: dict[int, np.ndarray] = {}  # step -> weight norms [P], waiting for its update norm
 
     def rows(self, chunks: list) -> Rows:
@@ -83,11 +90,14 @@ class RowMaker:
             weights = self._weights.pop(s, None)
             if weights is None:  # weight norms not recorded at that step (weight_every does not divide it)
                 continue
-            u2, w2 = _squares(updates[i]), _squares(weights)
+            measured = measured_mask(self.update_plan, np.asarray([s]), len(weights))[0]
+            # the tensors not measured at this sample are left out (0), never read as NaN
+            u2, w2 = (np.where(measured, _squares(x), 0.0) for x in (updates[i], weights))
             row = out.setdefault(s, {})
             row[UPDATE_RATIO] = _ratio(u2.sum(), w2.sum())
             for b, cols in zip(self.blocks, self._columns):
-                row[f"{UPDATE_RATIO}/{b}"] = _ratio(u2[cols].sum(), w2[cols].sum())
+                if measured[cols].any():
+                    row[f"{UPDATE_RATIO}/{b}"] = _ratio(u2[cols].sum(), w2[cols].sum())
         if len(steps):  # a weight row older than the newest update will never be matched
             newest = int(steps[-1])
             self._weights = {s: w for s, w in self._weights.items() if s > newest}

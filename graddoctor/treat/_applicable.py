@@ -73,6 +73,11 @@ def always(_facts: ModelFacts) -> bool:
     return True
 
 
+def transformer_init(facts: ModelFacts) -> bool:
+    """`gpt2_init`: a transformer-style model (embeddings feeding attention), whose init is N(0, 0.02)."""
+    return facts.transformer_style
+
+
 def fan_in_init(facts: ModelFacts) -> bool:
     """He/Xavier/LSUV/orthogonal: a Linear/Conv to set, and not a transformer's deliberate N(0, 0.02)."""
     return bool(facts.classes & _WEIGHT) and not facts.transformer_style

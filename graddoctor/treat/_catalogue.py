@@ -184,6 +184,9 @@ CATALOGUE = Catalogue([
     Cure("lsuv_init", "Layer-sequential unit-variance init rescales each layer on one batch so activations have "
          "std 1.",
          'gd.init.lsuv_(model, x_batch)', init.lsuv_, applies=can.fan_in_init),
+    Cure("gpt2_init", "GPT-2's init: N(0, 0.02) weights and residual projections scaled by 1/sqrt(their count), "
+         "so logits and the residual stream start at scale (Radford et al. 2019).",
+         'gd.init.gpt2_(model)', init.gpt2_, applies=can.transformer_init),
     Cure("orthogonal_init", "Orthogonal weights preserve norms exactly in linear and recurrent chains.",
          'gd.init.orthogonal_(model)', init.orthogonal_, applies=can.orthogonal),
     Cure("zero_residual_init", "Zero-initialising each residual branch's last layer makes every block start as "
