@@ -21,7 +21,7 @@ def test_lab_list_names_every_registered_experiment(capsys):
     from graddoctor.lab import REGISTRY
     assert main(["lab", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert sorted(listed) == sorted(REGISTRY) and len(listed) == 10
+    assert sorted(listed) == sorted(REGISTRY) and len(listed) == 12
 
 
 @pytest.mark.slow

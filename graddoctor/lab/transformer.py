@@ -19,6 +19,7 @@ import torch
 
 from ..report import _plots as P
 from ..report._views import heatmap_figure
+from ..store._run import open_run
 from ._train import losses, seed_all, tail_mean, train
 from ._transformer_models import GPT, EncoderLM, chain, entropy_rate, lm_loss, sample, unigram_entropy
 from ._types import Context, Figure, experiment, result
@@ -78,6 +79,22 @@ def _qk_run(ctx: Context, qk_norm: bool, seed: int, steps: int) -> tuple[Path, n
     return run_dir, np.asarray(logits, dtype=np.float64)
 
 
+def recorded_max_logit(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """watch's attention series: (sampled steps, the largest max_logit over the attention modules at each)."""
+    with open_run(run_dir) as run:
+        steps, data = run.series("attn")
+        fields = list(run.meta.get("attn_fields") or [])
+    cols = [i for i, f in enumerate(fields) if f.endswith(":max_logit")]
+    if data is None or not cols:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return steps, np.max(data[:, cols].astype(np.float64), axis=1)
+
+
+def _codes(run_dir: Path) -> list[str]:
+    from ..diagnosis import diagnose
+    return [f.code for f in diagnose(str(run_dir)) if f.severity != "info"]
+
+
 def _post_ln_verdict(run_dir: Path) -> dict:
     """What diagnose says about a post-LN run: codes, the first finding's cause and its first remedies."""
     from ..diagnosis import diagnose
@@ -103,6 +120,7 @@ def run(ctx: Context):
     qk = {(q, s): _qk_run(ctx, q, s, qk_steps) for s in qk_seeds for q in (False, True)}
     m = _metrics(ln_runs, qk, ln_seeds, qk_seeds, ln_steps, qk_steps)
     m["post_ln_diagnosis"] = _post_ln_verdict(ln_runs["post_ln", ln_seeds[0]])
+    m["gpt_findings"] = {name: _codes(qk[q, qk_seeds[0]][0]) for name, q in (("plain", False), ("qk_norm", True))}
     ok = _reproduced(m)
     ln, lg = m["final_loss"], m["max_attention_logit"]
     measured = (f"{LAYERS}-layer encoder LM, mean final loss over {len(ln_seeds)} seed(s): post-LN "
@@ -112,7 +130,11 @@ def run(ctx: Context):
                 f"remedies {', '.join(m['post_ln_diagnosis']['remedies']) or 'none'}. GPT at Adam lr {QK_LR:g}: "
                 f"largest attention logit {min(lg['plain']):.0f}-{max(lg['plain']):.0f} without QK-norm, "
                 f"{min(lg['qk_norm']):.1f}-{max(lg['qk_norm']):.1f} with it; final loss "
-                f"{np.mean(m['qk_final_loss']['plain']):.3f} vs {np.mean(m['qk_final_loss']['qk_norm']):.3f}.")
+                f"{np.mean(m['qk_final_loss']['plain']):.3f} vs {np.mean(m['qk_final_loss']['qk_norm']):.3f}; "
+                f"watch recorded up to {max(m['recorded_max_logit']['plain']):.0f} vs "
+                f"{max(m['recorded_max_logit']['qk_norm']):.1f}, and diagnose found "
+                f"{', '.join(m['gpt_findings']['plain']) or 'nothing'} without QK-norm, "
+                f"{', '.join(m['gpt_findings']['qk_norm']) or 'nothing'} with it.")
     runs = list(ln_runs.values()) + [r[0] for r in qk.values()]
     return result(NAME, measured, ok, m, _figures(ln_runs, qk, ln_seeds, qk_seeds, m), runs, ctx,
                   notes=(f"Markov-chain language model (16 tokens, sequences of 16, batch 16). Encoder: "
@@ -134,10 +156,15 @@ def _metrics(ln_runs: dict, qk: dict, ln_seeds: list[int], qk_seeds: list[int], 
     lg = {name: [float(np.max(qk[q, s][1])) for s in qk_seeds] for name, q in (("plain", False), ("qk_norm", True))}
     qk_loss = {name: [tail_mean(losses(qk[q, s][0])[1]) for s in qk_seeds]
                for name, q in (("plain", False), ("qk_norm", True))}
+    rec = {name: [float(np.max(recorded_max_logit(qk[q, s][0])[1], initial=np.nan)) for s in qk_seeds]
+           for name, q in (("plain", False), ("qk_norm", True))}
     return {"seeds": ln_seeds, "qk_seeds": qk_seeds, "layers": LAYERS, "d_model": D_MODEL, "lr": LN_LR,
             "warmup_steps": int(WARMUP_FRAC * ln_steps), "steps": ln_steps, "qk_steps": qk_steps, "qk_lr": QK_LR,
             "entropy_rate": entropy_rate(p), "unigram_entropy": unigram_entropy(p), "final_loss": final,
-            "max_attention_logit": lg, "qk_final_loss": qk_loss}
+            "max_attention_logit": lg, "qk_final_loss": qk_loss,
+            "recorded_max_logit": rec,
+            "max_attention_logit_per_step": {name: qk[q, qk_seeds[0]][1].tolist()
+                                             for name, q in (("plain", False), ("qk_norm", True))}}
 
 
 def _reproduced(m: dict) -> bool:
@@ -167,7 +194,7 @@ def _figures(ln_runs: dict, qk: dict, ln_seeds: list[int], qk_seeds: list[int], 
                    "Without warmup the post-LN model stays near the unigram entropy (it learns token frequencies "
                    "only); warmup or pre-LN reach the chain's entropy rate.")]
     figs.append(heatmap_figure(ln_runs["post_ln", s0], "gradient flow, post-LN without warmup"))
-    fig, axes = P.figure(2)
+    fig, axes = P.figure(3, width=4.2)
     for i, s in enumerate(qk_seeds):
         for q, style in ((False, "-"), (True, "--")):
             y = qk[q, s][1]
@@ -175,10 +202,18 @@ def _figures(ln_runs: dict, qk: dict, ln_seeds: list[int], qk_seeds: list[int], 
                    color=f"C{i}", linestyle=style)
     axes[0].set(xlabel="step", ylabel="max |q.k|/sqrt(d_head) (log)", title=f"attention logits, Adam lr {QK_LR:g}")
     axes[0].legend(fontsize=7)
-    P.loss_curve(axes[1], {("QK-norm" if q else "plain") + f", seed {s}": losses(qk[q, s][0])
+    for i, s in enumerate(qk_seeds):
+        for q, style in ((False, "-"), (True, "--")):
+            steps, y = recorded_max_logit(qk[q, s][0])
+            P.line(axes[1], steps, y, label=f"{'QK-norm' if q else 'plain'}, seed {s}", log=True, color=f"C{i}",
+                   linestyle=style, marker=".")
+    axes[1].set(xlabel="step", ylabel="max_logit recorded by watch (log)",
+                title="watch's attn series (sampled steps)")
+    P.loss_curve(axes[2], {("QK-norm" if q else "plain") + f", seed {s}": losses(qk[q, s][0])
                            for s in qk_seeds[:1] for q in (False, True)}, "GPT training loss",
                  ylabel="cross-entropy (nats)", baseline=(m["entropy_rate"], "best possible"))
     figs.append(Figure("Attention logit growth with and without QK-norm", P.to_uri(fig),
-                       "Solid: plain attention; dashed: q and k LayerNormed per head. Measured in the model's "
-                       "forward pass on every step."))
+                       "Solid: plain attention; dashed: q and k LayerNormed per head. Left: measured in the "
+                       "model's forward pass on every step (causal pairs); middle: what watch recorded on its "
+                       "sampled steps (every query-key pair, masked ones included)."))
     return figs
