@@ -2,7 +2,8 @@
 
 - Gradient transforms (optax-style, composed with `chain`, fed the statistics `watch` already
   computed): `clip_value`, `clip_norm`, `clip_norm_per_tensor`, `auto_clip`, `agc`, `zclip`,
-  `skip_nonfinite`; run them with `watch(..., guard=...)` or a standalone `Guard`.
+  `skip_nonfinite` (one host sync), `skip_step` (non-finite and spiking steps, no sync);
+  run them with `watch(..., guard=...)` or a standalone `Guard`.
 - `rollback`: restore the last good snapshot after a loss spike, skip the batches that followed.
 - `l1_penalty`, `l2_penalty`: weight penalties (and the note on AdamW's decoupled decay).
 - `layerwise_pretrain`, `fine_tune`: greedy stacked denoising autoencoders, then supervised training.
@@ -25,6 +26,7 @@ from ._regularization import l1_penalty, l2_penalty
 from ._rollback import Rollback, RollbackLimitError, is_spike, rollback
 from ._schedule import lr_warmup, warmup_factor
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
+from ._spike_skip import SkipStepState, StepRestore, skip_step
 from ._transforms import ClipState, PerTensorClipState, clip_norm, clip_norm_per_tensor, clip_value
 from ._zloss import z_loss
 
@@ -32,7 +34,7 @@ __all__ = [
     "GradientTransform", "TransformState", "TransformStateError", "EmptyState", "ChainState", "chain",
     "clip_value", "clip_norm", "clip_norm_per_tensor", "ClipState", "PerTensorClipState",
     "auto_clip", "agc", "zclip", "unitwise_norm", "AutoClipState", "AGCState", "ZClipState",
-    "skip_nonfinite", "SkipState", "NonFiniteGradientError", "Guard",
+    "skip_nonfinite", "SkipState", "NonFiniteGradientError", "skip_step", "SkipStepState", "StepRestore", "Guard",
     "rollback", "Rollback", "RollbackLimitError", "is_spike", "l1_penalty", "l2_penalty",
     "layerwise_pretrain", "fine_tune", "PretrainError", "CATALOGUE", "REMEDIES", "Catalogue", "Cure",
     "UnknownRemedyError", "interventions", "format_interventions", "lr_warmup", "warmup_factor", "ModelFacts",

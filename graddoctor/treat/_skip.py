@@ -5,6 +5,12 @@ every `p.grad` to None, and PyTorch's optimizers (SGD, Adam, AdamW, RMSprop, ...
 parameter without a gradient untouched, step counters and moments included. The LR
 scheduler still steps, as with `GradScaler`.
 
+Why keep it beside the sync-free `skip_step` (graddoctor.treat._spike_skip): this one costs one
+host sync and no memory, works with every optimizer (host-side state included), names the bad
+tensors in a "skipped_step" event and raises after `max_consecutive` bad steps in a row, which
+needs the host to know. `skip_step` costs no sync but a copy of the parameters and their
+optimizer state each step.
+
 References:
   torch/amp/grad_scaler.py (`found_inf` and the skipped `optimizer.step`);
   optax `apply_if_finite` (counts bad steps, gives up after too many in a row).
