@@ -15,18 +15,31 @@ What the `update_norm` series then holds, at sampled step `s`: the update of the
 subset `(s // sample_every) % n`, and NaN for the others ("not measured at this sample", not a
 non-finite update). The run's metadata holds the plan (`update_snapshot`), and `measured_mask`
 turns it back into the measured entries, so readers can tell the two NaNs apart.
+
+`GRADDOCTOR_SNAPSHOT=bounded` (or `full`) in the environment overrides the choice by device, e.g.
+for a large model trained on the CPU.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._errors import ConfigError
 from . import _native
 from ._stats import is_dtensor, l2_norms
+
+
+def is_bounded(device: torch.device) -> bool:
+    """Whether a watch on `device` takes the bounded snapshot: off the CPU, unless `GRADDOCTOR_SNAPSHOT` says."""
+    mode = os.environ.get("GRADDOCTOR_SNAPSHOT", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "full", "bounded"):
+        raise ConfigError(f"GRADDOCTOR_SNAPSHOT={mode!r} is not allowed: use auto, full or bounded")
+    return device.type != "cpu" if mode == "auto" else mode == "bounded"
 
 
 def pack_subsets(sizes: Sequence[int], bound: int) -> list[list[int]]:

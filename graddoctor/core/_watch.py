@@ -40,7 +40,7 @@ from ._config import WatchConfig
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._rnn_time import TimeHooks, time_modules
 from ._signals import SignalHooks
-from ._snapshot import UpdateSnapshot
+from ._snapshot import UpdateSnapshot, is_bounded
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, tensor_stats
 from ._structure import StructureProbe
 
@@ -117,7 +117,7 @@ class Watch:
         self._input_acc: Optional[Tensor] = None
         # the update norm's weight snapshot: full on the CPU, bounded by the largest tensor elsewhere
         self.update_snapshot = UpdateSnapshot(self.params, self.stats_device, self.config.sample_every,
-                                       bounded=self.stats_device.type != "cpu")
+                                       bounded=is_bounded(self.stats_device))
         self._input_handle = None
         self._structure: Optional[StructureProbe] = None  # residual blocks, read at the first training forward
         self._writer: Optional[RunWriter] = None
