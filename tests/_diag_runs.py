@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graddoctor as gd
 
 ALL_CODES = ("vanishing_gradient", "exploding_gradient", "nonfinite_gradient", "loss_spike", "loss_not_decreasing",
-             "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update")
+             "saturated_activation", "dead_relu", "poor_initialization", "input_outlier", "large_weight_update",
+             "attention_logit_growth", "output_logit_divergence")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,108 @@ def _cnn():
     return model, torch.optim.Adam(model.parameters(), lr=3e-3), _batches(x, y), _ce
 
 
+# ------------------------------------------------------------- language models
+class _CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: q, k, v from one `c_attn` projection (what watch's attention signal hooks)."""
+
+    def __init__(self, n_embd: int, n_head: int, qk_norm: bool):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+        if qk_norm:  # QK-layernorm (Dehghani et al. 2023)
+            self.q_norm, self.k_norm = nn.LayerNorm(n_embd // n_head), nn.LayerNorm(n_embd // n_head)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class _GPTBlock(nn.Module):
+    def __init__(self, n_embd, n_head, qk_norm):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = _CausalSelfAttention(n_embd, n_head, qk_norm)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _GPT(nn.Module):
+    """A 2-layer nanoGPT-style pre-LN GPT, N(0, 0.02) init; the head makes `vocab` logits."""
+
+    def __init__(self, vocab=32, n_embd=32, n_head=2, n_layer=2, T=16, qk_norm=False):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(T, n_embd)
+        self.h = nn.ModuleList(_GPTBlock(n_embd, n_head, qk_norm) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab, bias=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for b in self.h:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+def _lm_ce(out, y):
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+def _gpt_run(lr, qk_norm=False, vocab=32, T=16):
+    """Copy the previous token of random token windows, AdamW without weight decay."""
+    def build():
+        model = _GPT(vocab=vocab, T=T, qk_norm=qk_norm)
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+
+        def get(step):
+            x = torch.randint(0, vocab, (8, T), generator=g)
+            return (x,), torch.roll(x, 1, 1)
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), get, _lm_ce
+    return build
+
+
+class _Bigram(nn.Module):
+    """A bigram language model: the logits of the next token are a learned row per current token
+    (an embedding and a linear head with a bias)."""
+
+    def __init__(self, vocab, d):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tok):
+        return self.head(self.wte(tok))
+
+
+def _bigram_run(lr, vocab=64, d=32, opt="adam"):
+    """Text in which every token has exactly one successor (a fixed permutation), so the loss can reach 0.
+
+    Nothing in the loss holds log Z: cross-entropy sees only differences of logits. With Adam at lr 0.3 each
+    weight moves by about the lr per step whatever the size of its gradient, so once the table is learnt
+    the winning logit keeps climbing (to ~70 by step 30) while the mean logit over the vocabulary stays near
+    0, until float32 rounds the gradients away: log Z = the winning logit drifts from ln(64) = 4.2 past 50.
+    Plain SGD takes steps in proportion to those vanishing gradients and keeps log Z below 10."""
+    def build():
+        model = _Bigram(vocab, d)
+        g = torch.Generator().manual_seed(5)
+        succ = torch.randperm(vocab, generator=g)
+        tok = torch.randint(0, vocab, (1024,), generator=g)
+        o = torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam" else torch.optim.SGD(model.parameters(), lr=lr)
+        return model, o, _batches(tok, succ[tok]), _ce
+    return build
+
+
 def _he(w):
     nn.init.kaiming_normal_(w, nonlinearity="relu")
 
@@ -268,6 +372,16 @@ SCENARIOS: list[Scenario] = [
     S("healthy_cnn", _cnn),
     S("healthy_slow_sgd", _mlp_run(3, 32, nn.Tanh, lr=0.01)),
     S("healthy_deep_relu_he", _mlp_run(12, 32, nn.ReLU, lr=0.02, weight_init=_he, bias_init=nn.init.zeros_)),
+    # AdamW at lr 0.1 without QK-norm: the max attention logit grows from ~0.1 to hundreds in 30 steps
+    # (Wortsman et al. 2023); the same run with QK-norm stays below 10 but still takes large updates.
+    S("gpt_attention_logit_growth", _gpt_run(0.1), fs({"attention_logit_growth"}), fs({"large_weight_update"}),
+      {"attention_logit_growth": "learning_rate"}, steps=30, watch={"activation_every": 5}),
+    S("gpt_qk_norm_high_lr", _gpt_run(0.1, qk_norm=True), fs({"large_weight_update"}), fs({"loss_not_decreasing"}),
+      {"large_weight_update": "learning_rate"}, steps=30, watch={"activation_every": 5}),
+    S("bigram_logit_divergence", _bigram_run(0.3), fs({"output_logit_divergence"}), fs({"large_weight_update"}),
+      {"output_logit_divergence": "learning_rate"}, watch={"activation_every": 10}),
+    S("healthy_gpt", _gpt_run(3e-3), watch={"activation_every": 10}),
+    S("healthy_bigram_sgd", _bigram_run(1.0, opt="sgd"), watch={"activation_every": 10}),
 ]
 del S, fs
 
