@@ -22,6 +22,7 @@ same kernels on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, se
 """
 from __future__ import annotations
 
+import importlib
 import os
 from contextlib import nullcontext
 from functools import lru_cache
@@ -75,8 +76,12 @@ def _kernels() -> tuple[Any, Any]:
     return _KERNELS[interpret]
 
 
+tl: Any = None  # triton.language, imported on first use: the interpreter finds it in this module's globals
+
+
 def _make_kernels(triton: Any) -> tuple[Any, Any]:
-    import triton.language as tl
+    global tl
+    tl = importlib.import_module("triton.language")
 
     @triton.jit
     def chunk_partials(base, offsets, numels, chunk_tensor, chunk_start, sumsq, maxabs, count,
@@ -148,15 +153,16 @@ def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> T
     return host.to(device, non_blocking=True)
 
 
-def _offsets(ts: list[Tensor]) -> Optional[Tensor]:
-    """Each tensor's first entry, in elements from the first tensor's; None if one is not a whole
+def _offsets(ts: list[Tensor], base_tensor: Tensor) -> Optional[Tensor]:
+    """Each tensor's first entry, in elements from `base_tensor`'s; None if one is not a whole
     number of elements away (never for tensors of one dtype from an allocator that aligns to it)."""
-    item = ts[0].element_size()
-    base = ts[0].data_ptr()
-    deltas = [t.data_ptr() - base for t in ts]
+    item = base_tensor.element_size()
+    base = base_tensor.data_ptr()
+    # An empty tensor is never read (it has no chunk), and its address may be anything: offset 0.
+    deltas = [t.data_ptr() - base if t.numel() else 0 for t in ts]
     if any(d % item for d in deltas):
         return None
-    key = (ts[0].device, item, base, tuple(deltas))
+    key = (base_tensor.device, item, base, tuple(deltas))
     if key not in _OFFSETS:
         if len(_OFFSETS) >= 64:  # addresses that keep changing: keep the cache small
             _OFFSETS.clear()
@@ -176,8 +182,9 @@ def fused_stats(ts: list[Tensor], block: int = _BLOCK, chunk_blocks: int = _CHUN
     """
     triton = _triton()
     ts = [t if t.is_contiguous() else t.contiguous() for t in ts]  # a copy, only for a strided gradient
+    base = next((t for t in ts if t.numel()), ts[0])  # the pointer the offsets count from: one that is read
     device = ts[0].device
-    offsets = _offsets(ts)
+    offsets = _offsets(ts, base)
     if triton is None or offsets is None:
         return None
     numels = tuple(t.numel() for t in ts)
@@ -191,7 +198,7 @@ def fused_stats(ts: list[Tensor], block: int = _BLOCK, chunk_blocks: int = _CHUN
     chunk_partials, finish = _kernels()
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # Triton launches on the current one
         if n_chunks:
-            chunk_partials[(n_chunks,)](ts[0], offsets, numel_t, chunk_tensor, chunk_start, sumsq, maxabs, count,
+            chunk_partials[(n_chunks,)](base, offsets, numel_t, chunk_tensor, chunk_start, sumsq, maxabs, count,
                                         BLOCK=block, CHUNK_BLOCKS=chunk_blocks)
         finish[(n,)](first, sumsq, maxabs, count, *out, BLOCK=_FINISH_BLOCK)
     return out
