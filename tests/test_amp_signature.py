@@ -139,3 +139,36 @@ def test_adam_trained_through_unpassed_scaled_gradients_is_recognised(tmp_path):
     _train_adam(tmp_path / "plain", pass_scaler=False, use_scaler=False)
     for name in ("passed", "plain"):
         assert not _amp_findings(gd.diagnose(tmp_path / name)), name
+
+
+def test_a_recurrent_explosion_under_adam_is_not_taken_for_a_scaler(tmp_path):
+    """A tanh RNN with recurrent weights of spectral radius 4 explodes through time from step 0 and Adam,
+    which divides by the gradients' own scale, trains through it: the same two facts as an unpassed scaler
+    under Adam. But a loss scale multiplies every gradient alike; this explosion leaves the head's gradient
+    at its usual scale, so it is not the AMP signature."""
+    from graddoctor.diagnosis._config import DiagnoseConfig
+    from graddoctor.diagnosis._data import RunData
+    from graddoctor.diagnosis._rules_amp import _early_ratio, trained_through_it
+
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(8, 32, batch_first=True), nn.Linear(32, 4)
+    with torch.no_grad():
+        w = torch.randn(32, 32)
+        rnn.weight_hh_l0.copy_(4 * w / torch.linalg.eigvals(w).abs().max())
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 40, 8), torch.randint(0, 4, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gd.watch(model, opt, tmp_path, flush_every=10) as w:
+            for _ in range(40):
+                loss = nn.functional.cross_entropy(head(rnn(x)[0][:, -1]), y)
+                opt.zero_grad()
+                loss.backward()
+                w.step(loss)
+                opt.step()
+    with gd.open_run(tmp_path) as run:
+        d = RunData.from_run(run)
+    cfg = DiagnoseConfig()
+    assert _early_ratio(d, cfg) > cfg.amp_grad_ratio and trained_through_it(d), "premise: the two shared facts"
+    assert not _amp_findings(gd.diagnose(tmp_path))

@@ -22,7 +22,7 @@ Micikevicius et al. 2018, "Mixed Precision Training" (loss scaling).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -95,15 +95,16 @@ def trained_through_it(d: RunData) -> bool:
     return bool(np.median(losses[-tenth:]) < np.median(losses[:tenth]))
 
 
-def _early_ratio(d: RunData, cfg: DiagnoseConfig) -> float:
-    """Median over the first `baseline_min` finite steps of the median grad/weight ratio over layers."""
+def _early_ratio(d: RunData, cfg: DiagnoseConfig, over_layers: Callable = np.nanmedian) -> float:
+    """Median over the first `baseline_min` finite steps of the grad/weight ratio taken over layers by
+    `over_layers` (the median by default; `np.nanmin`: the smallest layer's)."""
     r = d.log_grad_ratio
     if r.shape[1] == 0:
         return float("nan")
     rows = [i for i in range(d.T) if np.isfinite(r[i]).any()][:cfg.baseline_min]
     if not rows or int(d.steps[rows[0]]) > cfg.init_max_step:
         return float("nan")
-    return float(10 ** np.median([np.nanmedian(r[i]) for i in rows]))
+    return float(10 ** np.median([over_layers(r[i]) for i in rows]))
 
 
 def amp_scaler_not_passed(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
@@ -116,7 +117,10 @@ def amp_scaler_not_passed(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     skipped, scale = skipped_steps(d), implied_scale(d)
     k = round(math.log2(scale)) if scale and scale > 0 else 0
     pow2 = k >= cfg.amp_min_log2 and scale is not None and abs(scale / 2.0 ** k - 1) <= cfg.amp_pow2_tol
-    unmoved = trained_through_it(d)
+    # Under Adam the scale shows in neither a skipped step nor the step size, so the evidence must be the
+    # scale itself: a loss scale multiplies every gradient alike, so every tensor's ratio is far too large (a
+    # real explosion, e.g. through a recurrence, leaves the layers after it at their usual scale).
+    unmoved = trained_through_it(d) and _early_ratio(d, cfg, np.nanmin) > cfg.amp_grad_ratio
     if not (len(skipped) or pow2 or unmoved):
         return None
     ev = {"signature": SIGNATURE, "early_median_grad_weight_ratio": _r(ratio),
