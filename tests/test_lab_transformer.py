@@ -7,9 +7,10 @@ bounds the experiment's own per-step measurement (causal pairs only) from above;
 recomputed from each trial's run store (median of the last 10% of the recorded losses), and its critical
 findings by `gd.diagnose` on the stored runs.
 
-Margins seen at the quick preset, seeds 0-4 of the default preset's settings: post-LN final loss 2.36-2.54
-against pre-LN 1.26-1.31 and post-LN + warmup 1.33-1.71 (the smallest gap 0.82 nats, asserted 0.5); the
-GPT's largest attention logit 690-1320 without QK-norm and 17-17.4 with it (asserted > 100, < 50).
+Margins seen with the quick preset at seeds 0-4 (`graddoctor lab --preset quick --seed S`): post-LN final loss
+2.36-2.54 against pre-LN 1.26-1.31 and post-LN + warmup 1.33-1.71 (the smallest gap 0.82 nats, asserted 0.5);
+the GPT's largest attention logit 535-1435 without QK-norm and 12-19.3 with it (asserted > 100, < 50, and 10x);
+the doctor's best over its baseline <= 0.80 (dead ReLUs; asserted 0.9), the exploding RNN's baseline non-finite.
 """
 from __future__ import annotations
 
