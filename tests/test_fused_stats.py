@@ -243,8 +243,8 @@ def test_gpu_overhead_benchmark_runs_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows[2:]]
-    assert names == ["bare", "bare (A/A control)", "clip_grad_norm_", "watch", "watch + clip_norm guard",
-                     "lightning grad_norm"]
+    assert names == ["bare", "bare (A/A control)", "clip_grad_norm_", "watch", "watch, weight_every=10",
+                     "watch + clip_norm guard", "lightning grad_norm"]
     for r in rows[2:]:
         cells = [c.strip() for c in r.split("|")[2:-1]]
         assert float(cells[0]) > 0 and all(math.isfinite(float(c)) for c in cells[1:3]), r
