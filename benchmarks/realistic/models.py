@@ -2,7 +2,7 @@
 
 - `GPT`: nanoGPT's model (token + position embeddings, pre-LN blocks of causal self-attention and a GELU
   MLP, a final LayerNorm, the LM head tied to the token embedding; N(0, 0.02) init with the residual
-  projections scaled by 1/sqrt(2 * n_layer), as in nanoGPT and GPT-2).
+  projections scaled by 1/sqrt(2 * n_layer), as in nanoGPT and GPT-2); optionally QK-layernorm.
 - `EncoderLM`: `nn.TransformerEncoder` under a causal mask, pre-LN (`norm_first=True`) or post-LN.
 - `hf_gpt2`: Hugging Face's `GPT2LMHeadModel` built from a config (no download); None without transformers.
 - `RecurrentLM`: an embedding, an LSTM (or a vanilla RNN) and a linear head; forward takes `(x, hidden)`
@@ -20,16 +20,23 @@ from torch.nn import functional as F
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int):
+    """`qk_norm`: a LayerNorm over each head's queries and keys before the dot product (QK-layernorm,
+    Dehghani et al. 2023), which bounds the attention logits by the norms' gains."""
+
+    def __init__(self, n_embd: int, n_head: int, qk_norm: bool = False):
         super().__init__()
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(n_embd // n_head), nn.LayerNorm(n_embd // n_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -48,10 +55,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, n_embd: int, n_head: int):
+    def __init__(self, n_embd: int, n_head: int, qk_norm: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.attn = CausalSelfAttention(n_embd, n_head, qk_norm)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd)
 
@@ -61,15 +68,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT (Karpathy), small. `init_std` is the base init scale (nanoGPT: 0.02)."""
+    """nanoGPT (Karpathy), small. `init_std` is the base init scale (nanoGPT: 0.02); `qk_norm` adds
+    QK-layernorm to every attention."""
 
     def __init__(self, vocab_size: int = 64, block_size: int = 32, n_layer: int = 4, n_head: int = 2,
-                 n_embd: int = 32, init_std: float = 0.02):
+                 n_embd: int = 32, init_std: float = 0.02, qk_norm: bool = False):
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
             wpe=nn.Embedding(block_size, n_embd),
-            h=nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)]),
+            h=nn.ModuleList([Block(n_embd, n_head, qk_norm) for _ in range(n_layer)]),
             ln_f=nn.LayerNorm(n_embd),
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
