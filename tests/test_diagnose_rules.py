@@ -300,3 +300,14 @@ def test_remedies_already_in_the_model_are_not_suggested():
     f = Finding("vanishing_gradient", "warning", 0, 0, (), {}, "depth", "")
     ids = [r.id for r in rank_remedies(f, present=frozenset({"batch_norm"}))]
     assert "batch_norm" not in ids and ids[0] == "add_residual"
+
+
+def test_vanishing_kept_beside_an_explosion_is_not_the_headline():
+    """Same severity: an explosion (here an early loss explosion) is listed before a vanishing gradient."""
+    from graddoctor.diagnosis._diagnose import _after_an_explosion
+
+    vanish = Finding("vanishing_gradient", "warning", 0, 9, (), {}, "recurrence", "")
+    boom = Finding("loss_spike", "warning", 1, 2, (), {"early_explosion": {"factor": 2.2}}, "learning_rate", "")
+    later_spike = Finding("loss_spike", "warning", 50, 50, (), {}, "learning_rate", "")
+    assert _after_an_explosion([vanish, boom]) == {"vanishing_gradient"}
+    assert _after_an_explosion([vanish, later_spike]) == frozenset()  # a mid-run spike is not an explosion

@@ -118,6 +118,10 @@ class DiagnoseConfig:
     # this many times above the start level (the step-0 loss; for a language model at least ln(vocab),
     # the loss of a uniform prediction) is a spike (a loss 4.3 -> 51 -> 143 in two steps).
     early_spike_factor: float = 5.0
+    # For a language model: an early loss this many times its uniform-prediction loss ln(vocab) (or the
+    # step-0 loss if higher) is an explosion too: the model is then far more confidently wrong than a
+    # uniform guess, which no healthy run gets near after its first step.
+    early_lm_spike_factor: float = 2.0
 
     # --- activations and initialization -------------------------------------------------
     # A bounded activation with more than this fraction of its outputs near a bound is saturated.
@@ -271,6 +275,7 @@ RANGES: dict[str, Range] = {
     "trend_max_points": Range("int", 4, 10 ** 7),
     "converged_fall": Range("real", 1, None, lo_open=True),
     "early_spike_factor": Range("real", 1, None, lo_open=True),
+    "early_lm_spike_factor": Range("real", 1, None, lo_open=True),
     "saturated_fraction": _FRACTION,
     "dead_fraction": _FRACTION,
     "init_std_orders": _ORDERS,

@@ -95,7 +95,8 @@ def diagnose_data(data: RunData, cfg: DiagnoseConfig) -> list[Finding]:
     found = _explosion_over_vanishing(found, data, cfg)
     found = _explain_stalled_loss(found)
     order = list(RULES)
-    return sorted(found, key=lambda f: (-f.rank, order.index(f.code)))
+    after = _after_an_explosion(found)
+    return sorted(found, key=lambda f: (-f.rank, f.code in after, order.index(f.code)))
 
 
 # Findings that stop learning, in the order they explain a loss that does not decrease.
@@ -126,6 +127,14 @@ def _explosion_over_vanishing(found: list[Finding], d: RunData, cfg: DiagnoseCon
             else "") + f": {vanish.message} (dropped: the input side lags an exploding output side)")
     noted = replace(boom, evidence=dict(boom.evidence, vanishing_superseded=note))
     return [noted if f is boom else f for f in found if f is not vanish]
+
+
+def _after_an_explosion(found: list[Finding]) -> frozenset[str]:
+    """Codes listed after an explosion of the same severity: a vanishing gradient kept beside an explosion
+    (the norm rose too little to drop it) is not the headline while the run blows up."""
+    boom = any(f.code in ("nonfinite_gradient", "exploding_gradient") or "early_explosion" in f.evidence
+               for f in found)
+    return frozenset({"vanishing_gradient"}) if boom else frozenset()
 
 
 def _explain_stalled_loss(found: list[Finding]) -> list[Finding]:

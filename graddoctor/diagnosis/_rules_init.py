@@ -68,7 +68,8 @@ def init_scale(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     big_emb = {d.tensors[i]: float(rms[i]) for i in range(d.P)
                if d.module_class(d.tensor_module[i]) in EMBEDDING_NAMES and rms[i] > cfg.init_embed_rms_high}
     uniform, loss0 = uniform_loss_level(d), _first_loss(d)
-    loss_high = uniform is not None and int(d.steps[0]) <= cfg.init_max_step and loss0 > cfg.init_loss_factor * uniform
+    loss_high = (uniform is not None and d.T > 0 and int(d.steps[0]) <= cfg.init_max_step
+                 and loss0 > cfg.init_loss_factor * uniform)
     reasons = []
     if median_gain > cfg.init_gain_high:
         reasons.append(f"weights are large for their fan-in (median RMS x sqrt(fan_in) = {median_gain:.3g} over "

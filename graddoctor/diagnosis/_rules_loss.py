@@ -32,7 +32,8 @@ def spike_mask(loss: np.ndarray, cfg: DiagnoseConfig, start: Optional[float] = N
     losses) above the running median, at least `spike_factor` times it, and at least
     `spike_min_jump` times the starting loss level above it. Before that running baseline exists
     (the first `spike_min_history` losses), a loss `early_spike_factor` times above the start level
-    is a spike too (an explosion in the first steps has no history to stand out from).
+    (`early_lm_spike_factor` times for a language model, whose start level is a uniform guess) is a spike
+    too (an explosion in the first steps has no history to stand out from).
 
     Args:
       loss: float[n], the losses in step order (only steps that have one; NaN/Inf are never spikes).
@@ -76,8 +77,10 @@ def _early_spikes(loss: np.ndarray, cfg: DiagnoseConfig, start: Optional[float])
     if base <= 0:  # a ratio to a non-positive level says nothing
         return out, base
     head = slice(0, cfg.spike_min_history)
+    # a language model's start level is a uniform guess: twice that is already far worse than chance
+    factor = cfg.early_lm_spike_factor if start is not None and np.isfinite(start) else cfg.early_spike_factor
     with np.errstate(invalid="ignore"):
-        out[head] = np.isfinite(loss[head]) & (loss[head] >= cfg.early_spike_factor * base)
+        out[head] = np.isfinite(loss[head]) & (loss[head] >= factor * base)
     return out, base
 
 
