@@ -374,7 +374,9 @@ SCENARIOS: list[Scenario] = [
     S("healthy_deep_relu_he", _mlp_run(12, 32, nn.ReLU, lr=0.02, weight_init=_he, bias_init=nn.init.zeros_)),
     # AdamW at lr 0.1 without QK-norm: the max attention logit grows from ~0.1 to hundreds in 30 steps
     # (Wortsman et al. 2023); the same run with QK-norm stays below 10 but still takes large updates.
-    S("gpt_attention_logit_growth", _gpt_run(0.1), fs({"attention_logit_growth"}), fs({"large_weight_update"}),
+    # lr 0.1 also blows the loss up to ~2.3x the uniform guess ln(V) at step 4: an early loss_spike is true too
+    S("gpt_attention_logit_growth", _gpt_run(0.1), fs({"attention_logit_growth"}),
+      fs({"large_weight_update", "loss_spike"}),
       {"attention_logit_growth": "learning_rate"}, steps=30, watch={"activation_every": 5}),
     S("gpt_qk_norm_high_lr", _gpt_run(0.1, qk_norm=True), fs({"large_weight_update"}), fs({"loss_not_decreasing"}),
       {"large_weight_update": "learning_rate"}, steps=30, watch={"activation_every": 5}),

@@ -148,11 +148,12 @@ DIVERGE = Label(_fs("exploding_gradient", "loss_spike", "nonfinite_gradient"), _
                     "norm clipping are the usual guards against this in transformers. At LR 1.0 the attention "
                     "logits of a GPT grow too (to ~7e3 by step 25): true, but not the point")
 BAD_INIT = Label(_fs("poor_initialization", "exploding_gradient"), _fs("initialization"),
-                 _fs("xavier_init", "lsuv_init"),
+                 _fs("gpt2_init", "xavier_init", "lsuv_init"),
                  allow=_fs("loss_spike", "large_weight_update", "nonfinite_gradient", "saturated_activation"),
-                 why="weights ~50x their usual scale: logits and loss start far above ln(vocab). Any init that "
-                     "restores ~1/sqrt(fan_in) is right (Xavier, LSUV); he_init is not for these GELU+LN "
-                     "blocks in the issue's reading, so it is left out")
+                 why="weights ~50x their usual scale: logits and loss start far above ln(vocab). The cure is the "
+                     "model's own init: GPT-2's N(0, 0.02) with scaled residual projections (gpt2_init); an init "
+                     "that restores ~1/sqrt(fan_in) (Xavier, LSUV) is acceptable; he_init is not for these "
+                     "GELU+LN blocks")
 
 RUNS: list[RunSpec] = [
     # nanoGPT-style GPT on argparse.py characters
@@ -179,10 +180,10 @@ RUNS: list[RunSpec] = [
         why="the QK-norm twin of gpt_attn_logit_growth (same LR and warmup): the max attention logit stays "
             "below 10 and nothing is wrong"), watch={"activation_every": 10}),
     RunSpec("gpt_amp_no_scaler", "gpt", _gpt(), Label(
-        _fs("exploding_gradient", "poor_initialization"), _fs("unknown"), _fs("pass_scaler"),
+        _fs("exploding_gradient", "poor_initialization"), _fs("mixed_precision"), _fs("pass_scaler"),
         why="a GradScaler (scale 2**16) is used but not passed to watch: the recorded gradients are 2**16 too "
-            "large from step 0. The run itself is healthy; the cure is watch(..., scaler=scaler), not an "
-            "architecture change (no catalogue id yet: issue 16's 'pass scaler= to watch')"), loop="scaler"),
+            "large from step 0. The run itself is healthy; the cause is the mixed-precision set-up and the cure "
+            "is watch(..., scaler=scaler) (pass_scaler), not an architecture change"), loop="scaler"),
     # nn.TransformerEncoder LM, pre-LN and post-LN
     RunSpec("enc_preln_healthy_s0", "encoder", _encoder(True, n_layer=4), HEALTHY),
     RunSpec("enc_preln_healthy_s1", "encoder", _encoder(True, n_layer=4), HEALTHY, seed=1),

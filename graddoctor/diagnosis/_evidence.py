@@ -28,6 +28,17 @@ def _r(x: float, digits: int = 3) -> float:
 RECURRENT_KINDS = ("rnn", "lstm", "gru", "rnn_relu")
 
 
+# Optimizers whose step does not depend on the gradients' scale (they divide by a running RMS of them):
+# each step moves each weight by about the learning rate, whatever the gradient's size.
+SCALE_INVARIANT = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "Adafactor",
+                             "SparseAdam", "Adadelta"})
+
+
+def scale_invariant_optimizer(d: RunData) -> bool:
+    """Whether the run's optimizer (recorded by class name) is one of `SCALE_INVARIANT`."""
+    return d.meta.get("optimizer") in SCALE_INVARIANT
+
+
 def feedforward_acts(d: RunData) -> list[int]:
     """Activation modules outside recurrent layers, in forward order."""
     rec = d.recurrent_modules

@@ -28,7 +28,7 @@ import numpy as np
 
 from ._config import DiagnoseConfig
 from ._data import RunData
-from ._evidence import _r
+from ._evidence import _r, scale_invariant_optimizer
 from ._findings import Finding
 from ._remedies import remedy
 
@@ -76,17 +76,11 @@ def implied_scale(d: RunData) -> Optional[float]:
     return None
 
 
-# Optimizers whose step does not depend on the gradients' scale (they divide by a running RMS of them):
-# under them a constant loss scale changes nothing, so a run trains normally through scaled gradients.
-SCALE_INVARIANT = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "Adafactor",
-                             "SparseAdam", "Adadelta"})
-
-
 def trained_through_it(d: RunData) -> bool:
     """A scale-invariant optimizer trained normally through gradients far too large from step 0: every
     gradient and given loss finite, and the loss of the last tenth below that of the first tenth. A real
     explosion of that size does not train normally; a constant loss scale under Adam does."""
-    if d.meta.get("optimizer") not in SCALE_INVARIANT or d.T < 10 or d.grad_bad.any():
+    if not scale_invariant_optimizer(d) or d.T < 10 or d.grad_bad.any():
         return False
     losses = d.loss[d.given]
     if len(losses) < 10 or not np.isfinite(losses).all():

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._config import DiagnoseConfig
 from ._data import RunData, initial_level
-from ._evidence import _r, input_flags, large_update_mask
+from ._evidence import _r, init_profile, input_flags, large_update_mask, scale_invariant_optimizer
 from ._findings import Finding
 from ._robust import block_medians, finite_max, robust_z, row_median, running_median_mad, trend_test
 from ._rules_gradient import exploding_cause
@@ -214,6 +214,12 @@ def large_weight_update(d: RunData, cfg: DiagnoseConfig) -> Optional[Finding]:
     bad_in = set(d.input_steps[outlier | nonfinite].tolist())
     if any(int(s) in bad_in for s in steps):
         cause, why = "data", "the large updates were taken on outlier input batches"
+    elif scale_invariant_optimizer(d) and not init_profile(d, cfg).poor:
+        # Adam and kin move each weight by about lr per step whatever the gradient: with a sound init, an
+        # update that is a large fraction of the weights is the learning rate, from the first step or not.
+        cause, why = "learning_rate", (f"{d.meta.get('optimizer')} moves each weight by about the learning rate per "
+                                       f"step, whatever the gradient (initial lr={d.meta.get('lr')}), and the "
+                                       "initialization looks sound: the step size is too large for these weights")
     elif int(steps[0]) <= cfg.init_max_step // 5:  # from the very start: the model, not the step size
         cause, why = exploding_cause(d, cfg, int(steps[0]), [], False)
         why = f"updates were large from step {int(steps[0])}: " + why
