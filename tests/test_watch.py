@@ -227,3 +227,16 @@ def test_channels_last_conv_net_matches_a_naive_loop(tmp_path, stats_path):
     for name, (norm, maxabs) in zip(run.tensors, expected):
         h = run.tensor_history(name)
         assert h.grad_norm[0] == pytest.approx(norm, rel=1e-5) and h.grad_maxabs[0] == pytest.approx(maxabs, rel=1e-6)
+
+
+def test_weight_every_defaults_to_the_device():
+    """Weight norms every step on the CPU (read beside the gradients), every 10th on accelerators, where a
+    read of the weights costs as much as the gradients' whole pass; a value given is kept."""
+    cpu = gd.watch(nn.Linear(3, 2), run_dir=None)
+    meta = gd.watch(nn.Linear(3, 2, device="meta"), run_dir=None)
+    given = gd.watch(nn.Linear(3, 2, device="meta"), run_dir=None, weight_every=3)
+    assert (cpu.config.weight_every, meta.config.weight_every, given.config.weight_every) == (1, 10, 3)
+    for w in (cpu, meta, given):
+        w.close()
+    with pytest.raises(gd.ConfigError, match="weight_every=0 is not allowed"):
+        gd.watch(nn.Linear(3, 2), run_dir=None, weight_every=0)

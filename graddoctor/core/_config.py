@@ -1,8 +1,8 @@
 """WatchConfig: what `watch` records and how often. One field, one comment."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
 
 from .._errors import ConfigError
 
@@ -12,9 +12,10 @@ class WatchConfig:
     # Steps between host copies and store writes: the only sync points. A killed
     # run loses at most this many steps.
     flush_every: int = 50
-    # Weight L2 norms every k steps. 1 (every step) shows weight growth at once; each costs one
-    # read of all the weights (on the CPU beside the gradients: ~0.9% of the benchmark step).
-    weight_every: int = 1
+    # Weight L2 norms every k steps; None: 1 on the CPU, 10 on accelerators. Every step shows weight
+    # growth at once; each costs one read of all the weights: on the CPU beside the gradients, ~0.6% of
+    # the benchmark step; on a GPU as much as the gradients' whole fused pass (BENCHMARKS.md, issue 18).
+    weight_every: Optional[int] = None
     # Update norms (so update/weight ratios) every k steps; each sample copies the weights
     # before the optimizer step and compares after it.
     sample_every: int = 10
@@ -41,6 +42,8 @@ class WatchConfig:
         _check_int("flush_every", self.flush_every, 1, MAX_FLUSH_EVERY,
                    "(every buffered step waits in memory until the flush)")
         for name in ("weight_every", "sample_every"):
+            if name == "weight_every" and self.weight_every is None:
+                continue  # chosen by the device (`for_device`)
             _check_int(name, getattr(self, name), 1, MAX_EVERY)
         _check_int("activation_every", self.activation_every, 0, MAX_EVERY, "(0 turns activation statistics off)")
         m = self.saturation_margin
@@ -55,6 +58,13 @@ class WatchConfig:
         if self.overwrite and r is not False:
             raise ConfigError(f"overwrite=True with resume={r!r} is not allowed: "
                               "replace the run, or continue it, not both")
+
+    def for_device(self, device: Any) -> "WatchConfig":
+        """This config with the device's defaults filled in: `weight_every` None is 1 on the CPU (the weights
+        are read beside the gradients there) and 10 elsewhere."""
+        if self.weight_every is not None:
+            return self
+        return replace(self, weight_every=1 if getattr(device, "type", device) == "cpu" else 10)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "WatchConfig":
