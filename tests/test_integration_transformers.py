@@ -157,12 +157,19 @@ def test_report_to_mlflow_mirrors_into_the_run_the_trainers_mlflow_callback_star
     for name, value in dict(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_TRACKING_URI=uri,
                             HF_MLFLOW_LOG_ARTIFACTS="0").items():
         monkeypatch.setenv(name, value)
+    # Another test module may have left MLflow's process-global state behind (a tracking URI set with
+    # set_tracking_uri wins over the environment; an active run would be reused by the Trainer's callback).
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
     trainer = _trainer(tmp_path, GradDoctorCallback(tmp_path / "run", flush_every=2, live_diagnosis=False),
                        num_train_epochs=1, report_to=["mlflow"])
     try:
         trainer.train()
     finally:
         mlflow.end_run()  # no run left active for later tests (a no-op when the Trainer ended it)
+        mlflow.set_tracking_uri(previous_uri)
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     ours = client.get_metric_history(run.info.run_id, "graddoctor/grad_norm/global")  # MLflow's name, see Mirrors
