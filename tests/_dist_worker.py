@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import graddoctor as gd
+from graddoctor.mirror import Mirror
 from graddoctor.store import _nonfinite_json
 
 mode, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -31,9 +32,9 @@ def model_and_data():
     return model, batches
 
 
-def train(model, batches, shard):
+def train(model, batches, shard, mirror=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    w = gd.watch(model, opt, run_dir, flush_every=3, activation_every=0)
+    w = gd.watch(model, opt, run_dir, flush_every=3, activation_every=0, mirror=mirror)
     for x, y in batches:
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         loss = (model(x) - y).pow(2).mean()
@@ -45,9 +46,29 @@ def train(model, batches, shard):
     return w
 
 
+class GlobalNormFile(Mirror):
+    """Rank 0's mirror: the mirrored global norms, written to a JSON file at the end."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def scalars(self, step, values):
+        self.rows[step] = values["graddoctor/grad_norm"]
+
+    def text(self, step, tag, text):
+        pass
+
+    def flush(self):
+        with open(os.path.join(run_dir, "mirrored.json"), "w") as f:
+            f.write(_nonfinite_json.dumps(self.rows))
+
+
 if mode == "ddp":
     model, batches = model_and_data()
-    w = train(nn.parallel.DistributedDataParallel(model), batches, shard=False)
+    # Rank 0 mirrors; the other rank passes what a rank-zero-only logger gives it there (a stand-in, here an
+    # object no mirror accepts): it must be left alone, not refused.
+    w = train(nn.parallel.DistributedDataParallel(model), batches, shard=False,
+              mirror=GlobalNormFile() if rank == 0 else object())
     assert w.recording == (rank == 0), "only rank 0 records"
     assert (w.latest is None) == (rank != 0), "other ranks do no monitoring work"
 elif mode == "fsdp":

@@ -111,6 +111,10 @@ def assert_same_stats(run, reference):
 def test_ddp_rank0_records_what_a_single_process_records(tmp_path, reference):
     launch("ddp", tmp_path)
     assert_same_stats(gd.open_run(tmp_path), reference)
+    # rank 0's mirror got the recorded global norms (rank 1's stand-in logger was left alone)
+    mirrored = _nonfinite_json.loads((tmp_path / "mirrored.json").read_text())
+    steps, norm = gd.open_run(tmp_path).global_norm()
+    assert {int(k): v for k, v in mirrored.items()} == {int(s): float(v) for s, v in zip(steps, norm)}
 
 
 def test_fsdp2_sharded_gradients_are_combined_across_ranks(tmp_path, reference):

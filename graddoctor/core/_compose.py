@@ -16,7 +16,7 @@ from torch import nn
 
 from .._errors import ConfigError
 from ._config import WatchConfig
-from ._params import watched_parameters
+from ._params import rank, watched_parameters
 from ._watch import Watch
 
 
@@ -81,7 +81,9 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
 
 def _mirrors(mirror: Any, run_dir: Optional[str | Path]) -> list:
     """The `Mirror`s of `watch(mirror=...)`; refused without a run_dir (mirrors are written at its flushes)."""
-    if mirror is None:
+    if mirror is None or rank() != 0:
+        # Only rank 0 records and writes; a logger's experiment on another rank may be a stand-in (Lightning's
+        # rank-zero-only loggers), which must not be touched, let alone refused.
         return []
     from ..mirror._convert import as_mirrors
     mirrors = as_mirrors(mirror)
