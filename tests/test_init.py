@@ -120,3 +120,24 @@ def test_zero_residual_makes_blocks_identity():
 def test_no_layers_error():
     with pytest.raises(NoLayersError):
         gd.init.he_(nn.Sequential(nn.ReLU()))
+
+
+def test_lsuv_on_a_transformer_encoder_scales_the_layers_it_reaches_and_names_the_ones_it_cannot():
+    """nn.TransformerEncoder: MultiheadAttention applies out_proj's weight as a function, so no hook sees its
+    output (it is left orthonormal, and said so); linear1/linear2 reach unit output variance on the batch
+    (oracle: their outputs captured by the test's own hooks, variance in float64)."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    x = torch.randn(64, 8, 16)
+    lines = gd.init.lsuv_(model, x, tol=0.1)
+    assert sum("out_proj: lsuv skipped" in line for line in lines) == 2
+    outs = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.detach().double()))
+             for n, m in model.named_modules() if n.endswith(("linear1", "linear2"))]
+    model(x)  # grad enabled: the layers' Python forward, not the fused path
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 4
+    for name, out in outs.items():
+        assert abs(float(out.var()) - 1.0) <= 0.1 + 1e-3, name  # lsuv's tol, plus float32 vs float64 variance

@@ -163,7 +163,10 @@ def lsuv_(model: nn.Module, x: Tensor, tol: float = 0.1, max_iter: int = 10) -> 
     try:
         for name, m, _, _ in layers:
             var, it = _output_var(model, m, x), 0
-            while abs(var - 1.0) > tol and it < max_iter and var > 0:
+            if var is None:  # e.g. MultiheadAttention's out_proj, applied as a function, or a fused fast path
+                done.append(f"{name}: lsuv skipped (its forward is not called as a module; left orthonormal)")
+                continue
+            while var is not None and abs(var - 1.0) > tol and it < max_iter and var > 0:
                 m.weight.div_(math.sqrt(var))
                 var, it = _output_var(model, m, x), it + 1
             done.append(f"{name}: lsuv variance={var:.4f} after {it} rescaling(s)")
@@ -172,15 +175,17 @@ def lsuv_(model: nn.Module, x: Tensor, tol: float = 0.1, max_iter: int = 10) -> 
     return done
 
 
-def _output_var(model: nn.Module, layer: nn.Module, x: Tensor) -> float:
-    """Variance of `layer`'s output on one forward pass of `x`. note: a host sync (init time, not training)."""
+def _output_var(model: nn.Module, layer: nn.Module, x: Tensor) -> Optional[float]:
+    """Variance of `layer`'s output on one forward pass of `x`, or None when the forward never calls the
+    layer as a module (its weight used by a function, or a fused path). note: a host sync (init time)."""
     seen: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     try:
-        model(x)
+        with torch.enable_grad():  # PyTorch's transformer layers take a fused path, skipping hooks, without grad
+            model(x)
     finally:
         handle.remove()
-    return float(seen[0].float().var())
+    return float(seen[0].float().var()) if seen else None
 
 
 @torch.no_grad()
