@@ -170,3 +170,16 @@ def test_on_a_healthy_run_the_doctor_prescribes_nothing(tmp_path):
     assert rx.baseline.final_loss == pytest.approx(_plain_final_loss(_mlp(10, nn.ReLU, 0.1, HE), DATA, CE),
                                                    rel=1e-5)
     assert "nothing prescribed" in gd.format_prescription(rx)
+
+
+def test_trials_in_parallel_processes_give_what_one_process_gives(tmp_path):
+    """workers=2 forks the trials into processes; each trial seeds itself and trains on the same batches, so
+    every trial's losses equal the one-process run's (same remedies, same order after ranking)."""
+    broken, _, batches, loss_fn, _ = CASES["lr_divergence"]
+    one = gd.doctor(broken, batches, loss_fn, steps=40, out=tmp_path / "one", workers=1, max_trials=3,
+                    progress=False)
+    two = gd.doctor(broken, batches, loss_fn, steps=40, out=tmp_path / "two", workers=2, max_trials=3,
+                    progress=False)
+    assert [t.remedy for t in one.trials] == [t.remedy for t in two.trials]
+    for a, b in zip(one.trials, two.trials):
+        np.testing.assert_array_equal(np.asarray(a.losses), np.asarray(b.losses), err_msg=a.remedy)
