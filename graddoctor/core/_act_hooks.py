@@ -13,32 +13,27 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..store._series import ACT_FIELDS
 from ._activations import activation_row
 from ._layers import ActivationSite, activation_sites
+from ._sampled_hooks import SampledHooks
 
 
-class ActivationHooks:
+class ActivationHooks(SampledHooks):
     """The activation sites of one model, and the rows their hooks gather on a sampled step."""
 
     def __init__(self, sites: list[ActivationSite], saturation_margin: float, device: torch.device):
+        super().__init__()
         self.sites = sites
         self._margin = saturation_margin
         self._device = device
-        self._handles: list = []
-        self._rows: dict[int, list[Tensor]] = {}
+        self._calls: dict[int, list[Tensor]] = {}
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def install(self) -> None:
-        """Hook every site for the coming forward (a no-op if they are hooked already)."""
-        if self._handles:
-            return
-        for i, site in enumerate(self.sites):
-            self._handles.append(site.module.register_forward_hook(self._hook(i, site)))
+    def _register(self) -> list[RemovableHandle]:
+        """A forward hook on every site."""
+        return [site.module.register_forward_hook(self._hook(i, site)) for i, site in enumerate(self.sites)]
 
     def _hook(self, i: int, site: ActivationSite):
         def hook(_m: nn.Module, _inp: tuple, out: object) -> None:
@@ -50,21 +45,15 @@ class ActivationHooks:
                 with torch.no_grad():  # the activation the layer applies next, out of the autograd graph
                     out = site.function(out.detach())
             row = activation_row(out, site.kind, self._margin)
-            self._rows.setdefault(i, []).append(row.to(self._device))
+            self._calls.setdefault(i, []).append(row.to(self._device))
         return hook
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def collect(self) -> Tensor:
-        """The step's `[sites * len(ACT_FIELDS)]` row (NaN for a site not called), and the hooks removed."""
-        self.remove()
+    def _rows(self) -> list[tuple[str, Tensor]]:
+        """The step's `act` row, `[sites * len(ACT_FIELDS)]` (NaN for a site not called)."""
         nan_row = torch.full((len(ACT_FIELDS),), math.nan, device=self._device)
         rows = []
         for i in range(len(self.sites)):
-            calls = self._rows.get(i)
+            calls = self._calls.get(i)
             if not calls:
                 rows.append(nan_row)
             elif len(calls) == 1:
@@ -72,8 +61,8 @@ class ActivationHooks:
             else:  # a module called several times in one step: average the fractions, sum the counts
                 r = torch.stack(calls)
                 rows.append(torch.cat([r[:, :-1].mean(0), r[:, -1:].sum(0)]))
-        self._rows = {}
-        return torch.cat(rows)
+        self._calls = {}
+        return [("act", torch.cat(rows))]
 
 
 def find_sites(model: nn.Module, compiled: bool, activation_every: int) -> tuple[list[ActivationSite],

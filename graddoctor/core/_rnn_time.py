@@ -33,8 +33,10 @@ from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..store._series import TIME_FIELDS, TIME_POSITIONS
+from ._sampled_hooks import SampledHooks
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -78,26 +80,19 @@ class _Probe:
         return torch.stack(head + norms)
 
 
-class TimeHooks:
+class TimeHooks(SampledHooks):
     """The through-time probes of one model: hooked before a sampled step's forward, collected at `step()`."""
 
     def __init__(self, modules: list[tuple[str, nn.Module]], device: torch.device):
+        super().__init__()
         self.names = [n for n, _ in modules]
         self._modules = [m for _, m in modules]
         self._device = device
-        self._handles: list = []
-        self._rows: list[Tensor] = []
+        self._probed: list[Tensor] = []
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def install(self) -> None:
-        """Hook every recurrent module for the coming forward (a no-op if they are hooked already)."""
-        if self._handles:
-            return
-        for i, m in enumerate(self._modules):
-            self._handles.append(m.register_forward_hook(self._hook(i), with_kwargs=True))
+    def _register(self) -> list[RemovableHandle]:
+        """A forward hook on every recurrent module."""
+        return [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._modules)]
 
     def _hook(self, index: int):
         def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -107,25 +102,19 @@ class TimeHooks:
                 return
             probe = _probe(index, m, args, kwargs)
             if probe is not None:
-                y.register_hook(lambda grad: self._rows.append(probe.row(grad).to(self._device)))
+                y.register_hook(lambda grad: self._probed.append(probe.row(grad).to(self._device)))
         return hook
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def collect(self) -> Optional[Tensor]:
-        """The step's row (of the call whose gradient fell most through time, if the modules ran several
-        times), or None if no gradient came back; the hooks are removed."""
-        self.remove()
-        rows, self._rows = self._rows, []
+    def _rows(self) -> list[tuple[str, Tensor]]:
+        """The step's `time_grad` row (of the call whose gradient fell most through time, if the modules
+        ran several times), or none if no gradient came back."""
+        rows, self._probed = self._probed, []
         if not rows:
-            return None
+            return []
         r = torch.stack(rows)
         lag0, first = TIME_FIELDS.index("grad_lag0"), len(TIME_FIELDS) - 1
         ratio = torch.nan_to_num(r[:, first] / r[:, lag0], nan=math.inf)  # NaN (non-finite) is never the pick
-        return r.index_select(0, torch.argmin(ratio).reshape(1))[0]  # a device index: no sync
+        return [("time_grad", r.index_select(0, torch.argmin(ratio).reshape(1))[0])]  # a device index: no sync
 
 
 def _probe(index: int, m: nn.Module, args: tuple, kwargs: dict) -> Optional[_Probe]:

@@ -29,8 +29,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..store._series import ATTN_FIELDS
+from ._sampled_hooks import SampledHooks
 
 _HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "num_attention_heads")
 # Names of the query and key norms of QK-norm attention (timm, HF Qwen3/OLMo2, Megatron, our snippet).
@@ -137,15 +139,15 @@ def _in_proj_qk(m: nn.MultiheadAttention, query: Tensor, key: Tensor) -> tuple[T
     return nn.functional.linear(query_, wq, bq), nn.functional.linear(key_, wk, bk)
 
 
-class SignalHooks:
+class SignalHooks(SampledHooks):
     """The attention and output-logit hooks of one model, and the rows they gather on a sampled step."""
 
     def __init__(self, model: Optional[nn.Module], device: torch.device):
         """`model` None: nothing is hooked (a rank that does not record, a compiled model)."""
+        super().__init__()
         self.sites = attention_sites(model) if model is not None else []
         self.head = lm_head(model) if model is not None else None
         self._device = device
-        self._handles: list = []
         self._attn: dict[int, list[Tensor]] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}  # qk_proj sites: the q or k seen first
         self._logz: list[Tensor] = []
@@ -154,25 +156,21 @@ class SignalHooks:
         """The attention series' column names for the run store ("module:field", module-major)."""
         return {"attn_fields": [f"{s.name}:{f}" for s in self.sites for f in ATTN_FIELDS]}
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def install(self) -> None:
-        """Hook every site for the coming forward (a no-op if they are hooked already)."""
-        if self._handles:
-            return
+    def _register(self) -> list[RemovableHandle]:
+        """Hooks on every site's q and k (or on what makes them) and on the LM head."""
+        handles = []
         for i, site in enumerate(self.sites):
             m = site.module
             if site.kind == "c_attn":
-                self._handles.append(getattr(m, "c_attn").register_forward_hook(self._c_attn_hook(i, site)))
+                handles.append(getattr(m, "c_attn").register_forward_hook(self._c_attn_hook(i, site)))
             elif site.kind == "in_proj":
-                self._handles.append(m.register_forward_hook(self._in_proj_hook(i, site), with_kwargs=True))
+                handles.append(m.register_forward_hook(self._in_proj_hook(i, site), with_kwargs=True))
             else:
                 for part, child in zip("qk", site.parts):
-                    self._handles.append(getattr(m, child).register_forward_hook(self._pair_hook(i, site, part)))
+                    handles.append(getattr(m, child).register_forward_hook(self._pair_hook(i, site, part)))
         if self.head is not None:
-            self._handles.append(self.head[1].register_forward_hook(self._head_hook))
+            handles.append(self.head[1].register_forward_hook(self._head_hook))
+        return handles
 
     @staticmethod
     def _scale(site: AttentionSite) -> Optional[float]:
@@ -227,20 +225,15 @@ class SignalHooks:
                 self._logz.append(logz_row(out).to(self._device))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().remove()
         self._pending = {}
 
-    def collect(self) -> list[tuple[str, Tensor]]:
-        """The step's rows as (series, row), and the hooks removed; [] on a step that was not sampled.
+    def _rows(self) -> list[tuple[str, Tensor]]:
+        """The step's `attn` and `logits` rows.
 
         A module called several times in one step (gradient accumulation) keeps its largest values
         (the mean of the log Z means); a module not called gives NaN.
         """
-        if not self._handles:
-            return []
-        self.remove()
         out = []
         if self.sites:
             nan = torch.full((len(ATTN_FIELDS),), math.nan, device=self._device)

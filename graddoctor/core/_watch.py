@@ -39,6 +39,7 @@ from ._activations import first_tensor, input_row
 from ._config import WatchConfig
 from ._params import check_dense_grads, check_measurable, rank, unwrap, unwrap_optimizer, watched_parameters, world_size
 from ._rnn_time import TimeHooks, time_modules
+from ._sampled_hooks import SampledHooks
 from ._signals import SignalHooks
 from ._snapshot import UpdateSnapshot, is_bounded
 from ._stats import TensorStats, grad_and_weight_stats, group_by_device_dtype, is_dtensor, tensor_stats
@@ -112,6 +113,8 @@ class Watch:
         self._time = TimeHooks(time_modules(self.model) if self.recording and not compiled else [], self.stats_device)
         # attention logits and log Z, on the same sampled steps (graddoctor.core._signals)
         self._signals = SignalHooks(self.model if self.recording and not compiled else None, self.stats_device)
+        # every hook that exists only on a sampled step, in the order their series are recorded
+        self._sampled: tuple[SampledHooks, ...] = (self._acts, self._signals, self._time)
         self.step_index = 0  # a resumed run continues at the writer's next step (below)
         self.latest: Optional[TensorStats] = None
         self._flush_listeners: list[Callable[["Watch", int, int, list], None]] = []
@@ -131,7 +134,7 @@ class Watch:
             self.step_index = self._writer.next_step
             if self.config.input_stats:
                 self._input_handle = model.register_forward_pre_hook(self._on_input, with_kwargs=True)
-            self._maybe_install_activation_hooks()
+            self._maybe_install_sampled_hooks()
             self._structure = None if compiled else StructureProbe(self.model)
         self._optimizer_steps = 0
         self._optimizer_steps_at_last_step: Optional[int] = None
@@ -202,12 +205,11 @@ class Watch:
         every = self.config.activation_every
         return bool(every) and step % every == 0
 
-    def _maybe_install_activation_hooks(self) -> None:
-        """Install the activation hooks for the coming step's forward, if it is a sampled step."""
+    def _maybe_install_sampled_hooks(self) -> None:
+        """Install the sampled-step hooks for the coming step's forward, if it is a sampled step."""
         if self._is_activation_step(self.step_index):
-            self._acts.install()  # a no-op without sites
-            self._signals.install()
-            self._time.install()
+            for hooks in self._sampled:
+                hooks.install()  # a no-op with nothing to hook
 
     def add_flush_listener(self, fn: Callable[["Watch", int, int, list], None]) -> None:
         """Call `fn(watch, first_step, last_step, chunks)` after each flush has been written.
@@ -275,7 +277,7 @@ class Watch:
             self._structure = None
         self.step_index += 1
         if self.recording:
-            self._maybe_install_activation_hooks()
+            self._maybe_install_sampled_hooks()
             if self.step_index % self.config.flush_every == 0:
                 self.flush()
         return stats
@@ -297,12 +299,9 @@ class Watch:
             weight_norms = self.update_snapshot.take(s)
         if weight_norms is not None and s % self._weight_every == 0:
             self._push("weight_norm", s, weight_norms)
-        if self._acts.installed:
-            self._push("act", s, self._acts.collect())  # and the hooks are removed
-        for name, row in self._signals.collect():  # [] unless sampled
-            self._push(name, s, row)
-        if self._time.installed and (time_row := self._time.collect()) is not None:  # and the hooks are removed
-            self._push("time_grad", s, time_row)
+        for hooks in self._sampled:
+            for name, row in hooks.collect():  # [] unless sampled; the hooks are removed
+                self._push(name, s, row)
         if self._input_acc is not None:
             self._push("input", s, self._input_acc)
             self._input_acc = None
@@ -422,9 +421,8 @@ class Watch:
         if self.recording or self._sharded:
             self._record_update()
         if self.recording:
-            self._acts.remove()
-            self._signals.remove()
-            self._time.remove()
+            for hooks in self._sampled:
+                hooks.remove()
             self.flush()
         for handle in (self._input_handle, self._optimizer_handle, self._structure):
             if handle is not None:
