@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _diag_runs import _GPT as GPT  # the nanoGPT-style GPT of the labelled runs
 from _diag_synth import make_data
 from _numerics import U32, dot_bound, gamma
 from torch import nn
@@ -23,56 +24,6 @@ from graddoctor._errors import ConfigError
 from graddoctor.diagnosis import RunData
 from graddoctor.diagnosis._config import DiagnoseConfig
 from graddoctor.diagnosis._diagnose import diagnose_data
-
-
-# ------------------------------------------------------------------ a nanoGPT-style GPT, written here
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, qk_norm: bool = False):
-        super().__init__()
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
-        self.n_head, self.n_embd = n_head, n_embd
-        if qk_norm:  # QK-layernorm (Dehghani et al. 2023), as the catalogue's snippet adds it
-            self.q_norm, self.k_norm = nn.LayerNorm(n_embd // n_head), nn.LayerNorm(n_embd // n_head)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(self.n_embd, dim=2))
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, n_embd, n_head, qk_norm):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, qk_norm)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab=32, n_embd=32, n_head=2, n_layer=2, T=16, qk_norm=False):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(T, n_embd)
-        self.h = nn.ModuleList(Block(n_embd, n_head, qk_norm) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, vocab, bias=False)
-        for p in self.parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for b in self.h:
-            x = b(x)
-        return self.head(self.ln_f(x))
 
 
 def _train_gpt(run_dir, lr: float, qk_norm: bool, seed: int, steps: int = 30, every: int = 5):
