@@ -12,38 +12,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _lm import LSTMLM, V, pattern_batch
 from torch import nn
 
 import graddoctor as gd
 from graddoctor.diagnosis import DiagnoseConfig
 from graddoctor.diagnosis._live import LiveDiagnosis
 
-V = 16
 WINDOW = 100  # live window, short so that the start of a 200-step run leaves it (as 2000 steps do on long runs)
-
-
-class LSTMLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.rnn, self.head = nn.Embedding(V, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, V)
-
-    def forward(self, x):
-        return self.head(self.rnn(self.emb(x))[0])
-
-
-def _batch(g, n=16, t=16):
-    pattern = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11])
-    seq = pattern[(torch.randint(0, 8, (n,), generator=g)[:, None] + torch.arange(t + 1)[None]) % 8]
-    noise = torch.rand(seq.shape, generator=g) < 0.1
-    seq = torch.where(noise, torch.randint(0, V, seq.shape, generator=g), seq)
-    return seq[:, :-1], seq[:, 1:]
 
 
 def _train(run_dir, seed, lr, steps=200, config=None):
     """Returns (losses, live findings, final findings, live findings with the converged test turned off)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = LSTMLM()
+    model = LSTMLM(emb=16, hidden=32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     with warnings.catch_warnings():
@@ -55,7 +38,7 @@ def _train(run_dir, seed, lr, steps=200, config=None):
         w.add_flush_listener(live)
         w.add_flush_listener(blind)
         for _ in range(steps):
-            x, y = _batch(g)
+            x, y = pattern_batch(g, n=16, t=16)
             loss = nn.functional.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
             opt.zero_grad()
             loss.backward()

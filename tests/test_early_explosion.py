@@ -13,43 +13,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _lm import LSTMLM, V, pattern_batch
 from torch import nn
 
 import graddoctor as gd
 from graddoctor.diagnosis import DiagnoseConfig
 
-V = 16
-
-
-class LSTMLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.rnn, self.head = nn.Embedding(V, 32), nn.LSTM(32, 64, batch_first=True), nn.Linear(64, V)
-
-    def forward(self, x):
-        return self.head(self.rnn(self.emb(x))[0])
-
-
-def _batch(g, n=32, t=24):
-    """A repeated 8-token pattern from a random phase, 10% of tokens replaced by noise."""
-    pattern = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11])
-    seq = pattern[(torch.randint(0, 8, (n,), generator=g)[:, None] + torch.arange(t + 1)[None]) % 8]
-    noise = torch.rand(seq.shape, generator=g) < 0.1
-    seq = torch.where(noise, torch.randint(0, V, seq.shape, generator=g), seq)
-    return seq[:, :-1], seq[:, 1:]
-
 
 def _train(run_dir, seed, lr, steps=40):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = LSTMLM()
+    model = LSTMLM(emb=32, hidden=64)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     live, losses = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with gd.watch(model, opt, run_dir, flush_every=20, on_finding=live.append) as w:
             for _ in range(steps):
-                x, y = _batch(g)
+                x, y = pattern_batch(g, n=32, t=24)
                 loss = nn.functional.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
                 opt.zero_grad()
                 loss.backward()
