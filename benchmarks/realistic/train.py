@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -62,52 +63,47 @@ def _set_lr(setup: Setup, step: int) -> None:
             g["lr"] = setup.lr_at(step)
 
 
-def _plain(setup: Setup, w: gd.Watch, steps: int) -> list[float]:
+def _loop(setup: Setup, w: gd.Watch, steps: int, forward: Callable[[torch.Tensor], torch.Tensor],
+          scaler: torch.amp.GradScaler | None = None) -> list[float]:
+    """The user's loop: `forward` maps a batch's inputs to logits; with `scaler`, the loss is scaled for
+    backward and the scaler steps the optimizer."""
     losses = []
     for step in range(steps):
         _set_lr(setup, step)
         x, y = setup.batches(step)
-        loss = loss_of(logits_of(setup.model(x)), y)
+        loss = loss_of(forward(x), y)
         setup.opt.zero_grad()
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         w.step(loss)
-        setup.opt.step()
+        if scaler is None:
+            setup.opt.step()
+        else:
+            scaler.step(setup.opt)
+            scaler.update()
         losses.append(float(loss))
     return losses
+
+
+def _plain(setup: Setup, w: gd.Watch, steps: int) -> list[float]:
+    return _loop(setup, w, steps, lambda x: logits_of(setup.model(x)))
 
 
 def _bptt(setup: Setup, w: gd.Watch, steps: int) -> list[float]:
     """Truncated BPTT: the hidden state is carried from chunk to chunk and detached (the truncation)."""
-    losses, hidden = [], None
-    for step in range(steps):
-        _set_lr(setup, step)
-        x, y = setup.batches(step)
+    hidden = None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        nonlocal hidden
         out, hidden = setup.model(x, hidden)
         hidden = tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
-        loss = loss_of(out, y)
-        setup.opt.zero_grad()
-        loss.backward()
-        w.step(loss)
-        setup.opt.step()
-        losses.append(float(loss))
-    return losses
+        return out
+    return _loop(setup, w, steps, forward)
 
 
 def _scaler(setup: Setup, w: gd.Watch, steps: int) -> list[float]:
     """Mixed-precision style: a GradScaler scales the loss, but watch was not given it (the mistake)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    losses = []
-    for step in range(steps):
-        _set_lr(setup, step)
-        x, y = setup.batches(step)
-        loss = loss_of(logits_of(setup.model(x)), y)
-        setup.opt.zero_grad()
-        scaler.scale(loss).backward()
-        w.step(loss)
-        scaler.step(setup.opt)
-        scaler.update()
-        losses.append(float(loss))
-    return losses
+    return _loop(setup, w, steps, lambda x: logits_of(setup.model(x)), scaler)
 
 
 _LOOPS = {"plain": _plain, "bptt": _bptt, "scaler": _scaler}
