@@ -96,7 +96,6 @@ class Watch:
         first = self.params[0]
         self.stats_device = first.to_local().device if is_dtensor(first) else first.device
         self.config = self.config.for_device(self.stats_device)  # e.g. weight_every: 1 on the CPU, 10 elsewhere
-        self._weight_every: int = self.config.weight_every or 1  # for_device has set it
         self.rank = rank()
         if self.stats_device.type == "cpu":
             _native.prepare()  # a first build compiles (under a second): here, not inside the first step
@@ -201,6 +200,11 @@ class Watch:
             acc = self._input_acc
             self._input_acc = torch.stack([torch.maximum(acc[0], row[0]), acc[1] + row[1], row[2], row[3]])
 
+    def _weights_due(self, step: int) -> bool:
+        every = self.config.weight_every
+        assert every is not None, "for_device has chosen it"
+        return step % every == 0
+
     def _is_activation_step(self, step: int) -> bool:
         every = self.config.activation_every
         return bool(every) and step % every == 0
@@ -259,7 +263,7 @@ class Watch:
             grads = [p.grad for p in self.params]
             # A step whose weight norms are due (and not taken by a sample's snapshot copy) reads
             # each weight beside its gradient, in the gradients' pass.
-            if measure_weights and s % self._weight_every == 0 and s % self.config.sample_every != 0:
+            if measure_weights and self._weights_due(s) and s % self.config.sample_every != 0:
                 stats, weight_norms = grad_and_weight_stats(grads, self.params, self.stats_device)
             else:
                 stats = tensor_stats(grads, self.stats_device)
@@ -297,7 +301,7 @@ class Watch:
         self._record_update()
         if s % self.config.sample_every == 0:  # the snapshot also yields the weight norms
             weight_norms = self.update_snapshot.take(s)
-        if weight_norms is not None and s % self._weight_every == 0:
+        if weight_norms is not None and self._weights_due(s):
             self._push("weight_norm", s, weight_norms)
         for hooks in self._sampled:
             for name, row in hooks.collect():  # [] unless sampled; the hooks are removed
