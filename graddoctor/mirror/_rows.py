@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core._blocks import MAX_GROUPS, group_by_block
 from ..core._snapshot import measured_mask
+from ..store._run import _combine_norms
 
 PREFIX = "graddoctor/"
 GRAD_NORM = PREFIX + "grad_norm"
@@ -103,9 +104,9 @@ class RowMaker:
             self._weights = {s: w for s, w in self._weights.items() if s > newest}
 
     def _block_norms(self, norms: np.ndarray) -> np.ndarray:
-        """[n, blocks]: sqrt of the sum of each block's squared tensor norms (float64; NaN and Inf carry through)."""
-        sq = _squares(norms)
-        return np.sqrt(np.stack([sq[:, cols].sum(axis=1) for cols in self._columns], axis=1))
+        """[n, blocks]: each block's gradient norm, as the run reader combines them (float64; NaN and Inf
+        carry through)."""
+        return np.stack([_combine_norms(norms[:, cols]) for cols in self._columns], axis=1)
 
 
 def _squares(x: np.ndarray) -> np.ndarray:
