@@ -47,10 +47,7 @@ class StyledAxes(Axes):
 
     def clear(self) -> None:
         super().clear()
-        self.tick_params(which="both", labelsize=FONT_SIZE)
-        for axis in (self.xaxis, self.yaxis):
-            axis.offsetText.set_fontsize(FONT_SIZE)  # the "1e-5" at the end of an axis
-        self.grid(True, alpha=GRID_ALPHA)
+        style_plain(self, grid=True)
 
     def set_title(self, *args: Any, **kwargs: Any):
         return super().set_title(*args, **sized(kwargs, TITLE_SIZE))
@@ -77,7 +74,7 @@ def style_plain(ax: Axes, grid: bool = False) -> None:
         ax.grid(True, alpha=GRID_ALPHA)
     ax.tick_params(which="both", labelsize=FONT_SIZE)
     for axis in (ax.xaxis, ax.yaxis):
-        axis.offsetText.set_fontsize(FONT_SIZE)
+        axis.offsetText.set_fontsize(FONT_SIZE)  # the "1e-5" at the end of an axis
         axis.label.set_fontsize(FONT_SIZE)
 
 
