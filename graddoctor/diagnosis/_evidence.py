@@ -108,6 +108,13 @@ class InitProfile:
                 "predicted_gain_orders": _r(self.gain_orders)}
 
 
+def _mean_fraction(d: RunData, acts: list[int], sample: int, kinds, field: int) -> tuple[float, list[int]]:
+    """The mean of activation statistic `field` at `sample` over the modules in `acts` of one of `kinds`
+    with a finite value, and those modules (NaN and none when there are none)."""
+    cols = [j for j in acts if d.act_kinds[j] in kinds and np.isfinite(d.act[sample, j, field])]
+    return (float(np.mean(d.act[sample, cols, field])) if cols else float("nan")), cols
+
+
 def init_profile(d: RunData, cfg: DiagnoseConfig) -> InitProfile:
     """Judge the initialization from the first activation sample, or from weight scales when there is none."""
     prof = InitProfile()
@@ -126,18 +133,14 @@ def init_profile(d: RunData, cfg: DiagnoseConfig) -> InitProfile:
                                     f"{d.act_modules[acts[ok[0]]]} to {d.act_modules[acts[ok[-1]]]} "
                                     f"at step {prof.step}")
                 prof.layers = [d.act_modules[acts[ok[0]]], d.act_modules[acts[ok[-1]]]]
-        bounded = [j for j in acts if d.act_kinds[j] in BOUNDED_KINDS and np.isfinite(d.act[first, j, ACT_SAT])]
-        if bounded:
-            prof.saturated = float(np.mean(d.act[first, bounded, ACT_SAT]))
-            if prof.saturated > cfg.saturated_fraction:
-                prof.reasons.append(f"{prof.saturated:.0%} of bounded activations saturated at step {prof.step}")
-                prof.layers = prof.layers or [d.act_modules[j] for j in bounded]
-        zeroing = [j for j in acts if d.act_kinds[j] in EXACT_ZERO_KINDS and np.isfinite(d.act[first, j, ACT_DEAD])]
-        if zeroing:
-            prof.dead = float(np.mean(d.act[first, zeroing, ACT_DEAD]))
-            if prof.dead > cfg.dead_fraction:
-                prof.reasons.append(f"{prof.dead:.0%} of ReLU units dead over the whole batch at step {prof.step}")
-                prof.layers = prof.layers or [d.act_modules[j] for j in zeroing]
+        prof.saturated, bounded = _mean_fraction(d, acts, first, BOUNDED_KINDS, ACT_SAT)
+        if prof.saturated > cfg.saturated_fraction:  # NaN (no bounded activation) is never above
+            prof.reasons.append(f"{prof.saturated:.0%} of bounded activations saturated at step {prof.step}")
+            prof.layers = prof.layers or [d.act_modules[j] for j in bounded]
+        prof.dead, zeroing = _mean_fraction(d, acts, first, EXACT_ZERO_KINDS, ACT_DEAD)
+        if prof.dead > cfg.dead_fraction:
+            prof.reasons.append(f"{prof.dead:.0%} of ReLU units dead over the whole batch at step {prof.step}")
+            prof.layers = prof.layers or [d.act_modules[j] for j in zeroing]
     elif not acts:
         _weight_profile(d, cfg, prof)
     prof.poor = bool(prof.reasons)
