@@ -2,9 +2,10 @@
 is flagged by `gd.check` and by diagnose (a finding naming initialization); the default 0.02 GPT is
 healthy, over 3 seeds.
 
-The GPT is written here (token + position embeddings, pre-LN blocks with causal self-attention and a GELU
-MLP, untied head). Oracles: the weights' std * sqrt(fan_in) and ln(vocab), computed here in float64 from
-the model itself, and the loss of the first batch as the loop saw it.
+The GPT: token + position embeddings, the pre-LN blocks of tests/_diag_runs.py (causal self-attention and
+a GELU MLP), an untied `lm_head`, every Linear and Embedding weight N(0, std) and the biases zero. Oracles:
+the weights' std * sqrt(fan_in) and ln(vocab), computed here in float64 from the model itself, and the
+loss of the first batch as the loop saw it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from _diag_runs import _GPTBlock
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,37 +22,20 @@ import graddoctor as gd
 from graddoctor.diagnosis import DiagnoseConfig
 
 V, T, E = 64, 16, 32
-class CausalSelfAttention(nn.Module):
-    def __init__(self, E, H):
-        super().__init__()
-        self.c_attn, self.c_proj, self.H = nn.Linear(E, 3 * E), nn.Linear(E, E), H
-    def forward(self, x):
-        B, T, E = x.shape
-        q, k, v = self.c_attn(x).split(E, dim=2)
-        q, k, v = (t.view(B, T, self.H, E // self.H).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, E))
 
-class Block(nn.Module):
-    def __init__(self, E, H):
-        super().__init__()
-        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(E), CausalSelfAttention(E, H), nn.LayerNorm(E)
-        self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E))
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
     def __init__(self, std=0.02, H=2, L=2):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(V, E), nn.Embedding(T, E)
-        self.h = nn.ModuleList(Block(E, H) for _ in range(L))
+        self.h = nn.ModuleList(_GPTBlock(E, H, qk_norm=False) for _ in range(L))
         self.ln_f, self.lm_head = nn.LayerNorm(E), nn.Linear(E, V, bias=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
     def forward(self, idx):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
         for b in self.h:
