@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +17,18 @@ from torch import nn
 import graddoctor as gd
 
 SIGNATURE = "amp_scaler_not_passed"
+
+
+def _scaled_step(w, scaler, opt, loss) -> bool:
+    """One step of the user's GradScaler loop; True when the scaler skipped it (the oracle: the scaler halves
+    its scale after an overflow it skipped)."""
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    w.step(loss)
+    taken = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() < taken
 
 
 def _train(run_dir, *, pass_scaler, init_scale, steps=30):
@@ -34,14 +45,7 @@ def _train(run_dir, *, pass_scaler, init_scale, steps=30):
         for i in range(steps):
             with torch.autocast("cpu", dtype=torch.float16):
                 out = model(x)
-            loss = nn.functional.cross_entropy(out.float(), y)
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            w.step(loss)
-            taken = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            if scaler.get_scale() < taken:  # the scaler halves its scale after an overflow it skipped
+            if _scaled_step(w, scaler, opt, nn.functional.cross_entropy(out.float(), y)):
                 skipped.append(i)
         w.close()
     return skipped, scaler
@@ -113,14 +117,7 @@ def _train_adam(run_dir, *, pass_scaler, lr=1e-3, use_scaler=True, steps=40):
         warnings.simplefilter("ignore")
         with gd.watch(model, opt, run_dir, flush_every=10, scaler=scaler if pass_scaler else None) as w:
             for _ in range(steps):
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                scaler.scale(loss).backward()
-                w.step(loss)
-                taken = scaler.get_scale()
-                scaler.step(opt)
-                scaler.update()
-                skipped += scaler.get_scale() < taken
+                skipped += _scaled_step(w, scaler, opt, nn.functional.cross_entropy(model(x), y))
     return skipped
 
 
