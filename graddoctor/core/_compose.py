@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError
-from ._config import WatchConfig
+from ._config import WatchConfig, resolve_config
 from ._params import rank, watched_parameters
 from ._watch import Watch
 
@@ -55,10 +55,7 @@ def watch(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
       A `Watch`; call `.step(loss)` once per optimizer step and `.close()` at the end
       (or use it as a context manager).
     """
-    if config is not None and options:
-        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
-    config = config or WatchConfig.from_options(options)
-    config.validate()
+    config = resolve_config(config, options)
     built_guard = None
     if guard is not None:  # built before the Watch opens its store: a refused guard writes nothing
         from ..treat._guard import as_guard

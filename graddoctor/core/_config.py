@@ -81,6 +81,18 @@ def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
                           + (f" {why}" if why else ""))
 
 
+def resolve_config(config: Optional[WatchConfig], options: dict[str, Any]) -> WatchConfig:
+    """The validated config of a `watch(config=..., **options)` call: `config`, or one built from the
+    WatchConfig fields in `options`; refuses both at once."""
+    if config is not None and options:
+        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
+    if config is not None and not isinstance(config, WatchConfig):
+        raise ConfigError(f"config={config!r} is not allowed: use a graddoctor.WatchConfig")
+    config = config or WatchConfig.from_options(options)
+    config.validate()
+    return config
+
+
 def config_from_options(cls: type, options: dict[str, Any], what: str) -> Any:
     """`cls(**options)` for a config dataclass, refusing unknown names with the list of allowed ones."""
     known = {f.name for f in fields(cls)}

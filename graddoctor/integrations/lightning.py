@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._errors import ConfigError
 from ..core._compose import watch as make_watch
-from ..core._config import WatchConfig
+from ..core._config import resolve_config
 from ..core._params import unwrap_optimizer
 from ..core._watch import Watch
 from ..mirror import as_mirror, as_mirrors
@@ -66,7 +66,7 @@ class GradDoctorCallback(Callback):
         self.run_dir: Optional[Path] = None if run_dir is None else Path(run_dir)
         self._mirrors = as_mirrors(mirror) if mirror is not None else []  # refused here, by name, if unknown
         self._watch_args = {k: watch_options.pop(k) for k in _WATCH_ARGS if k in watch_options}
-        self.config = _config_from(watch_options)
+        self.config = resolve_config(watch_options.pop("config", None), watch_options)  # checked now
         self.watch: Optional[Watch] = None
         self._loss: Optional[Tensor] = None  # the step's loss so far: a device tensor, never read on the host
         self._micro_batches = 0  # backward calls since the last optimizer step
@@ -142,18 +142,6 @@ def logger_mirrors(trainer: Any) -> list:
     if trainer.global_rank != 0:
         return []
     return [m for m in (as_mirror(lg, strict=False) for lg in trainer.loggers if lg is not None) if m is not None]
-
-
-def _config_from(options: dict[str, Any]) -> WatchConfig:
-    """The watch's config from the callback's options (`config=` or WatchConfig fields), validated now."""
-    config = options.pop("config", None)
-    if config is not None and options:
-        raise ConfigError(f"give either config= or keyword options, not both (got options {sorted(options)})")
-    if config is not None and not isinstance(config, WatchConfig):
-        raise ConfigError(f"config={config!r} is not allowed: use a graddoctor.WatchConfig")
-    config = config or WatchConfig.from_options(options)
-    config.validate()
-    return config
 
 
 def refuse_unsupported_strategy(strategy: Any) -> None:

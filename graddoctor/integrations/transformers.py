@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from .._errors import ConfigError
 from ..core._compose import watch
-from ..core._config import WatchConfig
+from ..core._config import resolve_config
 from ..core._watch import Watch
 from ._hf_backward import SyncBackwardHook
 from ._hf_report_to import ReportTo
@@ -42,10 +42,7 @@ class GradDoctorCallback(TrainerCallback):
 
     def __init__(self, run_dir: Optional[str | Path] = None, **watch_options: Any):
         config_options = {k: v for k, v in watch_options.items() if k not in _WATCH_KEYWORDS}
-        if watch_options.get("config") is not None and config_options:
-            raise ConfigError("give either config= or keyword options, not both "
-                              f"(got options {sorted(config_options)})")
-        WatchConfig.from_options(config_options).validate()  # refused here, not at the start of training
+        resolve_config(watch_options.get("config"), config_options)  # refused here, not at the start of training
         self.run_dir = run_dir
         self.watch_options = watch_options
         self.watch: Optional[Watch] = None
