@@ -21,7 +21,16 @@ from torch import Tensor
 
 from .._errors import ConfigError
 from ..core._stats import TensorStats
-from ._base import GradientTransform, Grads, TransformState, check_positive, clip_coefficient, scale_, scaled_stats
+from ._base import (
+    GradientTransform,
+    Grads,
+    TransformState,
+    check_int,
+    check_positive,
+    clip_coefficient,
+    scale_,
+    scaled_stats,
+)
 from ._transforms import stats_device
 
 
@@ -229,8 +238,7 @@ def zclip(alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25,
     if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ConfigError(f"alpha={alpha!r} is not allowed: use a number in (0, 1)")
     zt = check_positive("z_threshold", z_threshold)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-        raise ConfigError(f"warmup={warmup!r} is not allowed: use an integer >= 1")
+    check_int("warmup", warmup, 1)
     e = check_positive("eps", eps)
 
     def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> ZClipState:

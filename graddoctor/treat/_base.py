@@ -276,3 +276,12 @@ def check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
     if not ok or value != value or value == float("inf"):
         raise ConfigError(f"{name}={value!r} is not allowed: use a finite number {'>= 0' if allow_zero else '> 0'}")
     return float(value)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """Return `value`, an integer >= `low` (not a bool), or raise `ConfigError` naming it and what is allowed."""
+    from .._errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} is not allowed: use an integer >= {low}")
+    return value

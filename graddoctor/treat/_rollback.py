@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ConfigError, GradDoctorError
+from ._base import check_int
 
 
 class RollbackLimitError(GradDoctorError):
@@ -135,8 +136,7 @@ class Rollback:
             every = max(1, total_steps // 200) if total_steps else 50
         for name, v, lo in (("every", every, 1), ("keep", keep, 1), ("max_rollbacks", max_rollbacks, 0),
                             ("window", window, 1), ("min_history", min_history, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ConfigError(f"{name}={v!r} is not allowed: use an integer >= {lo}")
+            check_int(name, v, lo)
         if skip is not None and (not isinstance(skip, int) or skip < 0):
             raise ConfigError(f"skip={skip!r} is not allowed: use None (= every) or an integer >= 0")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

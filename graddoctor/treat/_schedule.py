@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._errors import ConfigError
+from ._base import check_int
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -35,8 +36,7 @@ def lr_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 100) -> torc
     References:
       Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv:2002.04745).
     """
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ConfigError(f"warmup_steps={warmup_steps!r} is not allowed: use an integer >= 1")
+    check_int("warmup_steps", warmup_steps, 1)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer={type(optimizer).__name__} is not allowed: give a torch.optim.Optimizer")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))

@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._errors import ConfigError, GradDoctorError
+from .._errors import GradDoctorError
 from ..core._stats import TensorStats
-from ._base import GradientTransform, Grads, TransformState, unchanged_stats
+from ._base import GradientTransform, Grads, TransformState, check_int, unchanged_stats
 
 
 class NonFiniteGradientError(GradDoctorError):
@@ -65,8 +65,7 @@ def skip_nonfinite(max_consecutive: int = 25) -> GradientTransform[SkipState]:
     Returns:
       A `GradientTransform`; `update` returns None for the gradients on a bad step.
     """
-    if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 0:
-        raise ConfigError(f"max_consecutive={max_consecutive!r} is not allowed: use an integer >= 0")
+    check_int("max_consecutive", max_consecutive, 0)
 
     def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> SkipState:
         names = tuple(names) if names else tuple(f"param[{i}]" for i in range(len(list(params))))

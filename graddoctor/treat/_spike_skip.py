@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._errors import ConfigError, GradDoctorError
 from ..core._stats import TensorStats
-from ._base import GradientTransform, Grads, TransformState, check_positive
+from ._base import GradientTransform, Grads, TransformState, check_int, check_positive
 from ._transforms import stats_device
 
 
@@ -143,9 +143,8 @@ def skip_step(optimizer: torch.optim.Optimizer, sigma: float = 6.0, window: int 
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"skip_step(optimizer=...) takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     k = check_positive("sigma", sigma)
-    for name, value, low in (("window", window, 2), ("warmup", warmup, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{name}={value!r} is not allowed: use an integer >= {low}")
+    check_int("window", window, 2)
+    check_int("warmup", warmup, 2)
     restore = StepRestore(optimizer)
 
     def init(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> SkipStepState:
